@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,17 @@ class CheckpointError(Exception):
 class Checkpoint:
     """A checkpoint read from disk, in llamalab's terms.
 
-    ``state_dict`` uses Meta's names and rotary layout. Tensors may be memory-mapped
-    views of the files: :func:`build_model` copies each one once into the model.
+    ``state_dict`` uses Meta's names and rotary layout. It may be any mapping: tensors may
+    be memory-mapped views of the files, or a lazy mapping may build each tensor when it is
+    looked up (Meta's sharded checkpoints are merged one tensor at a time). A lazy mapping
+    offers ``shapes()`` (name -> shape without reading data) so that checks stay cheap, and
+    may offer ``load(name, dtype=, device=)``, a new tensor built straight in the wanted
+    dtype and device. :func:`build_model` looks each tensor up once and copies it once into
+    the model.
     """
 
     config: ModelConfig
-    state_dict: dict[str, Tensor]
+    state_dict: Mapping[str, Tensor]
     tokenizer: Any | None  # llamalab.tokenizer.Tokenizer
     format: str  # "meta" | "hf" | "gguf" | "native"
     path: Path
@@ -40,18 +46,43 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def check_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, source: str | Path) -> None:
+def tensor_shapes(state_dict: Mapping[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape, from a lazy mapping's ``shapes()`` when it has one (looking tensors up could load them)."""
+    shapes = getattr(state_dict, "shapes", None)
+    if callable(shapes):
+        return {k: tuple(v) for k, v in shapes().items()}
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def complete_entries(entries: dict[str, Any], want: Mapping[str, tuple[int, ...]], config: ModelConfig,
+                     source: str | Path, read_from: str = "") -> None:
+    """Share the tied head with the embedding and raise CheckpointError if a wanted tensor is absent.
+
+    ``entries`` maps Meta names to whatever a reader holds per tensor (a lazy loader, a view);
+    ``read_from`` adds which files were read to the message.
+    """
+    if config.tie_embeddings and "tok_embeddings.weight" in entries:
+        entries["output.weight"] = entries["tok_embeddings.weight"]
+    missing = sorted(set(want) - set(entries))
+    if missing:
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        where = f" (read {read_from})" if read_from else ""
+        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}{where}")
+
+
+def check_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig, source: str | Path) -> None:
     """Raise CheckpointError naming ``source`` and the tensor if names or shapes do not fit ``config``."""
+    have = tensor_shapes(state_dict)
     want = expected_shapes(config)
-    missing = sorted(set(want) - set(state_dict))
+    missing = sorted(set(want) - set(have))
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise CheckpointError(f"{source}: missing tensor(s) {', '.join(missing[:3])}{more}")
-    unexpected = sorted(set(state_dict) - set(want))
+    unexpected = sorted(set(have) - set(want))
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(unexpected[:3])}")
     for name, shape in want.items():
-        got = tuple(state_dict[name].shape)
+        got = have[name]
         if got != shape:
             raise CheckpointError(f"{source}: tensor {name} has shape {list(got)}, expected {list(shape)} "
                                   f"for this config")
@@ -69,10 +100,17 @@ def build_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32,
     with torch.device("meta"):
         model = Transformer(config)
     converted: dict[str, Tensor] = {}
-    for name, t in checkpoint.state_dict.items():
+    state_dict = checkpoint.state_dict
+    # A lazy mapping that can build a tensor in the final dtype saves an intermediate copy
+    # (and the heap fragmentation that freeing many of them leaves behind).
+    load = getattr(state_dict, "load", None)
+    for name in state_dict:
         if config.tie_embeddings and name == "output.weight":
             continue
-        converted[name] = t.to(device=device, dtype=dtype, copy=True)
+        if callable(load):
+            converted[name] = load(name, dtype=dtype, device=device)
+        else:
+            converted[name] = state_dict[name].to(device=device, dtype=dtype, copy=True)
     if config.tie_embeddings:
         converted["output.weight"] = converted["tok_embeddings.weight"]
     model.load_state_dict(converted, strict=True, assign=True)
@@ -87,5 +125,5 @@ def model_state_dict(model: Transformer) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-__all__ = ["Checkpoint", "CheckpointError", "build_model", "check_state_dict", "expected_shapes",
-           "model_state_dict"]
+__all__ = ["Checkpoint", "CheckpointError", "build_model", "check_state_dict", "complete_entries", "expected_shapes",
+           "model_state_dict", "tensor_shapes"]

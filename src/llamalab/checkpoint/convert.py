@@ -220,25 +220,35 @@ def config_from_meta_params(params: dict[str, Any], vocab_size: int | None = Non
 
 
 def config_to_meta_params(config: ModelConfig) -> dict[str, Any]:
-    """ModelConfig -> Meta ``params.json``.
+    """ModelConfig -> Meta ``params.json``, written the way Meta's releases write it.
 
-    Meta's code derives the SwiGLU width from ``multiple_of`` and ``ffn_dim_multiplier``;
-    a config with an explicit ``hidden_dim`` that the rule cannot reproduce is refused.
+    Meta's code builds ``ModelArgs(max_seq_len=..., max_batch_size=..., **params)``, so the
+    file holds only keys its ``ModelArgs`` knows and omits those at their defaults: no
+    ``max_seq_len`` (a duplicate keyword there), ``n_kv_heads`` only for GQA and
+    ``ffn_dim_multiplier`` only when set (LLaMA 1's ``ModelArgs`` has neither), ``rope_theta``
+    only when it is not 1e4 (Llama 2's has none; Llama 3 releases always state theirs).
+    The SwiGLU width is derived from ``multiple_of`` and ``ffn_dim_multiplier``; a config
+    with an explicit ``hidden_dim`` that the rule cannot reproduce is refused.
     """
     probe = ModelConfig(dim=config.dim, n_layers=1, n_heads=config.n_heads, multiple_of=config.multiple_of,
                         ffn_dim_multiplier=config.ffn_dim_multiplier)
-    params: dict[str, Any] = {
-        "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
-        "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size, "multiple_of": config.multiple_of,
-        "ffn_dim_multiplier": config.ffn_dim_multiplier, "norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "max_seq_len": config.max_seq_len,
-    }
+    multiple_of, multiplier = config.multiple_of, config.ffn_dim_multiplier
     if probe.ffn_hidden_dim != config.ffn_hidden_dim:
-        hd = find_meta_ffn_rule(config.dim, config.ffn_hidden_dim)
-        if hd is None:
+        rule = find_meta_ffn_rule(config.dim, config.ffn_hidden_dim)
+        if rule is None:
             raise ValueError(f"hidden_dim={config.ffn_hidden_dim} cannot be expressed with Meta's "
                              f"multiple_of/ffn_dim_multiplier rule for dim={config.dim}")
-        params["multiple_of"], params["ffn_dim_multiplier"] = hd
+        multiple_of, multiplier = rule
+    params: dict[str, Any] = {"dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads}
+    if config.n_kv_heads != config.n_heads:
+        params["n_kv_heads"] = config.n_kv_heads
+    params["vocab_size"] = config.vocab_size
+    params["multiple_of"] = multiple_of
+    if multiplier is not None:
+        params["ffn_dim_multiplier"] = multiplier
+    params["norm_eps"] = config.norm_eps
+    if config.rope_theta != 10000.0:
+        params["rope_theta"] = config.rope_theta
     if config.rope_scaling is not None:
         if config.rope_scaling != RopeScaling():
             raise ValueError("Meta params.json can only express the default Llama 3.1 RoPE scaling")
@@ -284,3 +294,35 @@ def config_from_gguf(fields: dict[str, Any]) -> ModelConfig:
         rope_theta=float(fields.get("llama.rope.freq_base") or 10000.0), rope_scaling=scaling,
         max_seq_len=int(get("context_length", 2048)), tie_embeddings=False,
     )
+
+
+def gguf_rope_factors(head_dim: int, theta: float, scaling: RopeScaling) -> Tensor:
+    """llama.cpp's ``rope_freqs.weight`` for a Llama 3.1-style scaling: each pair's frequency divisor."""
+    from llamalab.model import rope_frequencies
+
+    base = rope_frequencies(head_dim, theta).double()
+    return (base / rope_frequencies(head_dim, theta, scaling).double()).float()
+
+
+def rope_scaling_from_gguf_factors(factors: Tensor, head_dim: int, theta: float,
+                                   original_max_seq_len: int = 8192) -> RopeScaling | None:
+    """The RopeScaling that a GGUF ``rope_freqs.weight`` tensor stands for (None when every divisor is 1).
+
+    The divisors do not determine all four parameters (scaling ``original_max_seq_len`` and both
+    frequency factors together leaves them unchanged), so Meta's published choice is assumed
+    (low 1, high 4, original context from the metadata or 8192) with ``factor`` read off the
+    largest divisor, and the whole tensor must then match; otherwise ValueError.
+    """
+    factors = factors.detach().float().flatten()
+    if factors.numel() != head_dim // 2:
+        raise ValueError(f"rope_freqs has {factors.numel()} entries, expected head_dim/2 = {head_dim // 2}")
+    if torch.allclose(factors, torch.ones_like(factors)):
+        return None
+    candidate = RopeScaling(factor=round(float(factors.max()), 4), original_max_seq_len=original_max_seq_len)
+    want = gguf_rope_factors(head_dim, theta, candidate)
+    if not torch.allclose(factors, want, rtol=1e-4, atol=1e-6):
+        worst = int((factors - want).abs().argmax())
+        raise ValueError(f"rope_freqs does not match Llama 3.1 RoPE scaling (factor={candidate.factor}, "
+                         f"low_freq_factor=1, high_freq_factor=4, original_max_seq_len={original_max_seq_len}): "
+                         f"entry {worst} is {float(factors[worst]):.6g}, expected {float(want[worst]):.6g}")
+    return candidate

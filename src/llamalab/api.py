@@ -1,0 +1,42 @@
+"""``llamalab.load``: any checkpoint (path or registered name) -> a ready-to-run model and its tokenizer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamalab.checkpoint import build_model, read_checkpoint
+from llamalab.config import ModelConfig
+from llamalab.model import Transformer
+
+
+@dataclass
+class LoadedModel:
+    """A built model (eval mode) with the tokenizer and facts of the checkpoint it came from."""
+
+    model: Transformer
+    tokenizer: Any | None  # llamalab.tokenizer.Tokenizer
+    config: ModelConfig
+    format: str
+    path: Path
+    checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def load(source: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
+         device: torch.device | str = "cpu") -> LoadedModel:
+    """Read ``source`` (Meta / HF / GGUF / native, or a registered name such as ``smollm2-135m-instruct``)
+    and build its Transformer in ``dtype`` on ``device``, in eval mode.
+
+    Quantized GGUF weights are dequantized one tensor at a time while the model is built.
+    """
+    ckpt = read_checkpoint(source)
+    model = build_model(ckpt, dtype=dtype, device=device)
+    return LoadedModel(model=model, tokenizer=ckpt.tokenizer, config=ckpt.config, format=ckpt.format,
+                       path=ckpt.path, checkpoint_metadata=ckpt.metadata)
+
+
+__all__ = ["LoadedModel", "load"]
