@@ -137,12 +137,14 @@ def write_checkpoint(checkpoint_or_loaded: Any, dst: str | os.PathLike[str], to:
 
         tok_path = getattr(ckpt.tokenizer, "path", None)
         if ckpt.tokenizer is not None and not (tok_path and Path(tok_path).is_file()):
-            warnings.warn(f"{dst}: Meta folders hold a tokenizer.model; {ckpt.tokenizer.name} has none, so the "
-                          f"folder is written without a tokenizer", stacklevel=2)
+            warnings.warn(f"{dst}: Meta folders hold a tokenizer.model; {ckpt.tokenizer.name} has none, so "
+                          f"tokenizer.json is written instead (llamalab and transformers read it, Meta's code "
+                          f"does not)", stacklevel=2)
             tok_path = None
         if dst.is_dir() and not any(dst.iterdir()):
             dst.rmdir()  # an empty destination counts as absent, as for the other formats
-        return write_meta(ckpt.config, ckpt.state_dict, dst, n_shards=n_shards, tokenizer_path=tok_path, dtype=dtype)
+        return write_meta(ckpt.config, ckpt.state_dict, dst, n_shards=n_shards, tokenizer_path=tok_path, dtype=dtype,
+                          tokenizer=ckpt.tokenizer if tok_path is None else None)
     raise ValueError(f"write_checkpoint: unknown target format {to!r}; expected 'native', 'hf' or 'meta'")
 
 

@@ -267,7 +267,8 @@ def _load_shard(path: Path) -> tuple[dict[str, Tensor], bool]:
 
 
 def _find_tokenizer(folder: Path) -> Path | None:
-    for candidate in (folder / TOKENIZER, folder.parent / TOKENIZER):
+    # tokenizer.json: llamalab writes one where the source had no tokenizer.model (an HF fast tokenizer).
+    for candidate in (folder / TOKENIZER, folder / "tokenizer.json", folder.parent / TOKENIZER):
         if candidate.is_file():
             return candidate
     return None
@@ -464,7 +465,7 @@ def _check_splittable(config: ModelConfig, n: int, vocab_parallel_embedding: boo
 def write_meta(config: ModelConfig, state_dict: Mapping[str, Tensor], dst: str | os.PathLike[str], *,
                n_shards: int = 1, tokenizer_path: str | os.PathLike[str] | None = None,
                dtype: torch.dtype | None = None, vocab_parallel_embedding: bool = False,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, tokenizer: Any | None = None) -> Path:
     """Write a Meta release folder that Meta's own ``model.py`` loads with ``n_shards`` ranks.
 
     ``state_dict`` uses Meta's names (a tied model's head may be omitted: ``output.weight``
@@ -473,7 +474,9 @@ def write_meta(config: ModelConfig, state_dict: Mapping[str, Tensor], dst: str |
     embedding dim as LLaMA 1/2's ``ParallelEmbedding`` expects, or on the vocabulary with
     ``vocab_parallel_embedding=True`` for Llama 3's code. Tensors keep their dtype unless
     ``dtype`` is given (Meta ships bf16: pass ``torch.bfloat16`` to match). The tokenizer
-    file is copied in and ``checklist.chk`` lists the md5 of every file.
+    file is copied in and ``checklist.chk`` lists the md5 of every file. A ``tokenizer`` object
+    without a ``tokenizer.model`` (a ``tokenizers`` one) is saved as ``tokenizer.json`` +
+    ``tokenizer_config.json`` instead: Meta's code cannot read it, llamalab and transformers can.
 
     The folder appears atomically: it is written beside ``dst`` under a temporary name,
     fsynced, then renamed. An existing ``dst`` is an error unless ``overwrite``.
@@ -523,6 +526,14 @@ def write_meta(config: ModelConfig, state_dict: Mapping[str, Tensor], dst: str |
             shutil.copyfile(tok_src, tok_file)
             _fsync_file(tok_file)
             written.append(tok_file)
+        elif tokenizer is not None:
+            from llamalab.checkpoint.native import save_tokenizer
+
+            main = save_tokenizer(tokenizer, tmp, config)
+            for name in (main, "tokenizer_config.json"):
+                if name and (tmp / name).is_file():
+                    _fsync_file(tmp / name)
+                    written.append(tmp / name)
         lines = [f"{md5_file(p)}  {p.name}" for p in written]
         chk = tmp / CHECKLIST
         chk.write_text("\n".join(lines) + "\n", encoding="utf-8")
