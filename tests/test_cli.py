@@ -114,3 +114,17 @@ def test_generate_without_a_tokenizer_says_so(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"llamalab generate: error: {out}: no tokenizer found beside the "
                                                 f"weights; pass --tokenizer PATH"]
+
+
+def test_tokenizer_train_writes_a_llama_style_model(tmp_path: Path) -> None:
+    """`llamalab tokenizer train` on JSONL: sentencepiece itself reads the model back, digits split
+    and an unseen character falls back to its UTF-8 bytes."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"In {1900 + i % 100} the port saw {i} ships, each a tale."}) + "\n"
+                              for i in range(2000)))
+    proc = run_cli("tokenizer", "train", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok" / "sp"))
+    assert proc.returncode == 0, proc.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "sp.model"))
+    assert sp.get_piece_size() == 300
+    assert sp.encode("12345 €", out_type=str) == ["▁", "1", "2", "3", "4", "5", "▁", "<0xE2>", "<0x82>", "<0xAC>"]
