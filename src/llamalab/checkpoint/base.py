@@ -39,10 +39,15 @@ class Checkpoint:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def meta_model(config: ModelConfig) -> Transformer:
+    """The Transformer for ``config`` on the meta device: shapes and names, no memory."""
+    with torch.device("meta"):
+        return Transformer(config)
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Meta name -> shape for every weight of a model with this config (built on the meta device)."""
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = meta_model(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -97,8 +102,7 @@ def build_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32,
     """
     config = checkpoint.config
     check_state_dict(checkpoint.state_dict, config, checkpoint.path)
-    with torch.device("meta"):
-        model = Transformer(config)
+    model = meta_model(config)
     converted: dict[str, Tensor] = {}
     state_dict = checkpoint.state_dict
     # A lazy mapping that can build a tensor in the final dtype saves an intermediate copy
@@ -125,5 +129,5 @@ def model_state_dict(model: Transformer) -> dict[str, Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-__all__ = ["Checkpoint", "CheckpointError", "build_model", "check_state_dict", "complete_entries", "expected_shapes",
-           "model_state_dict", "tensor_shapes"]
+__all__ = ["Checkpoint", "CheckpointError", "build_model", "check_state_dict", "complete_entries",
+           "expected_shapes", "meta_model", "model_state_dict", "tensor_shapes"]
