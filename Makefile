@@ -29,6 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(PY) benchmarks/load_time.py
 	$(PY) benchmarks/load_memory.py
 
 clean:
