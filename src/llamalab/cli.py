@@ -14,6 +14,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 MAIN_EPILOG = """\
 examples:
   llamalab generate --chat "Name three primary colours."
+  llamalab chat --system "You are a concise assistant."
+  llamalab serve --port 8000
   llamalab info smollm2-135m-instruct
   llamalab convert smollm2-135m-instruct out/smollm2-hf --to hf
   llamalab tokenizer train corpus.jsonl --vocab-size 32000 --out tok/llama
@@ -70,18 +72,16 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Greedy generation from a prompt, streamed to stdout, speed on stderr."""
+def _load_for_generation(args: argparse.Namespace):  # noqa: ANN202 - torch imported lazily
+    """Load ``--model`` (and ``--tokenizer``) for generate/chat; returns (loaded model, tokenizer, seconds)."""
     import torch
 
     import llamalab
-    from llamalab.generate import TextStreamer, greedy_generate, render_chat_template
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     lm = llamalab.load(args.model, dtype=_dtype(args.dtype))
-    load_s = time.perf_counter() - t0
     tok = lm.tokenizer
     if args.tokenizer:
         from llamalab.tokenizer import load_tokenizer
@@ -92,38 +92,157 @@ def cmd_generate(args: argparse.Namespace) -> int:
                            f"vocab_size {lm.config.vocab_size}; the tokenizer does not belong to these weights")
     if tok is None:
         raise CLIError(f"{args.model}: no tokenizer found beside the weights; pass --tokenizer PATH")
+    return lm, tok, time.perf_counter() - t0
+
+
+def _generation_config(args: argparse.Namespace, stop_ids: object = None):  # noqa: ANN202
+    """The GenerationConfig the sampling flags describe (validated: a bad value is a one-line error)."""
+    from llamalab.generate import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              num_beams=getattr(args, "beams", 1), length_penalty=getattr(args, "length_penalty", 1.0),
+                              seed=args.seed, stop_ids=tuple(stop_ids) if stop_ids else None,
+                              stop_strings=tuple(args.stop or ()))
+    config.validate()
+    return config
+
+
+def _speed_line(load_s: float, result) -> str:  # noqa: ANN001
+    n = len(result.prompt_ids)
+    return (f"[load {load_s:.2f} s | prefill {n} tok at {result.prefill_tok_s:.0f} tok/s | "
+            f"decode {len(result.ids)} tok at {result.decode_tok_s:.1f} tok/s]")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate from one prompt: text on stdout (streamed to a terminal), speed on stderr."""
+    from llamalab.generate import Generator, chat_stop_ids, encode_chat
+
+    lm, tok, load_s = _load_for_generation(args)
     if args.chat:
-        if not tok.chat_template:
-            raise CLIError(f"--chat: the model {args.model} carries no chat template")
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}]
-        special = {name: tok.decode([i]) for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id))
-                   if i is not None}
-        text = render_chat_template(tok.chat_template, messages, add_generation_prompt=True, **special)
-        ids = tok.encode(text, allow_special=True)
+        ids = encode_chat(tok, messages, fmt=args.chat_format)
+        config = _generation_config(args, chat_stop_ids(tok, args.chat_format))
     else:
         ids = tok.encode(args.prompt, bos=tok.add_bos_default)
-    streamer = TextStreamer(tok.decode, skip_ids=tok.stop_ids)
-
-    def show(token_id: int) -> None:
-        piece = streamer.push(token_id)
-        if piece and not args.json:
+        config = _generation_config(args)
+    stream = args.stream if args.stream is not None else (sys.stdout.isatty() and not args.json)
+    if stream and config.num_beams > 1:
+        raise CLIError("--stream: beam search chooses its answer only at the end; drop --stream or --beams")
+    gen = Generator(lm.model, tok)
+    if stream and not args.json:
+        for piece in gen.stream(ids, config):
             sys.stdout.write(piece)
             sys.stdout.flush()
-
-    result = greedy_generate(lm.model, ids, args.max_new_tokens, stop_ids=tok.stop_ids, on_token=show,
-                             vocab_limit=tok.vocab_size)
-    text = tok.decode([i for i in result.ids if i not in tok.stop_ids])
-    if args.json:
-        print(json.dumps({"model": args.model, "prompt_ids": ids, "ids": result.ids, "text": text,
-                          "stopped_by": result.stopped_by, "load_s": load_s, "prefill_s": result.prefill_s,
-                          "decode_s": result.decode_s, "prefill_tok_s": result.prefill_tok_s,
-                          "decode_tok_s": result.decode_tok_s}, indent=2))
-    else:
+        result = gen.last_result
         print(flush=True)
-        print(f"[load {load_s:.2f} s | prefill {len(ids)} tok at {result.prefill_tok_s:.0f} tok/s | "
-              f"decode {len(result.ids)} tok at {result.decode_tok_s:.1f} tok/s]", file=sys.stderr)
+    else:
+        result = gen.generate([ids], config)[0]
+        if not args.json:
+            print(result.text, flush=True)
+    if args.json:
+        print(json.dumps({"model": args.model, "prompt_ids": ids, "ids": result.ids, "text": result.text,
+                          "finish_reason": result.finish_reason, "logprobs": result.logprobs, "load_s": load_s,
+                          "prefill_s": result.prefill_s, "decode_s": result.decode_s,
+                          "prefill_tok_s": result.prefill_tok_s, "decode_tok_s": result.decode_tok_s}, indent=2))
+    else:
+        print(_speed_line(load_s, result), file=sys.stderr)
     return 0
+
+
+CHAT_HELP = """commands: /reset (forget the conversation), /system TEXT (new system prompt, resets),
+          /exit or Ctrl-D (leave), Ctrl-C (stop the current answer)"""
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive chat with history; Ctrl-C stops an answer, Ctrl-D leaves."""
+    from llamalab.generate import Generator, chat_stop_ids, encode_chat
+
+    lm, tok, load_s = _load_for_generation(args)
+    config = _generation_config(args, chat_stop_ids(tok, args.chat_format))
+    gen = Generator(lm.model, tok)
+    system = args.system
+    messages: list[dict[str, str]] = []
+    print(f"llamalab chat: {args.model} loaded in {load_s:.1f} s. {CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:  # at the prompt: drop the line, stay in the session
+            print(file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.strip().partition(" ")
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/reset":
+                messages = []
+                print("[conversation reset]", file=sys.stderr)
+            elif command == "/system":
+                system, messages = rest.strip() or None, []
+                print(f"[system prompt {'set' if system else 'cleared'}; conversation reset]", file=sys.stderr)
+            else:
+                print(f"[unknown command {command}] {CHAT_HELP}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = _fit_history(tok, system, messages, config.max_new_tokens, lm.config.max_seq_len, args.chat_format)
+        if ids is None:
+            messages.pop()
+            print(f"[message too long for the {lm.config.max_seq_len}-token context]", file=sys.stderr)
+            continue
+        pieces: list[str] = []
+        stream = gen.stream(ids, config)
+        try:
+            for piece in stream:
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print(flush=True)
+            print(_speed_line(0.0, gen.last_result).replace("load 0.00 s | ", ""), file=sys.stderr)
+        except KeyboardInterrupt:
+            print(" [stopped]", flush=True)
+        finally:
+            stream.close()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def _fit_history(tok, system: str | None, messages: list[dict[str, str]], max_new: int, context: int,  # noqa: ANN001
+                 fmt: str | None) -> list[int] | None:
+    """Prompt ids for the conversation, dropping the oldest exchanges until the answer fits the context."""
+    from llamalab.generate import encode_chat
+
+    while messages:
+        convo = ([{"role": "system", "content": system}] if system else []) + messages
+        ids = encode_chat(tok, convo, fmt=fmt)
+        if len(ids) + max_new <= context:
+            return ids
+        if len(messages) <= 1:
+            return None
+        del messages[:2]  # the oldest user/assistant exchange
+    return None
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"name or path of a checkpoint (default: {DEFAULT_MODEL})")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or folder, if not the checkpoint's own")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass (1 = off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability (0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--system", default=None, help="system prompt (chat)")
+    p.add_argument("--chat-format", choices=["template", "llama3", "llama2"], default=None,
+                   help="chat format (default: the checkpoint's template, else Llama 3's or Llama 2's)")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,20 +252,32 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=MAIN_EPILOG, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="generate text from a prompt (greedy)", formatter_class=fmt,
-                       description="Generate a continuation (or, with --chat, an assistant answer) greedily.",
-                       epilog='example:\n  llamalab generate --chat "What is the capital of France?"\n'
-                              '  llamalab generate "Once upon a time" --max-new-tokens 64 --json')
+    p = sub.add_parser("generate", help="generate text from a prompt", formatter_class=fmt,
+                       description="Generate a continuation (or, with --chat, an assistant answer): greedy by "
+                                   "default, sampling with --temperature/--top-k/--top-p, beam search with --beams.",
+                       epilog='examples:\n  llamalab generate --chat "What is the capital of France?"\n'
+                              '  llamalab generate "Once upon a time" --temperature 0.8 --top-p 0.95 --seed 1\n'
+                              '  llamalab generate "The LLaMA paper" --beams 4 --max-new-tokens 32 --json')
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"name or path of a checkpoint (default: {DEFAULT_MODEL})")
-    p.add_argument("--tokenizer", default=None, help="tokenizer file or folder, if not the checkpoint's own")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--system", default=None, help="system prompt (with --chat)")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--json", action="store_true", help="print ids, text and timings as JSON")
+    _add_sampling_flags(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat format")
+    p.add_argument("--beams", type=int, default=1, help="beam search with this many beams (default 1: off)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / length^this")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="print text as it is generated (default: when stdout is a terminal)")
+    p.add_argument("--json", action="store_true", help="print ids, text, logprobs and timings as JSON")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat interactively with a model", formatter_class=fmt,
+                       description="An interactive chat with history. " + CHAT_HELP,
+                       epilog='example:\n  llamalab chat --system "You are a concise assistant."\n'
+                              '  llamalab chat --model out/my-sft --temperature 0.7 --top-p 0.9')
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_chat)
+
+    from llamalab.serve import add_serve_parser  # FastAPI itself is imported only when serving
+
+    add_serve_parser(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint", formatter_class=fmt,
                        description="Format, config, parameter count and memory needs of a checkpoint.",
@@ -181,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that are the user's input, not our bug: shown as one line."""
-    errors: list[type[BaseException]] = [CLIError, OSError, ValueError, KeyError]
+    import jinja2  # a chat template that rejects the conversation
+
+    errors: list[type[BaseException]] = [CLIError, OSError, ValueError, KeyError, jinja2.TemplateError]
     try:
         from llamalab.checkpoint import CheckpointError
 

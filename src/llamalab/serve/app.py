@@ -1,0 +1,534 @@
+"""The OpenAI-compatible HTTP API: ``create_app(loaded_model, model_name)`` -> a FastAPI app.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both also as server-sent
+events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``.
+
+Every request is checked here, before it is queued: body shape and ranges (``schemas.py``),
+model name, settings llamalab cannot honour, and prompt + ``max_tokens`` against the context.
+Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx
+status for anything the client can fix. Generation itself runs on one worker thread, one request
+at a time in arrival order (``worker.py`` says why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llamalab.generate.chat import chat_stop_ids
+from llamalab.serve.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from llamalab.serve.worker import CANCELLED, DONE, ERROR, PIECE, GenerationWorker, Job
+
+__all__ = ["APIError", "create_app"]
+
+# OpenAI's defaults: completions stop after 16 tokens unless told otherwise, sampling at temperature 1.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+DEFAULT_TEMPERATURE = 1.0
+MAX_STOP_SEQUENCES = 4
+DISCONNECT_POLL_S = 0.25
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # noqa: A002
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error body."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        """The JSON response carrying this error."""
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = None,
+               default_max_tokens: int = 512) -> FastAPI:
+    """The FastAPI app serving ``loaded_model`` (a ``llamalab.LoadedModel``) as ``model_name``.
+
+    ``generator``: anything with ``Generator``'s ``generate``/``stream``/``last_result``
+    (default: ``llamalab.generate.Generator`` over the model and its tokenizer).
+    ``default_max_tokens``: the chat endpoint's answer limit when the request sets none (also
+    capped by what the context leaves); completions default to OpenAI's 16.
+    """
+    tok = loaded_model.tokenizer
+    if tok is None:
+        raise ValueError(f"{model_name}: the checkpoint has no tokenizer; the server needs one to read prompts")
+    if generator is None:
+        from llamalab.generate import Generator
+
+        generator = Generator(loaded_model.model, tok, vocab_limit=tok.vocab_size)
+    worker = GenerationWorker(generator)
+    service = _Service(tok, loaded_model.config.max_seq_len, model_name, worker, default_max_tokens)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="llamalab", description="OpenAI-compatible API over a llamalab model",
+                  lifespan=lifespan)
+    app.state.worker = worker
+    app.state.service = service
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_to_api_error(exc.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path} (see /v1/models, /v1/completions, " \
+                      "/v1/chat/completions, /health)"
+        err = APIError(exc.status_code, message, code=code,
+                       type="invalid_request_error" if exc.status_code < 500 else "server_error")
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, "busy": worker.busy, "waiting": worker.waiting,
+                "completed": worker.completed, "skipped": worker.skipped}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [service.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        service.check_model(model_id)
+        return service.model_card()
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await service.completions(body, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await service.chat(body, request)
+
+    return app
+
+
+_UNION_TAGS = {"str", "int", "float", "bool"}
+
+
+def _field_path(loc: Sequence[Any]) -> str | None:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages.0.content' (no body, no Union member tags)."""
+    parts = [str(x) for x in loc if x != "body" and not (isinstance(x, str) and (x in _UNION_TAGS or "[" in x))]
+    if parts[:1] == ["prompt"]:
+        return "prompt"  # a Union of lists: the index within a member says nothing useful
+    return ".".join(parts) or None
+
+
+def _validation_to_api_error(errors: Sequence[Any]) -> APIError:
+    """FastAPI's 422 details -> one OpenAI 400 naming the first offending parameter."""
+    if not errors:
+        return APIError(400, "invalid request")
+    first = errors[0]
+    kind = first.get("type", "")
+    param = _field_path(first.get("loc", ()))
+    if kind == "json_invalid":
+        ctx = first.get("ctx", {})
+        return APIError(400, f"the request body is not valid JSON ({ctx.get('error', first.get('msg'))})",
+                        code="invalid_json")
+    if param is None:
+        if kind == "missing":
+            return APIError(400, "the request body is missing: expected a JSON object", code="invalid_json")
+        return APIError(400, "the request body must be a JSON object", code="invalid_json")
+    if kind == "missing":
+        return APIError(400, f"missing required parameter: '{param}'", param=param, code="missing_required_parameter")
+    same = [e for e in errors if _field_path(e.get("loc", ())) == param]
+    msg = first.get("msg", "invalid value")
+    if param == "prompt":
+        msg = "expected a string, a list of strings, a list of token ids or a list of such lists"
+    elif len(same) > 1:  # one error per member of a Union: say what the members are
+        members = [str(e["loc"][-1]) for e in same if e.get("loc") and isinstance(e["loc"][-1], str)]
+        msg = f"expected one of: {', '.join(dict.fromkeys(members))}" if members else msg
+    others = len({_field_path(e.get("loc", ())) for e in errors} - {param})
+    extra = f" (and {others} more invalid parameter{'s' if others > 1 else ''})" if others else ""
+    return APIError(400, f"invalid value for '{param}': {msg}{extra}", param=param, code="invalid_value")
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class _JobStreamingResponse(StreamingResponse):
+    """A streaming response that cancels its job however the response ends (done, error, disconnect)."""
+
+    def __init__(self, content: Any, job: Job) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled.set()  # a finished job ignores it; a running one stops after its next token
+
+
+class _Service:
+    """What the endpoints do, given the tokenizer, the context length and the worker."""
+
+    def __init__(self, tok: Any, context: int, model_name: str, worker: GenerationWorker,
+                 default_max_tokens: int) -> None:
+        self.tok = tok
+        self.context = context
+        self.model_name = model_name
+        self.worker = worker
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+
+    # ----------------------------------------------------------------- checks and settings
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llamalab",
+                "context_length": self.context}
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+
+    def _check_common(self, req: _SamplingFields) -> None:
+        self.check_model(req.model)
+        for field in ("presence_penalty", "frequency_penalty"):
+            if getattr(req, field):
+                raise APIError(400, f"'{field}' is not supported (only 0); llamalab offers "
+                                    "'repetition_penalty' instead", param=field, code="unsupported_parameter")
+        if req.logit_bias:
+            raise APIError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
+        if req.stream and req.n > 1:
+            raise APIError(400, "'n' > 1 is not supported with 'stream': true", param="n",
+                           code="unsupported_parameter")
+
+    def _stops(self, stop: str | list[str] | None) -> tuple[str, ...]:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise APIError(400, f"'stop' takes at most {MAX_STOP_SEQUENCES} sequences, got {len(stops)}",
+                           param="stop", code="invalid_value")
+        if any(s == "" for s in stops):
+            raise APIError(400, "'stop' sequences must not be empty", param="stop", code="invalid_value")
+        return tuple(stops)
+
+    def _config(self, req: _SamplingFields, max_tokens: int, logprobs: bool, stop_ids: Any = None) -> Any:
+        from llamalab.generate import GenerationConfig
+
+        cfg = GenerationConfig(
+            stop_ids=tuple(stop_ids) if stop_ids else None,
+            max_new_tokens=max_tokens,
+            temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+            seed=req.seed, stop_strings=self._stops(req.stop), logprobs=logprobs)
+        try:
+            cfg.validate()
+        except ValueError as e:  # "GenerationConfig.<field>=...: expected ..." -> the request's name for it
+            match = re.match(r"GenerationConfig\.(\w+)=", str(e))
+            field = match.group(1) if match else None
+            param = {"max_new_tokens": "max_tokens", "stop_strings": "stop"}.get(field or "", field)
+            raise APIError(400, str(e), param=param, code="invalid_value") from None
+        return cfg
+
+    def _check_context(self, prompts: list[list[int]], max_tokens: int, what: str) -> None:
+        longest = max(len(p) for p in prompts)
+        if longest + max_tokens > self.context:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
+                                f"requested {longest + max_tokens} tokens ({longest} in the {what}, {max_tokens} "
+                                "in the completion). Please reduce the length of the "
+                                f"{what} or the completion.", param=what, code="context_length_exceeded")
+
+    def _encode_prompts(self, prompt: Any) -> list[list[int]]:
+        """The ``prompt`` field (text, texts, ids, lists of ids) -> one id list per prompt."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
+        if isinstance(prompt[0], int):
+            prompt = [prompt]
+        out: list[list[int]] = []
+        for p in prompt:
+            ids = self.tok.encode(p, bos=self.tok.add_bos_default) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "'prompt' is empty (it encodes to no tokens)", param="prompt",
+                               code="invalid_value")
+            bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
+            if bad:
+                raise APIError(400, f"'prompt' holds token id {bad[0]} outside the vocabulary "
+                                    f"(0..{self.tok.vocab_size - 1})", param="prompt", code="invalid_value")
+            out.append(ids)
+        return out
+
+    def _render_chat(self, req: ChatCompletionRequest) -> list[int]:
+        from jinja2 import TemplateError
+
+        from llamalab.generate import encode_chat
+
+        tok = self.tok
+        messages = []
+        for i, m in enumerate(req.messages):
+            content = m.content
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                        raise APIError(400, f"only text content parts are supported (got type "
+                                            f"{part.get('type')!r})", param=f"messages.{i}.content",
+                                       code="unsupported_content")
+                    parts.append(part["text"])
+                content = "".join(parts)
+            messages.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+        try:
+            # The checkpoint's template, else Llama 3's or Llama 2's format (see generate/chat.py).
+            ids = encode_chat(tok, messages)
+        except (TemplateError, TypeError, ValueError) as e:
+            raise APIError(400, f"the chat format rejected the messages: {e}", param="messages",
+                           code="invalid_messages") from None
+        if not ids:
+            raise APIError(400, "the messages render to an empty prompt", param="messages", code="invalid_value")
+        return ids
+
+    # ----------------------------------------------------------------- running jobs
+
+    async def _events(self, job: Job, request: Request) -> AsyncIterator[tuple[str, Any]]:
+        """The job's events until the terminal one; stops (cancelling the job) if the client leaves."""
+        loop = asyncio.get_running_loop()
+        get = asyncio.ensure_future(job.events.get())
+        checked = loop.time()
+        try:
+            while True:
+                done, _ = await asyncio.wait({get}, timeout=DISCONNECT_POLL_S)
+                if loop.time() - checked >= DISCONNECT_POLL_S:  # while waiting, and between pieces
+                    checked = loop.time()
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        raise _ClientGone
+                if not done:
+                    continue
+                kind, payload = get.result()
+                yield kind, payload
+                if kind in (DONE, ERROR, CANCELLED):
+                    return
+                get = asyncio.ensure_future(job.events.get())
+        finally:
+            get.cancel()
+
+    def _submit(self, prompts: list[list[int]], cfg: Any, stream: bool) -> Job:
+        job = Job(prompts=prompts, config=cfg, stream=stream, loop=asyncio.get_running_loop())
+        self.worker.submit(job)
+        return job
+
+    async def _results(self, job: Job, request: Request) -> list[Any]:
+        """Wait for a job's results (non-streaming requests)."""
+        try:
+            async for kind, payload in self._events(job, request):
+                if kind == DONE:
+                    return payload
+                if kind == ERROR:
+                    raise _engine_error(payload)
+                if kind == CANCELLED:
+                    raise _ClientGone
+        finally:
+            job.cancelled.set()
+        raise _ClientGone
+
+    @staticmethod
+    def _usage(prompts: list[list[int]], results: list[Any]) -> dict[str, int]:
+        p = sum(len(x) for x in prompts)
+        c = sum(len(r.ids) for r in results)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _token_logprobs(self, result: Any) -> list[tuple[int, float]]:
+        """(id, logprob) of each generated token that starts inside the answer's text.
+
+        That drops the stop token, and the tokens after the start of a stop string (the engine's
+        ``ids`` keep them; its ``text`` is cut there). Offsets are counted in UTF-8 bytes, since a
+        token may hold part of a character.
+        """
+        n_bytes = len(result.text.encode("utf-8"))
+        pairs, offset = [], 0
+        for t, lp in zip(result.ids, result.logprobs or []):
+            if offset >= n_bytes:
+                break
+            pairs.append((t, lp))
+            offset += len(self.tok.token_bytes(t))
+        return pairs
+
+    # ----------------------------------------------------------------- /v1/completions
+
+    async def completions(self, req: CompletionRequest, request: Request) -> Response:
+        self._check_common(req)
+        if req.echo:
+            raise APIError(400, "'echo' is not supported", param="echo", code="unsupported_parameter")
+        if req.suffix:
+            raise APIError(400, "'suffix' is not supported", param="suffix", code="unsupported_parameter")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "'best_of' other than 'n' is not supported", param="best_of",
+                           code="unsupported_parameter")
+        if req.stream and req.logprobs is not None:
+            raise APIError(400, "'logprobs' is not supported with 'stream': true", param="logprobs",
+                           code="unsupported_parameter")
+        prompts = self._encode_prompts(req.prompt)
+        if req.stream and len(prompts) > 1:
+            raise APIError(400, "several prompts are not supported with 'stream': true", param="prompt",
+                           code="unsupported_parameter")
+        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        self._check_context(prompts, max_tokens, "prompt")
+        cfg = self._config(req, max_tokens, logprobs=req.logprobs is not None)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+
+        all_prompts = [p for p in prompts for _ in range(req.n)]
+        job = self._submit(all_prompts, cfg, stream=req.stream or len(all_prompts) == 1)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def sse() -> AsyncIterator[str]:
+                async for kind, payload in self._events(job, request):
+                    if kind == PIECE:
+                        yield _sse({**head, "choices": [{"index": 0, "text": payload, "logprobs": None,
+                                                         "finish_reason": None}]})
+                    elif kind == DONE:
+                        (result,) = payload
+                        yield _sse({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
+                                                         "finish_reason": result.finish_reason}]})
+                        if include_usage:
+                            yield _sse({**head, "choices": [], "usage": self._usage(prompts, payload)})
+                    elif kind == ERROR:
+                        yield _sse(_engine_error(payload).body())
+                yield "data: [DONE]\n\n"
+
+            return _JobStreamingResponse(_guard(sse()), job)
+
+        try:
+            results = await self._results(job, request)
+        except _ClientGone:
+            return Response(status_code=499)
+        choices = []
+        for i, r in enumerate(results):
+            logprobs = None
+            if req.logprobs is not None:
+                prompt_text = req.prompt if isinstance(req.prompt, str) else self.tok.decode(all_prompts[i])
+                tokens, lps, offsets = [], [], []
+                offset = len(prompt_text)
+                for t, lp in self._token_logprobs(r):
+                    text = self.tok.decode([t])
+                    tokens.append(text), lps.append(lp), offsets.append(offset)
+                    offset += len(text)
+                logprobs = {"tokens": tokens, "token_logprobs": lps, "top_logprobs": None, "text_offset": offsets}
+            choices.append({"index": i, "text": r.text, "logprobs": logprobs, "finish_reason": r.finish_reason})
+        return JSONResponse({**head, "choices": choices, "usage": self._usage(prompts, results)})
+
+    # ----------------------------------------------------------------- /v1/chat/completions
+
+    async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
+        self._check_common(req)
+        if req.tools:
+            raise APIError(400, "'tools' are not supported", param="tools", code="unsupported_parameter")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
+                           code="unsupported_parameter")
+        if req.logprobs and req.top_logprobs:
+            raise APIError(400, "'top_logprobs' > 0 is not supported: llamalab returns the chosen token's "
+                                "logprob only (use top_logprobs 0)", param="top_logprobs",
+                           code="unsupported_parameter")
+        if req.stream and req.logprobs:
+            raise APIError(400, "'logprobs' is not supported with 'stream': true", param="logprobs",
+                           code="unsupported_parameter")
+        ids = self._render_chat(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = min(self.default_max_tokens, self.context - len(ids))
+            if max_tokens < 1:
+                self._check_context([ids], 1, "messages")
+        self._check_context([ids], max_tokens, "messages")
+        cfg = self._config(req, max_tokens, logprobs=req.logprobs, stop_ids=chat_stop_ids(self.tok))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion",
+                "created": created, "model": self.model_name}
+        prompts = [ids]
+        job = self._submit([ids] * req.n, cfg, stream=req.stream or req.n == 1)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(delta: dict[str, Any], finish: str | None) -> str:
+                return _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                  "finish_reason": finish}]})
+
+            async def sse() -> AsyncIterator[str]:
+                yield chunk({"role": "assistant", "content": ""}, None)
+                async for kind, payload in self._events(job, request):
+                    if kind == PIECE:
+                        yield chunk({"content": payload}, None)
+                    elif kind == DONE:
+                        yield chunk({}, payload[0].finish_reason)
+                        if include_usage:
+                            yield _sse({**head, "choices": [], "usage": self._usage(prompts, payload)})
+                    elif kind == ERROR:
+                        yield _sse(_engine_error(payload).body())
+                yield "data: [DONE]\n\n"
+
+            return _JobStreamingResponse(_guard(sse()), job)
+
+        try:
+            results = await self._results(job, request)
+        except _ClientGone:
+            return Response(status_code=499)
+        choices = []
+        for i, r in enumerate(results):
+            logprobs = None
+            if req.logprobs:
+                logprobs = {"content": [{"token": self.tok.decode([t]), "logprob": lp,
+                                         "bytes": list(self.tok.token_bytes(t)), "top_logprobs": []}
+                                        for t, lp in self._token_logprobs(r)], "refusal": None}
+            choices.append({"index": i, "message": {"role": "assistant", "content": r.text},
+                            "logprobs": logprobs, "finish_reason": r.finish_reason})
+        return JSONResponse({**head, "choices": choices, "usage": self._usage(prompts, results)})
+
+
+async def _guard(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Ends the event stream quietly when the client has gone (the job is cancelled by then)."""
+    try:
+        async for item in events:
+            yield item
+    except _ClientGone:
+        return
+
+
+def _engine_error(exc: BaseException) -> APIError:
+    """An exception from the generator -> 400 for a bad setting it caught, else 500."""
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc), code="invalid_value")
+    return APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")

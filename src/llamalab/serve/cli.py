@@ -1,0 +1,94 @@
+"""``llamalab serve``: the argument parser and the command (uvicorn over ``create_app``).
+
+Wire it into llamalab's CLI with ``add_serve_parser(sub)`` beside the other sub-commands; the
+parser sets ``func=cmd_serve``. Errors the user can fix (an unknown model, a port in use) are
+raised as ``ValueError`` / ``OSError`` so the CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_serve_parser", "cmd_serve"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DTYPES = ("float32", "bfloat16", "float16")
+
+SERVE_EPILOG = """\
+example:
+  llamalab serve --model smollm2-135m-instruct --port 8000
+
+then:
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
+"""
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``serve`` sub-command to ``subparsers`` (from ``parser.add_subparsers()``)."""
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EPILOG,
+        description="Serve a checkpoint over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions "
+                    "(streaming too), /v1/models, /health. Requests run one at a time in arrival order.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"name or path of a checkpoint (default: {DEFAULT_MODEL})")
+    p.add_argument("--name", default=None,
+                   help="model id the API reports and requests must name (default: --model, or a path's folder name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--default-max-tokens", type=int, default=512,
+                   help="chat answer limit when a request sets none (default 512)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info)")
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def model_id(model: str) -> str:
+    """The id a model is served under: a registered name as is, a path by its file or folder name."""
+    path = Path(model)
+    return path.name if path.exists() else model
+
+
+def _check_port_free(host: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: expected 0..65535")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model, then serve it with uvicorn until interrupted."""
+    import time
+
+    import torch
+    import uvicorn
+
+    import llamalab
+    from llamalab.serve.app import create_app
+
+    if args.default_max_tokens < 1:
+        raise ValueError(f"--default-max-tokens {args.default_max_tokens}: expected at least 1")
+    _check_port_free(args.host, args.port)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.name or model_id(args.model)
+    t0 = time.perf_counter()
+    lm = llamalab.load(args.model, dtype=getattr(torch, args.dtype))
+    app = create_app(lm, name, default_max_tokens=args.default_max_tokens)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"llamalab serve: loaded {name} in {time.perf_counter() - t0:.1f} s; "
+          f"serving http://{shown}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

