@@ -114,3 +114,17 @@ def test_greedy_tokens_match_transformers_generate(ours: Any, ref: Any, prompt_i
     print(f"\ngreedy: {ours.tokenizer.decode(new)!r}")
     assert new == want
     assert "Paris" in ours.tokenizer.decode(new)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generator_matches_transformers_greedy_and_beam(ours: Any, ref: Any, prompt_ids: list[int],
+                                                        num_beams: int) -> None:
+    """The engine users get (Generator) on the real model: greedy and 3-beam search, 32 tokens."""
+    from llamalab.generate import GenerationConfig, Generator
+
+    config = GenerationConfig(max_new_tokens=N_NEW, num_beams=num_beams, stop_ids=())
+    got = Generator(ours.model, ours.tokenizer).generate([prompt_ids], config)[0]
+    out = ref.generate(torch.tensor([prompt_ids]), max_new_tokens=N_NEW, do_sample=False, num_beams=num_beams,
+                       early_stopping=True, eos_token_id=None, pad_token_id=0)
+    assert got.ids == out[0, len(prompt_ids):].tolist()
