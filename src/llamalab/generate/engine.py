@@ -234,10 +234,19 @@ def _stop_prefix_len(text: str, stop_strings: Iterable[str]) -> int:
 class Generator:
     """Generates text with a ``Transformer`` and its ``Tokenizer``."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, vocab_limit: int | None = None) -> None:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, vocab_limit: int | None = None,
+                 fast: bool = True) -> None:
         """``vocab_limit``: only ids below it are ever chosen. It defaults to the tokenizer's
         vocabulary size when that is smaller than the model's: embedding tables are often padded
-        (to a multiple of 64 or 128) and the padded rows have no text."""
+        (to a multiple of 64 or 128) and the padded rows have no text.
+
+        ``fast``: on a CPU, run the model through :func:`llamalab.generate.fast.optimize_for_decode`
+        (oneDNN kernels, fused steps: ~1.8x decode speed; logits equal to ~1e-6 relative).
+        """
+        from llamalab.generate.fast import onednn_available, optimize_for_decode
+
+        if fast and isinstance(model, Transformer) and onednn_available(model.tok_embeddings.weight.device):
+            model = optimize_for_decode(model)
         self.model = model
         self.tokenizer = tokenizer
         n_model = model.config.vocab_size

@@ -1,0 +1,229 @@
+"""Batch-1 prefill and decode speed on SmolLM2-135M-Instruct: llamalab against HF transformers
+(and llama.cpp where llama-cpp-python is installed), 2 threads, fp32 and bf16.
+
+Both sides load the same GGUF (dequantized to the same weights) and see the same 128-token
+prompt. Figures: prefill tok/s for the prompt, decode tok/s over 128 greedy new tokens, and
+decode GB/s = bytes of weights read per token / seconds per token.
+
+llamalab is measured through the engine's loop (``setup_cache``; prefill with
+``input_pos=arange``; then one token per step from the static KV cache) on the model that
+``llamalab.generate.fast.optimize_for_decode`` returns, and also on the plain model
+("llamalab-plain", the path without the opt-in). transformers runs its own cached loop
+(``past_key_values``, argmax).
+
+Each implementation lives in its own process, loaded once; the parent asks them for one
+measurement each in turn (A B C A B C ...), because the shared machine's bandwidth drifts
+within minutes. The table gives medians and each row's ratio to transformers.
+
+Usage: ``python benchmarks/decode.py [--rounds 5] [--dtypes fp32,bf16] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+PROMPT_LEN = 128
+NEW_TOKENS = 128
+THREADS = 2
+
+# A child loads one implementation, warms it up, then answers each "go" line on stdin with one
+# JSON line: {"prefill_s", "decode_s", "n_decode", "ids"}.
+CHILD = r"""
+import json, sys, time
+which, path, dtype_name, threads, new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+prompt = json.loads(sys.stdin.readline())
+if which != "llama.cpp":
+    import torch
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+
+if which.startswith("llamalab"):
+    import llamalab
+    from llamalab.generate.fast import optimize_for_decode
+    lm = llamalab.load(path, dtype=dtype)
+    model = optimize_for_decode(lm.model) if which == "llamalab" else lm.model
+    params = {id(p): p for p in lm.model.parameters()}.values()  # the tied head counted once
+    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+
+    @torch.inference_mode()
+    def measure():
+        # The engine's loop: static cache, prefill with input_pos=arange, then one token a step.
+        model.setup_cache(max_batch_size=1, max_seq_len=len(prompt) + new)
+        try:
+            t0 = time.perf_counter()
+            logits = model(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
+            nxt = int(logits[0, -1].argmax())
+            t1 = time.perf_counter()
+            ids, pos = [nxt], len(prompt)
+            for _ in range(new):
+                logits = model(torch.tensor([[nxt]]), input_pos=torch.tensor([pos]))
+                nxt = int(logits[0, -1].argmax())
+                ids.append(nxt)
+                pos += 1
+            t2 = time.perf_counter()
+        finally:
+            model.clear_cache()
+        return t1 - t0, t2 - t1, ids
+
+elif which == "transformers":
+    import transformers
+    from pathlib import Path
+    p = Path(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype).eval()
+    params = {id(q): q for q in model.parameters()}.values()
+    weight_bytes = sum(q.numel() * q.element_size() for q in params)
+
+    @torch.inference_mode()
+    def measure():
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        nxt = int(out.logits[0, -1].argmax())
+        t1 = time.perf_counter()
+        ids, past = [nxt], out.past_key_values
+        for _ in range(new):
+            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = int(out.logits[0, -1].argmax())
+            ids.append(nxt)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, ids
+
+else:  # llama.cpp on the same (quantized) GGUF; its dtype is the file's
+    import os
+    import llama_cpp
+    import numpy as np
+    llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    weight_bytes = os.path.getsize(path)
+
+    def measure():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        t1 = time.perf_counter()
+        ids = [nxt]
+        for _ in range(new):
+            llm.eval([nxt])
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            ids.append(nxt)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, ids
+
+measure()  # warm-up: first-call allocations, oneDNN primitive creation
+print(json.dumps({"ready": True, "weight_bytes": weight_bytes}), flush=True)
+for line in sys.stdin:
+    prefill_s, decode_s, ids = measure()
+    print(json.dumps({"prefill_s": prefill_s, "decode_s": decode_s, "n_decode": new, "ids": ids}), flush=True)
+"""
+
+
+class Child:
+    """One implementation in its own process, loaded once, measured on request."""
+
+    def __init__(self, which: str, path: str, dtype: str, prompt: list[int]) -> None:
+        self.which = which
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(THREADS), "TQDM_DISABLE": "1",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error",
+               "PYTHONPATH": os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")])}
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD, which, path, dtype, str(THREADS), str(NEW_TOKENS)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc.stdin.write(json.dumps(prompt) + "\n")
+        self.proc.stdin.flush()
+        self.weight_bytes = self._read()["weight_bytes"]
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.which} child failed (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def measure(self) -> dict:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def prompt_ids(path: str) -> list[int]:
+    """A 128-token prompt: English text in the chat template, encoded by llamalab's tokenizer."""
+    sys.path.insert(0, "src")
+    import llamalab.checkpoint as ck
+
+    tok = ck.read_checkpoint(path).tokenizer
+    text = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+            "combined movable metal type, oil-based ink and a screw press adapted from wine making. ") * 8
+    ids = tok.encode(text)
+    if len(ids) < PROMPT_LEN:
+        raise SystemExit("prompt text too short")
+    return ids[:PROMPT_LEN]
+
+
+def main() -> None:
+    """Measure interleaved, print medians and ratios, optionally write JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--no-plain", action="store_true", help="skip llamalab's plain (un-optimized) model")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    sys.path.insert(0, "src")
+    from llamalab.checkpoint.registry import resolve
+
+    path = str(resolve("smollm2-135m-instruct"))
+    prompt = prompt_ids(path)
+    results: dict[str, dict[str, dict]] = {}
+    for dtype in args.dtypes.split(","):
+        peers = ["llamalab"] + ([] if args.no_plain else ["llamalab-plain"]) + ["transformers"]
+        if dtype == "fp32" and importlib.util.find_spec("llama_cpp"):
+            peers.append("llama.cpp")  # once: it runs the GGUF's own (quantized) weights
+        children = {p: Child(p, path, dtype, prompt) for p in peers}
+        runs: dict[str, list[dict]] = {p: [] for p in peers}
+        try:
+            for r in range(args.rounds):
+                for p, child in children.items():
+                    m = child.measure()
+                    runs[p].append(m)
+                    print(f"{dtype} round {r + 1}/{args.rounds} {p:<15} prefill {PROMPT_LEN / m['prefill_s']:7.1f} tok/s"
+                          f"  decode {m['n_decode'] / m['decode_s']:6.1f} tok/s", file=sys.stderr)
+        finally:
+            for child in children.values():
+                child.close()
+        ref_ids = runs["transformers"][0]["ids"]
+        results[dtype] = {}
+        for p, rs in runs.items():
+            prefill = statistics.median(PROMPT_LEN / m["prefill_s"] for m in rs)
+            decode = statistics.median(m["n_decode"] / m["decode_s"] for m in rs)
+            wb = children[p].weight_bytes
+            same = sum(a == b for a, b in zip(rs[0]["ids"], ref_ids))
+            results[dtype][p] = {"prefill_tok_s": prefill, "decode_tok_s": decode, "weight_bytes": wb,
+                                 "decode_gb_s": wb * decode / 1e9, "tokens_same_as_transformers": same,
+                                 "runs": [{k: v for k, v in m.items() if k != "ids"} for m in rs]}
+
+    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), batch 1, {THREADS} threads, "
+          f"{PROMPT_LEN}-token prompt, {NEW_TOKENS} greedy new tokens; medians of {args.rounds} interleaved rounds")
+    print(f"{'dtype':<6}{'impl':<16}{'prefill tok/s':>14}{'decode tok/s':>13}{'decode GB/s':>12}"
+          f"{'prefill / tf':>13}{'decode / tf':>12}{'same ids':>10}")
+    for dtype, per in results.items():
+        tf = per["transformers"]
+        for p, m in per.items():
+            print(f"{dtype if p != 'llama.cpp' else 'gguf':<6}{p:<16}{m['prefill_tok_s']:>14.1f}{m['decode_tok_s']:>13.1f}"
+                  f"{m['decode_gb_s']:>12.1f}{m['prefill_tok_s'] / tf['prefill_tok_s']:>13.2f}"
+                  f"{m['decode_tok_s'] / tf['decode_tok_s']:>12.2f}"
+                  f"{m['tokens_same_as_transformers']:>6}/{NEW_TOKENS + 1}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
