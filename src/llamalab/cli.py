@@ -19,6 +19,7 @@ examples:
   llamalab info smollm2-135m-instruct
   llamalab convert smollm2-135m-instruct out/smollm2-hf --to hf
   llamalab tokenizer train corpus.jsonl --vocab-size 32000 --out tok/llama
+  llamalab plot runs/tiny
 """
 
 
@@ -278,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     from llamalab.serve import add_serve_parser  # FastAPI itself is imported only when serving
 
     add_serve_parser(sub)
+
+    from llamalab.train.cli import add_plot_parser
+
+    add_plot_parser(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint", formatter_class=fmt,
                        description="Format, config, parameter count and memory needs of a checkpoint.",

@@ -1,0 +1,1 @@
+"""Pretraining: the loop, optimizer and schedule, parallelism (FSDP2, TP), metrics."""

@@ -1,0 +1,485 @@
+"""``TrainConfig``: one pretraining run, as a tree of dataclasses filled from TOML.
+
+The defaults are the LLaMA recipe (Touvron et al. 2023a, §2.2 and table 2, 7B row): AdamW
+β = (0.9, 0.95), weight decay 0.1, gradient clipping 1.0, 2,000 warmup steps, cosine decay to
+10% of the peak lr 3e-4, batches of 4M tokens of 2,048-token sequences, ~1T tokens
+(250,000 steps); eps 1e-5 as Llama 2 states it. A run file changes what it needs::
+
+    run_dir = "runs/tiny"
+    seed = 1
+
+    [model]
+    preset = "tiny"
+    overrides = { n_layers = 4 }
+
+    [data.sources.web]
+    shards = "data/web/*.bin"
+    weight = 0.9
+
+    [train]
+    global_batch_tokens = 16384
+    seq_len = 256
+    micro_batch_size = 8
+    total_steps = 2000
+
+    [[stages]]                 # Llama 3-style stage: from this many tokens on ...
+    start_tokens = 100_000_000
+    seq_len = 512              # ... longer sequences, another mixture
+    mixture = { web = 0.5, code = 0.5 }
+
+``load_config(path, ["optim.lr=3e-4", "train.seq_len=512"])`` applies ``key=value``
+overrides (values in TOML syntax; a bare word is a string). Unknown keys, wrong types and
+impossible batch arithmetic raise :class:`ConfigError` with one line naming the key and
+where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llamalab.config import PRESETS, ModelConfig, get_preset
+
+__all__ = ["CheckpointSection", "ConfigError", "DataSection", "DataSource", "EvalSection", "ModelSection",
+           "OptimSection", "Stage", "StageSettings", "TrainConfig", "TrainSection", "grad_accum_steps",
+           "load_config"]
+
+
+class ConfigError(ValueError):
+    """A bad run configuration: one line naming the key (and the file or override it came from)."""
+
+
+# ---------------------------------------------------------------- the tree
+
+
+@dataclass
+class ModelSection:
+    """A preset name (:data:`llamalab.config.PRESETS`) and ModelConfig fields to change."""
+
+    preset: str = "llama1-7b"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> ModelConfig:
+        """The ModelConfig this section describes."""
+        return get_preset(self.preset, **self.overrides)
+
+
+@dataclass
+class DataSource:
+    """One source of tokenized shards and its sampling weight in the mixture."""
+
+    shards: str
+    weight: float = 1.0
+
+
+@dataclass
+class DataSection:
+    """Training sources ``{name: {shards: glob, weight}}`` and the validation shards."""
+
+    sources: dict[str, DataSource] = field(default_factory=dict)
+    val_shards: str | None = None
+
+
+@dataclass
+class TrainSection:
+    """Batch shape, length, precision and the step's safety net.
+
+    ``global_batch_tokens`` is split into ``micro_batch_size`` sequences of ``seq_len`` per
+    process and forward/backward; the rest is gradient accumulation (:func:`grad_accum_steps`).
+    """
+
+    total_steps: int = 250_000
+    global_batch_tokens: int = 4_194_304
+    seq_len: int = 2048
+    micro_batch_size: int = 1
+    precision: Literal["fp32", "bf16"] = "bf16"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    compile: bool = False
+    log_every: int = 10
+    max_nonfinite_steps: int = 3
+
+
+@dataclass
+class OptimSection:
+    """AdamW and the learning-rate schedule (see :mod:`llamalab.train.optim`)."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    decay_embeddings: bool = True
+    grad_clip: float = 1.0
+    warmup_steps: int = 2000
+    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "linear-anneal"] = "cosine"
+    anneal_steps: int | None = None
+    fused: bool | None = None
+
+
+@dataclass
+class Stage:
+    """From ``start_tokens`` tokens seen on, change some of the batch shape, RoPE base or mixture
+    (Llama 3 doubled its batch at 252M and 2.87T tokens and lengthened the context at the end).
+    Unset fields keep the previous stage's values."""
+
+    start_tokens: int
+    global_batch_tokens: int | None = None
+    seq_len: int | None = None
+    micro_batch_size: int | None = None
+    rope_theta: float | None = None
+    mixture: dict[str, float] | None = None
+
+
+@dataclass
+class EvalSection:
+    """Validation loss every ``every`` steps over ``batches`` micro-batches (0: never)."""
+
+    every: int = 1000
+    batches: int = 20
+
+
+@dataclass
+class CheckpointSection:
+    """Save every ``every`` steps (0: only at the end), keep the newest ``keep_last`` (0: all)."""
+
+    every: int = 1000
+    keep_last: int = 3
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """The settings in force during one stage, every field resolved."""
+
+    index: int
+    start_tokens: int
+    global_batch_tokens: int
+    seq_len: int
+    micro_batch_size: int
+    rope_theta: float
+    mixture: dict[str, float]
+
+    def grad_accum_steps(self, world_size: int = 1) -> int:
+        """Micro-batches per process per optimizer step."""
+        key = "train" if self.index == 0 else f"stages[{self.index - 1}]"
+        return grad_accum_steps(self.global_batch_tokens, self.seq_len, self.micro_batch_size, world_size, key=key)
+
+
+@dataclass
+class TrainConfig:
+    """A whole pretraining run."""
+
+    run_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    stages: list[Stage] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain (JSON-serialisable) dict; :meth:`from_dict` reads it back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config", world_size: int = 1) -> "TrainConfig":
+        """Build and validate; errors name ``source`` and the key."""
+        cfg = _convert(data, cls, "", lambda _key: source)
+        try:
+            cfg.validate(world_size)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        return cfg
+
+    def model_config(self) -> ModelConfig:
+        """The ModelConfig of the first stage (its ``rope_theta`` changes with later stages)."""
+        return self.model.build()
+
+    def resolved_stages(self) -> list[StageSettings]:
+        """Stage 0 (the ``[train]`` settings, from token 0) followed by each ``[[stages]]`` entry."""
+        t, weights = self.train, {name: s.weight for name, s in self.data.sources.items()}
+        cur = StageSettings(0, 0, t.global_batch_tokens, t.seq_len, t.micro_batch_size,
+                            self.model_config().rope_theta, weights)
+        out = [cur]
+        for i, s in enumerate(self.stages, start=1):
+            cur = StageSettings(
+                i, s.start_tokens,
+                s.global_batch_tokens if s.global_batch_tokens is not None else cur.global_batch_tokens,
+                s.seq_len if s.seq_len is not None else cur.seq_len,
+                s.micro_batch_size if s.micro_batch_size is not None else cur.micro_batch_size,
+                s.rope_theta if s.rope_theta is not None else cur.rope_theta,
+                dict(s.mixture) if s.mixture is not None else cur.mixture)
+            out.append(cur)
+        return out
+
+    def stage_at(self, tokens_seen: int) -> StageSettings:
+        """The stage in force once ``tokens_seen`` training tokens have been consumed."""
+        current = None
+        for s in self.resolved_stages():
+            if s.start_tokens <= tokens_seen:
+                current = s
+        assert current is not None
+        return current
+
+    def grad_accum_steps(self, world_size: int = 1, tokens_seen: int = 0) -> int:
+        """Micro-batches per process per optimizer step at ``tokens_seen``."""
+        return self.stage_at(tokens_seen).grad_accum_steps(world_size)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Check what types alone cannot; raises ConfigError("key: problem")."""
+        try:
+            model = self.model_config()
+        except KeyError as e:
+            raise ConfigError(f"model.preset: {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model.overrides: {e}") from None
+        t, o = self.train, self.optim
+        for key, value in [("train.total_steps", t.total_steps), ("train.global_batch_tokens", t.global_batch_tokens),
+                           ("train.seq_len", t.seq_len), ("train.micro_batch_size", t.micro_batch_size),
+                           ("train.log_every", t.log_every), ("optim.lr", o.lr)]:
+            if value <= 0:
+                raise ConfigError(f"{key}={value}: must be > 0")
+        for key, value in [("train.max_nonfinite_steps", t.max_nonfinite_steps), ("optim.eps", o.eps),
+                           ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                           ("eval.every", self.eval.every), ("eval.batches", self.eval.batches),
+                           ("checkpoint.every", self.checkpoint.every),
+                           ("checkpoint.keep_last", self.checkpoint.keep_last)]:
+            if value < 0:
+                raise ConfigError(f"{key}={value}: must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in o.betas):
+            raise ConfigError(f"optim.betas={list(o.betas)}: each must be in [0, 1)")
+        from llamalab.train.optim import lr_at
+
+        try:
+            lr_at(0, peak_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=t.total_steps,
+                  min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, anneal_steps=o.anneal_steps)
+        except ValueError as e:
+            raise ConfigError(f"optim: {e} (total_steps is train.total_steps)") from None
+        for name, src in self.data.sources.items():
+            if not src.weight > 0:
+                raise ConfigError(f"data.sources.{name}.weight={src.weight}: must be > 0")
+        last = 0
+        for i, s in enumerate(self.stages):
+            if s.start_tokens <= last:
+                raise ConfigError(f"stages[{i}].start_tokens={s.start_tokens}: must be greater than "
+                                  f"{'0' if i == 0 else f'stages[{i - 1}].start_tokens={last}'}")
+            last = s.start_tokens
+            for name, w in (s.mixture or {}).items():
+                if name not in self.data.sources:
+                    raise ConfigError(f"stages[{i}].mixture.{name}: no such data source "
+                                      f"(data.sources has {sorted(self.data.sources) or 'none'})")
+                if w < 0:
+                    raise ConfigError(f"stages[{i}].mixture.{name}={w}: must be >= 0")
+            for key in ("global_batch_tokens", "seq_len", "micro_batch_size", "rope_theta"):
+                value = getattr(s, key)
+                if value is not None and value <= 0:
+                    raise ConfigError(f"stages[{i}].{key}={value}: must be > 0")
+        for st in self.resolved_stages():
+            key = "train" if st.index == 0 else f"stages[{st.index - 1}]"
+            if st.seq_len > model.max_seq_len:
+                raise ConfigError(f"{key}.seq_len={st.seq_len} exceeds the model's max_seq_len={model.max_seq_len} "
+                                  f"(set model.overrides.max_seq_len)")
+            st.grad_accum_steps(world_size)
+
+
+def grad_accum_steps(global_batch_tokens: int, seq_len: int, micro_batch_size: int, world_size: int = 1, *,
+                     key: str = "train") -> int:
+    """``global_batch_tokens / (seq_len * micro_batch_size * world_size)``; ConfigError unless whole."""
+    per_pass = seq_len * micro_batch_size * world_size
+    if global_batch_tokens % per_pass:
+        raise ConfigError(f"{key}.global_batch_tokens={global_batch_tokens} is not a multiple of seq_len * "
+                          f"micro_batch_size * world_size = {seq_len} * {micro_batch_size} * {world_size} = "
+                          f"{per_pass}; change one of them")
+    return global_batch_tokens // per_pass
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = (), *, world_size: int = 1) -> TrainConfig:
+    """Read a TOML run file (None: the defaults), apply ``key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such file") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    applied: dict[str, str] = {}
+    for item in overrides:
+        key = _apply_override(data, item)
+        applied[key] = item
+
+    def source_of(key: str) -> str:
+        for k, item in applied.items():
+            if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+                return f"override {item!r}"
+        return source
+
+    cfg = _convert(data, TrainConfig, "", source_of)
+    try:
+        cfg.validate(world_size)
+    except ConfigError as e:
+        raise ConfigError(f"{source}{' + overrides' if applied else ''}: {e}") from None
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: train.precision=bf16
+
+
+def _apply_override(data: dict[str, Any], item: str) -> str:
+    """Set ``a.b.c=value`` in ``data`` (list entries by index: ``stages.0.seq_len=512``); returns the key."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or not all(parts):
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {item!r}: {where}: no entry {part} (the list has {len(node)})")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"override {item!r}: no entry {last} in {'.'.join(parts[:-1])}")
+        node[int(last)] = _parse_value(text.strip())
+    elif isinstance(node, dict):
+        node[last] = _parse_value(text.strip())
+    else:
+        raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is a value, not a section")
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None))
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    if origin is list:
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a table"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, source_of: Any) -> Any:
+    """``value`` (from TOML) checked against the annotation ``tp`` and converted; ConfigError otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def fail() -> ConfigError:
+        shown = repr(value) if not isinstance(value, dict) else "a table"
+        return ConfigError(f"{source_of(key)}: {key}: expected {_describe(tp)}, got {shown} ({type(value).__name__})")
+
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, source_of)
+            except ConfigError:
+                pass
+        raise fail()
+    if origin is Literal:
+        if value in args and type(value) is type(args[0]):
+            return value
+        raise fail()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise fail()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise fail()
+        return tuple(_convert(v, a, f"{key}[{i}]", source_of) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, list):
+            raise fail()
+        return [_convert(v, args[0], f"{key}[{i}]", source_of) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        return {k: _convert(v, args[1], f"{key}.{k}" if key else k, source_of) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        for k in value:
+            if k not in hints:
+                full = f"{key}.{k}" if key else k
+                close = difflib.get_close_matches(k, names, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(f"{source_of(full)}: unknown key {full!r} ({hint}known: {', '.join(names)})")
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            full = f"{key}.{f.name}" if key else f.name
+            if f.name in value:
+                kwargs[f.name] = _convert(value[f.name], hints[f.name], full, source_of)
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source_of(full)}: missing key {full!r} ({_describe(hints[f.name])})")
+        if tp is ModelSection and "overrides" in kwargs:
+            kwargs["overrides"] = _model_overrides(kwargs["overrides"], f"{key}.overrides", source_of)
+        if tp is ModelSection and "preset" in kwargs and kwargs["preset"] not in PRESETS:
+            raise ConfigError(f"{source_of(key + '.preset')}: {key}.preset: unknown preset {kwargs['preset']!r} "
+                              f"(known: {', '.join(sorted(PRESETS))})")
+        return tp(**kwargs)
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in the tree, not in the file
+
+
+def _model_overrides(overrides: dict[str, Any], key: str, source_of: Any) -> dict[str, Any]:
+    """ModelConfig fields checked against ModelConfig's own annotations."""
+    hints = typing.get_type_hints(ModelConfig)
+    out = {}
+    for k, v in overrides.items():
+        if k not in hints:
+            close = difflib.get_close_matches(k, list(hints), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{source_of(f'{key}.{k}')}: unknown key '{key}.{k}' ({hint}known: "
+                              f"{', '.join(hints)})")
+        out[k] = _convert(v, hints[k], f"{key}.{k}", source_of)
+    return out

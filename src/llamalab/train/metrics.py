@@ -1,0 +1,159 @@
+"""Training measurements: FLOPs per token, MFU, the ``metrics.jsonl`` trace and its plots.
+
+FLOP accounting (PaLM, Chowdhery et al. 2022, appendix B): training costs, per token,
+
+    6 * N  +  12 * n_layers * dim * seq_len
+
+- ``N`` = the parameters that take part in a matrix multiply: every parameter except the
+  input embedding table (a lookup), *including* the output head (``vocab * dim``; with tied
+  embeddings the shared matrix is counted once, as the head). The RMSNorm gains are in N too
+  (negligible). This is what torchtitan and nanoGPT count; "non-embedding" here means "not the
+  input embedding".
+- ``6 N``: 2 FLOPs per multiply-add in the forward pass, twice that in the backward pass.
+- ``12 * n_layers * dim * seq_len``: the attention scores ``Q K^T`` and the weighted sum ``A V``
+  (each ``2 * seq_len * dim`` per token forward, times 3 with backward), counted over the full
+  ``seq_len`` x ``seq_len`` square as PaLM does -- no halving for the causal mask, no softmax.
+  ``dim`` is ``n_heads * head_dim`` (the query width) also with grouped-query attention.
+
+Activation recomputation is not counted (this is *model* FLOPs utilisation, not hardware).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from llamalab.config import ModelConfig
+
+__all__ = ["PEAK_FLOPS", "MetricsWriter", "flops_per_token", "mfu", "plot_run", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+
+# Peak dense FLOP/s to divide by; always say which one an MFU figure uses.
+PEAK_FLOPS: dict[str, float] = {
+    "cpu-dev-fp32-mkl": 200e9,      # the 2-core development machine, measured (shared/MACHINE-FACTS.md)
+    "cpu-dev-fp32-onednn": 440e9,   # same machine, fp32 matmul through oneDNN
+    "cpu-dev-bf16": 860e9,          # same machine, bf16 matmul (oneDNN, avx512_bf16)
+    "a100-bf16": 312e12,            # NVIDIA datasheet, dense
+    "h100-sxm-bf16": 989e12,        # NVIDIA datasheet, dense (H200: the same compute)
+}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N + 12 n_layers dim seq_len`` (see the module docstring)."""
+    n_matmul = config.num_params(include_embeddings=False) + config.vocab_size * config.dim  # + output head
+    return 6.0 * n_matmul + 12.0 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the hardware's peak (0..1)."""
+    return tokens_per_s * flops_per_token / peak_flops
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # tensors, numpy scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN/Inf; a non-finite value is logged as null
+    return value
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``; a torn last line (a crash mid-write) is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+class MetricsWriter:
+    """Append one JSON object per line to ``run_dir/metrics.jsonl``, flushed as it is written.
+
+    ``resume_step``: the step a run resumes from. Records with a larger ``step`` (written after
+    that checkpoint by the run that crashed) are dropped first, so the trace has each step once.
+    Without it an existing file is appended to as it is. Only one process (rank 0) should write.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], *, resume_step: int | None = None) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(run_dir) if not isinstance(r.get("step"), int) or r["step"] <= resume_step]
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+
+    def log(self, step: int, **metrics: Any) -> dict[str, Any]:
+        """Write ``{"step": step, "time": unix seconds, **metrics}``; returns the record."""
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({k: _jsonable(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        return record
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
+    """Draw ``loss.png`` (``loss`` and ``val_loss`` against step) and ``lr.png`` (``lr``) from
+    ``metrics.jsonl``, into ``out_dir`` (default: ``run_dir/plots``); returns the files written.
+    A plot whose metrics never appear is skipped."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
+    except ImportError:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from None
+    records = read_metrics(run_dir)
+    if not records:
+        raise FileNotFoundError(f"{Path(run_dir) / METRICS_FILE}: no metrics to plot")
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    written = []
+    for name, keys, ylabel in [("loss", [("loss", "train"), ("val_loss", "validation")], "cross-entropy (nats)"),
+                               ("lr", [("lr", "learning rate")], "learning rate")]:
+        lines = [(series(k), label) for k, label in keys]
+        if not any(xs for (xs, _), _ in lines):
+            continue
+        fig = Figure(figsize=(7, 4), dpi=100)
+        ax = fig.add_subplot()
+        for (xs, ys), label in lines:
+            if xs:
+                ax.plot(xs, ys, label=label, marker="o" if label == "validation" else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{Path(run_dir).name}: {name}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path)
+        written.append(path)
+    return written
