@@ -14,7 +14,7 @@ import torch
 
 from llamalab.cli import build_parser
 
-SUBCOMMANDS = [["generate"], ["chat"], ["serve"], ["plot"], ["info"], ["convert"], ["tokenizer"], ["tokenizer", "train"]]
+SUBCOMMANDS = [["generate"], ["chat"], ["serve"], ["tokenize"], ["pretrain"], ["plot"], ["info"], ["convert"], ["tokenizer"], ["tokenizer", "train"]]
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -19,6 +19,8 @@ examples:
   llamalab info smollm2-135m-instruct
   llamalab convert smollm2-135m-instruct out/smollm2-hf --to hf
   llamalab tokenizer train corpus.jsonl --vocab-size 32000 --out tok/llama
+  llamalab tokenize data/*.txt --tokenizer tok/llama.model --out data/tokens
+  llamalab pretrain --config configs/pretrain/cpu-shakespeare.toml
   llamalab plot runs/tiny
 """
 
@@ -280,8 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
-    from llamalab.train.cli import add_plot_parser
+    from llamalab.data.cli import add_tokenize_parser
+    from llamalab.train.cli import add_plot_parser, add_pretrain_parser
 
+    add_tokenize_parser(sub)
+    add_pretrain_parser(sub)
     add_plot_parser(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint", formatter_class=fmt,

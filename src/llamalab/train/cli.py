@@ -1,8 +1,9 @@
-"""Training sub-commands for ``llamalab``: ``plot`` now; ``train`` joins when the loop lands.
+"""Training sub-commands for ``llamalab``: ``pretrain`` and ``plot``.
 
-Wire into :func:`llamalab.cli.build_parser` with ``add_plot_parser(sub)``; the parser sets
-``func=cmd_plot``. A run without metrics is a ``FileNotFoundError`` (an ``OSError``), printed
-as one line by the CLI.
+Wire into :func:`llamalab.cli.build_parser` with ``add_pretrain_parser(sub)`` and
+``add_plot_parser(sub)``. Bad configs and data raise ``ConfigError`` / ``DataError`` (both
+``ValueError``), a run without metrics ``FileNotFoundError``: the CLI prints them as one line
+(exit status 2). A run stopped by non-finite losses prints its message and exits with 1.
 """
 
 from __future__ import annotations
@@ -11,13 +12,65 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_plot_parser", "cmd_plot"]
+__all__ = ["add_plot_parser", "add_pretrain_parser", "cmd_plot", "cmd_pretrain"]
 
 PLOT_EPILOG = """\
 example:
   llamalab plot runs/tiny                 # writes runs/tiny/plots/loss.png and lr.png
   llamalab plot runs/tiny --out /tmp/plots
 """
+
+
+PRETRAIN_EPILOG = """\
+examples:
+  llamalab pretrain --config configs/pretrain/cpu-shakespeare.toml
+  llamalab pretrain --config configs/pretrain/cpu-shakespeare.toml train.total_steps=200 run_dir=runs/short
+  torchrun --nproc_per_node 8 -m llamalab.cli pretrain --config configs/pretrain/llama1-7b.toml
+
+Overrides are KEY=VALUE in TOML syntax (a bare word is a string). Running the same command
+again resumes from the newest checkpoint in run_dir; SIGTERM saves one and exits with status 0.
+"""
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Load the run file (+ overrides), train, print the summary."""
+    import json
+    import os
+
+    from llamalab.train.config import load_config
+
+    cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    from llamalab.train.loop import TrainingError, format_summary, train
+
+    try:
+        summary = train(cfg, progress=not args.no_progress)
+    except TrainingError as e:
+        print(f"llamalab pretrain: {e}", file=sys.stderr)
+        return 1
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def add_pretrain_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``pretrain`` sub-command to ``subparsers``."""
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain a LLaMA model from a TOML run file",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=PRETRAIN_EPILOG,
+        description="Train a model on tokenized shards (llamalab tokenize) with the LLaMA recipe: AdamW, warmup + "
+                    "cosine, clipping 1.0, gradient accumulation to the global batch; checkpoints, auto-resume, "
+                    "metrics.jsonl and a final native checkpoint in run_dir/final. See docs/training.md.")
+    p.add_argument("--config", required=True, metavar="FILE", help="the run file (configs/pretrain/*.toml)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_pretrain)
+    return p
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

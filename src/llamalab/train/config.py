@@ -81,10 +81,12 @@ class DataSource:
 
 @dataclass
 class DataSection:
-    """Training sources ``{name: {shards: glob, weight}}`` and the validation shards."""
+    """Training sources ``{name: {shards: glob, weight}}``, the validation shards, and the tokenizer
+    file (copied into the final model; by default the one the shards' metadata names, if it exists)."""
 
     sources: dict[str, DataSource] = field(default_factory=dict)
     val_shards: str | None = None
+    tokenizer: str | None = None
 
 
 @dataclass
@@ -104,6 +106,9 @@ class TrainSection:
     compile: bool = False
     log_every: int = 10
     max_nonfinite_steps: int = 3
+    document_mask: bool = False  # Llama 3: attend only within each packed document
+    peak_flops: str = "auto"  # the PEAK_FLOPS entry MFU divides by ("auto": from the device and precision)
+    inject_nonfinite_at: list[int] = field(default_factory=list)  # testing: make these steps' loss NaN
 
 
 @dataclass
@@ -254,6 +259,10 @@ class TrainConfig:
                            ("checkpoint.keep_last", self.checkpoint.keep_last)]:
             if value < 0:
                 raise ConfigError(f"{key}={value}: must be >= 0")
+        from llamalab.train.metrics import PEAK_FLOPS
+
+        if t.peak_flops != "auto" and t.peak_flops not in PEAK_FLOPS:
+            raise ConfigError(f"train.peak_flops={t.peak_flops!r}: expected 'auto' or one of {', '.join(PEAK_FLOPS)}")
         if not all(0.0 <= b < 1.0 for b in o.betas):
             raise ConfigError(f"optim.betas={list(o.betas)}: each must be in [0, 1)")
         from llamalab.train.optim import lr_at
