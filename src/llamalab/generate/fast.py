@@ -18,17 +18,17 @@ buffers, which it borrows from the wrapped model), with these inference-only cha
   CPU (AVX-512: MKL ~17-22 GB/s, oneDNN ~33-48 GB/s). fp32 weights are used in place (no copy);
   bf16 weights are reordered once into oneDNN's blocked layout (a copy: +2 bytes/param), which
   doubles their speed again.
-- **Fewer, fused operations per layer**: q/k/v in one matrix (bf16; fp32 keeps three calls on
-  the shared weights to avoid a copy), the residual additions and the SwiGLU gate fused into
-  the matrix products as oneDNN post-ops (``x + W x'``, ``silu(W1 x) * W3 x``), RoPE as one
+- **Fewer, larger matrix products per layer**: q/k/v in one matrix and w1/w3 in another (the
+  model's weights become views of the fused matrices, so fp32 needs no extra memory), the
+  residual additions fused into the products as oneDNN post-ops (``x + W x'``), RoPE as one
   complex multiply on queries and keys together, ``F.rms_norm``.
 - **Attention reads only the filled part of the cache** at one-token steps (no mask to build).
 - Optionally ``compile=True``: ``torch.compile`` of the one-token step (see below).
 
 Measured on the 2-core AVX-512 development machine, SmolLM2-135M, 128-token prompt, 128 new
 tokens, medians (``benchmarks/decode.py``; the machine's bandwidth drifts, so compare ratios):
-decode fp32 23.9 -> 42.0 tok/s (1.84x transformers), bf16 44.6 -> 76.4 tok/s (1.64x);
-prefill fp32 311 -> 936 tok/s, bf16 1401 -> 1857 tok/s (oneDNN GEMM).
+decode fp32 23.9 -> 40.1 tok/s (1.71x transformers in the same run), bf16 44.6 -> 68-76 tok/s
+(1.64-1.68x); prefill fp32 311 -> ~1000 tok/s, bf16 1401 -> 1540-1860 tok/s (oneDNN GEMM).
 See ``docs/inference-speed.md`` for the table against transformers.
 
 The result is not bit-identical to the plain model: oneDNN sums the dot products in another
@@ -95,16 +95,27 @@ class _Layer:
     def __init__(self, block: nn.Module, use_onednn: bool) -> None:
         attn, ffn = block.attention, block.feed_forward
         self.attention = attn
-        w = attn.wq.weight
-        self.fuse_qkv = w.dtype != torch.float32 or not use_onednn  # fp32: no copy of the weights
-        if self.fuse_qkv:
-            self.wqkv = _Linear(torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight]), use_onednn)
-        else:
-            self.wq, self.wk, self.wv = (_Linear(m.weight, use_onednn) for m in (attn.wq, attn.wk, attn.wv))
+        # q/k/v in one matrix and w1/w3 in another: one large matrix-vector product streams
+        # weights faster than three (or two) small ones. The model's own weights become views
+        # of the fused matrices, so fp32 costs no extra memory (bf16 is reordered: a copy anyway).
+        self.wqkv = _Linear(_fuse([attn.wq, attn.wk, attn.wv]), use_onednn)
+        self.w13 = _Linear(_fuse([ffn.w1, ffn.w3]), use_onednn)
+        self.hidden = ffn.w1.weight.shape[0]
         self.wo = _Linear(attn.wo.weight, use_onednn)
-        self.w1, self.w2, self.w3 = (_Linear(m.weight, use_onednn) for m in (ffn.w1, ffn.w2, ffn.w3))
+        self.w2 = _Linear(ffn.w2.weight, use_onednn)
         self.attention_norm = block.attention_norm
         self.ffn_norm = block.ffn_norm
+
+
+def _fuse(linears: list[nn.Linear]) -> Tensor:
+    """One weight matrix stacking ``linears``' rows; each module's weight becomes a view of it."""
+    fused = torch.cat([m.weight.detach() for m in linears])
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = fused[start:start + rows]
+        start += rows
+    return fused
 
 
 def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
@@ -208,10 +219,7 @@ class DecodeModel(nn.Module):
         h = self.model.tok_embeddings(tokens)
         for layer in self.layers:
             x = _rms_norm(h, layer.attention_norm)
-            if layer.fuse_qkv:
-                qkv = layer.wqkv(x)
-            else:
-                qkv = torch.cat([layer.wq(x), layer.wk(x), layer.wv(x)], dim=-1)
+            qkv = layer.wqkv(x)
             qk = qkv[..., : (nh + nkv) * hd].reshape(bsz, seqlen, nh + nkv, hd // 2, 2)
             qk = torch.view_as_real(torch.view_as_complex(qk.float()) * rope).flatten(-2).type_as(qkv)
             q = qk[:, :, :nh].transpose(1, 2)
@@ -229,7 +237,8 @@ class DecodeModel(nn.Module):
                                                      enable_gqa=nkv != nh)
             h = layer.wo(out.transpose(1, 2).reshape(bsz, seqlen, nh * hd), "add", h)
             x = _rms_norm(h, layer.ffn_norm)
-            h = layer.w2(layer.w3(x, "mul", layer.w1(x, "swish")), "add", h)
+            gate, up = layer.w13(x).split(layer.hidden, dim=-1)
+            h = layer.w2(F.silu(gate) * up, "add", h)
         return self.output(_rms_norm(h, self.model.norm)).float()
 
 
