@@ -46,6 +46,7 @@ from torch import Tensor
 from llamalab.checkpoint.base import Checkpoint, CheckpointError, check_state_dict, expected_shapes
 from llamalab.checkpoint.convert import config_from_meta_params, config_to_meta_params
 from llamalab.config import ModelConfig
+from llamalab.fsutil import fsync_path
 
 __all__ = ["ShardedStateDict", "is_meta_dir", "md5_file", "read_meta", "shard_dim", "shard_name", "write_meta"]
 
@@ -426,28 +427,6 @@ def read_meta(path: str | os.PathLike[str], *, verify_checksums: bool = True) ->
 # ---------------------------------------------------------------- writing
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Directory fsync makes the renames durable; not every platform allows opening a folder.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _check_splittable(config: ModelConfig, n: int, vocab_parallel_embedding: bool, dst: Path) -> None:
     """Meta's model-parallel layers need every split width divisible by the shard count."""
     if n < 1:
@@ -524,7 +503,7 @@ def write_meta(config: ModelConfig, state_dict: Mapping[str, Tensor], dst: str |
         if tok_src is not None:
             tok_file = tmp / TOKENIZER
             shutil.copyfile(tok_src, tok_file)
-            _fsync_file(tok_file)
+            fsync_path(tok_file)
             written.append(tok_file)
         elif tokenizer is not None:
             from llamalab.checkpoint.native import save_tokenizer
@@ -532,14 +511,14 @@ def write_meta(config: ModelConfig, state_dict: Mapping[str, Tensor], dst: str |
             main = save_tokenizer(tokenizer, tmp, config)
             for name in (main, "tokenizer_config.json"):
                 if name and (tmp / name).is_file():
-                    _fsync_file(tmp / name)
+                    fsync_path(tmp / name)
                     written.append(tmp / name)
         lines = [f"{md5_file(p)}  {p.name}" for p in written]
         chk = tmp / CHECKLIST
         chk.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        _fsync_file(chk)
+        fsync_path(chk)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a release folder is readable like any other
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if dst.exists():
             # Move the old folder aside first: a directory cannot be renamed over a non-empty one.
             old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
@@ -552,7 +531,7 @@ def write_meta(config: ModelConfig, state_dict: Mapping[str, Tensor], dst: str |
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
+        fsync_path(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from llamalab.checkpoint.base import Checkpoint, CheckpointError, expected_shapes, tensor_shapes
 from llamalab.config import ModelConfig
+from llamalab.fsutil import fsync_path
 
 NATIVE_CONFIG = "llamalab.json"
 FORMAT_VERSION = 1
@@ -36,14 +37,6 @@ _DEFAULT_MAX_SHARD = 5 * 2**30
 
 
 # ---------------------------------------------------------------- atomic directory writes
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -62,12 +55,12 @@ def atomic_output_dir(dst: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         for root, _dirs, files in os.walk(tmp):
             for name in files:
-                _fsync_path(Path(root) / name)
-        _fsync_path(tmp)
+                fsync_path(Path(root) / name)
+        fsync_path(tmp)
         if dst.exists():
             dst.rmdir()  # empty (checked above); rename cannot replace a directory
         os.rename(tmp, dst)
-        _fsync_path(dst.parent)
+        fsync_path(dst.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 
+from llamalab.fsutil import fsync_path
+
 __all__ = [
     "DEFAULT_SHARD_TOKENS",
     "FORMAT_NAME",
@@ -239,19 +241,6 @@ def read_shard(path: str | os.PathLike[str], *, check_ids: bool = False) -> Shar
     return Shard(path=meta_path, tokens=tokens, docs=docs, meta=meta)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """Write documents (already tokenized) into numbered shards ``PREFIX-00000`` ... in ``out_dir``.
 
@@ -364,7 +353,7 @@ class ShardWriter:
         }
         text = json.dumps(meta, indent=2) + "\n"
         self._write_atomic(self._meta_path, lambda f: f.write(text.encode("utf-8")))
-        _fsync_dir(self.out_dir)
+        fsync_path(self.out_dir)
         self.paths.append(self._meta_path)
         self.n_tokens_total += n_tokens
         self.n_documents_total += n_docs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -16,31 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from llamalab.textio import iter_jsonl_texts
+
 from .shards import DEFAULT_SHARD_TOKENS, DataError, ShardWriter, _tokenizer_file, tokenizer_identity
 
 __all__ = ["iter_documents", "tokenize_files"]
 
 _BATCH_DOCS = 64  # documents per task sent to a worker
-
-
-def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); expected one JSON object "
-                                f"per line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: a JSON {type(record).__name__}; expected an object with a "
-                                f"{text_field!r} field")
-            text = record.get(text_field)
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: expected a string {text_field!r} field, found "
-                                f"{'none' if text is None else type(text).__name__}")
-            yield text
 
 
 def iter_documents(path: str | os.PathLike[str], *, text_field: str = "text",
@@ -54,7 +35,7 @@ def iter_documents(path: str | os.PathLike[str], *, text_field: str = "text",
     p = Path(path)
     try:
         if p.suffix == ".jsonl":
-            for text in _iter_jsonl(p, text_field):
+            for text in iter_jsonl_texts(p, text_field, DataError):
                 if text:
                     yield text
         elif p.suffix == ".txt":

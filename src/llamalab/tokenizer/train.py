@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from llamalab.textio import iter_jsonl_texts
 
 from .base import TokenizerError
 
@@ -53,21 +54,11 @@ def _iter_txt(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TokenizerError(f"{path}:{lineno}: expected a JSON object per line ({e.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise TokenizerError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
-            # SentencePiece trains on sentences without newlines; a document's lines become sentences.
-            for part in text.splitlines():
-                if part:
-                    yield part
+    # SentencePiece trains on sentences without newlines; a document's lines become sentences.
+    for text in iter_jsonl_texts(path, "text", TokenizerError):
+        for part in text.splitlines():
+            if part:
+                yield part
 
 
 def iter_sentences(inputs: Sequence[str | os.PathLike[str]]) -> Iterator[str]:
