@@ -8,7 +8,7 @@ with ``checkpoint.convert.meta_state_dict_to_hf``) and compute the loss the same
 (``F.cross_entropy`` on fp32 logits).
 
 Shapes: ``15m`` = llama2.c's stories15M (dim 288, 6 layers, 6 heads, vocab 32000, SwiGLU
-768, tied embeddings: preset ``tiny-15m`` with ``tie_embeddings=True``) and ``135m`` = preset
+768, tied embeddings: preset ``tiny-15m``) and ``135m`` = preset
 ``smollm2-135m``. Dtypes: ``fp32`` and ``bf16`` (autocast, fp32 weights and optimizer).
 
 Every measurement is a fresh process (build, ``--warmup`` steps, then ``--steps`` timed
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 BATCH, SEQ = 8, 256
 LEVERS = ("onednn", "fused", "foreach", "compile", "compile-full", "sdpa-math", "sdpa-flash", "fp32-bf16")
-SHAPES = {"15m": ("tiny-15m", {"tie_embeddings": True}), "135m": ("smollm2-135m", {})}
+SHAPES = {"15m": ("tiny-15m", {}), "135m": ("smollm2-135m", {})}
 
 
 def model_config(shape: str):

@@ -167,8 +167,9 @@ PRESETS: dict[str, ModelConfig] = {
     # CPU-sized models for tests and the golden run (llama2.c's 15M "stories" shape).
     "tiny": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
                         max_seq_len=128),
+    # llama2.c's 15M model: its classifier shares the embedding table (15.2M parameters).
     "tiny-15m": ModelConfig(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32,
-                            max_seq_len=256),
+                            max_seq_len=256, tie_embeddings=True),
 }
 
 # Published parameter counts (papers / model cards), used by the preset tests.
