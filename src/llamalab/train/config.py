@@ -104,6 +104,7 @@ class TrainSection:
     precision: Literal["fp32", "bf16"] = "bf16"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False
+    tensor_parallel: int = 1  # processes per tensor-parallel group; the rest of the world is FSDP (data parallel)
     log_every: int = 10
     max_nonfinite_steps: int = 3
     document_mask: bool = False  # Llama 3: attend only within each packed document
@@ -238,6 +239,14 @@ class TrainConfig:
         """Micro-batches per process per optimizer step at ``tokens_seen``."""
         return self.stage_at(tokens_seen).grad_accum_steps(world_size)
 
+    def data_parallel_size(self, world_size: int = 1) -> int:
+        """Data-parallel replicas: ``world_size`` processes in groups of ``train.tensor_parallel``."""
+        tp = self.train.tensor_parallel
+        if tp < 1 or world_size % tp:
+            raise ConfigError(f"train.tensor_parallel={tp}: must be >= 1 and divide the number of "
+                              f"processes ({world_size})")
+        return world_size // tp
+
     def validate(self, world_size: int = 1) -> None:
         """Check what types alone cannot; raises ConfigError("key: problem")."""
         try:
@@ -291,17 +300,27 @@ class TrainConfig:
                 value = getattr(s, key)
                 if value is not None and value <= 0:
                     raise ConfigError(f"stages[{i}].{key}={value}: must be > 0")
+        dp = self.data_parallel_size(world_size)
+        for name, n in (("n_heads", model.n_heads), ("n_kv_heads", model.n_kv_heads),
+                        ("ffn hidden size", model.ffn_hidden_dim)):
+            if n % t.tensor_parallel:
+                raise ConfigError(f"train.tensor_parallel={t.tensor_parallel}: the model's {name} ({n}) "
+                                  f"must be divisible by it")
         for st in self.resolved_stages():
             key = "train" if st.index == 0 else f"stages[{st.index - 1}]"
             if st.seq_len > model.max_seq_len:
                 raise ConfigError(f"{key}.seq_len={st.seq_len} exceeds the model's max_seq_len={model.max_seq_len} "
                                   f"(set model.overrides.max_seq_len)")
-            st.grad_accum_steps(world_size)
+            st.grad_accum_steps(dp)
 
 
 def grad_accum_steps(global_batch_tokens: int, seq_len: int, micro_batch_size: int, world_size: int = 1, *,
                      key: str = "train") -> int:
-    """``global_batch_tokens / (seq_len * micro_batch_size * world_size)``; ConfigError unless whole."""
+    """``global_batch_tokens / (seq_len * micro_batch_size * world_size)``; ConfigError unless whole.
+
+    ``world_size`` counts data-parallel replicas (processes of one tensor-parallel group see
+    the same batch).
+    """
     per_pass = seq_len * micro_batch_size * world_size
     if global_batch_tokens % per_pass:
         raise ConfigError(f"{key}.global_batch_tokens={global_batch_tokens} is not a multiple of seq_len * "

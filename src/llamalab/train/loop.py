@@ -54,6 +54,7 @@ from llamalab.train.parallelize import (
     all_reduce_mean,
     build_mesh,
     clip_grad_norm_,
+    full_tensor_init,
     data_parallel_rank_and_size,
     device_type,
     export_full_state_dict,
@@ -433,18 +434,21 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     np.random.seed(cfg.seed % 2**32)
     mesh = None
     if distributed:
-        mesh = build_mesh(world_size, tp=1)
+        mesh = build_mesh(world_size, tp=t.tensor_parallel)
         with torch.device("meta"):
             model = Transformer(model_cfg)
-        parallelize(model, mesh, dp_shard=True, mixed_precision="bf16" if t.precision == "bf16" else "fp32",
+        parallelize(model, mesh, dp_shard=True, tp=t.tensor_parallel > 1,
+                    mixed_precision="bf16" if t.precision == "bf16" else "fp32",
                     activation_checkpointing=t.activation_checkpointing, compile=t.compile)
         model.to_empty(device=device)
         torch.manual_seed(cfg.seed)
-        model.init_weights()
+        with full_tensor_init():  # the very weights of the 1-process run, whatever the layout
+            model.init_weights()
         model.init_buffers(device)
     else:
         with torch.device(device):
             model = Transformer(model_cfg)
+        torch.manual_seed(cfg.seed)  # as above: the weights do not depend on what construction drew
         model.init_weights()
         if t.activation_checkpointing != "none" or t.compile:
             parallelize(model, None, dp_shard=False, activation_checkpointing=t.activation_checkpointing,
@@ -497,7 +501,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if loader_state is not None and saved_stage == stage.index:
         loader.load_state_dict(loader_state)
     _set_rope_theta(model, stage.rope_theta, device)
-    accum = stage.grad_accum_steps(world_size)
+    accum = stage.grad_accum_steps(dp_size)
 
     inject = set(t.inject_nonfinite_at)
     last_saved = step if resume_from is not None else -1
@@ -528,7 +532,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                     stage = new_stage
                     loader = _make_loader(cfg, data, stage, dp_rank, dp_size)
                     _set_rope_theta(model, stage.rope_theta, device)
-                    accum = stage.grad_accum_steps(world_size)
+                    accum = stage.grad_accum_steps(dp_size)
                     say(f"pretrain: stage {stage.index} from {tokens_seen:,} tokens: batch "
                         f"{stage.global_batch_tokens:,} tokens, seq_len {stage.seq_len}, "
                         f"rope_theta {stage.rope_theta:g}, mixture {stage.mixture}")

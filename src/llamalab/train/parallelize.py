@@ -67,8 +67,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from llamalab.model import Attention, Transformer, TransformerBlock
@@ -296,6 +297,41 @@ def apply_fsdp(model: Transformer, dp_mesh: DeviceMesh, mixed_precision: str = "
 def blocks(model: nn.Module) -> list[TransformerBlock]:
     """The model's blocks, looking through checkpoint and compile wrappers."""
     return [m for m in model.modules() if isinstance(m, TransformerBlock)]
+
+
+# --------------------------------------------------------------------------- initialisation
+
+
+class full_tensor_init(TorchFunctionMode):
+    """Within this context, in-place initialisers on DTensors draw the FULL tensor and keep the local shard.
+
+    ``model.init_weights()`` on a sharded model otherwise draws each shard from each rank's
+    generator: the weights then depend on the layout, and an FSDP/TP run cannot follow the
+    1-process run. Here every rank draws each whole parameter from the (identically seeded)
+    global generator, in the model's own order, so the weights are exactly those of
+    ``model.init_weights()`` in one process, whatever the mesh. Only one parameter is ever
+    materialised in full. Works for any init written with ``torch.nn.init``'s in-place ops.
+    """
+
+    # torch.nn.init's functions dispatch on the DTensor before reaching the Tensor methods below.
+    _INPLACE = {getattr(torch.nn.init, name) for name in dir(torch.nn.init)
+                if name.endswith("_") and not name.startswith("_")} | {
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.Tensor.fill_, torch.Tensor.zero_,
+        torch.Tensor.exponential_, torch.Tensor.bernoulli_, torch.Tensor.random_}
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if "tensor" in kwargs:  # torch.nn.init hands the tensor over both positionally and as ``tensor=``
+            args = (kwargs.pop("tensor"), *args[1:])
+        if func not in self._INPLACE or not args or not isinstance(args[0], DTensor):
+            return func(*args, **kwargs)
+        target = args[0]
+        local = target.to_local()
+        full = torch.empty(target.shape, dtype=target.dtype, device=local.device)
+        func(full, *args[1:], **kwargs)
+        with torch.no_grad():  # scattered from rank 0 (all ranks drew the same tensor)
+            local.copy_(distribute_tensor(full, target.device_mesh, target.placements).to_local())
+        return target
 
 
 # --------------------------------------------------------------------------- gradients
