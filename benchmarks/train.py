@@ -21,7 +21,9 @@ peak of the precision the matmuls run in: bf16 860 GFLOP/s; fp32 MKL 200 GFLOP/s
 (``train.metrics.PEAK_FLOPS``). The peak used is printed in each row.
 
 Implementations (``--impls``): ``transformers``, ``llamalab``, and llamalab with levers from
-``llamalab.train.speed`` joined by ``+``: ``onednn`` (fp32 GEMMs in oneDNN), ``fused`` /
+``llamalab.train.speed`` joined by ``+``: ``chunkce`` (the output head and cross-entropy fused and
+chunked, ``train.loss.linear_cross_entropy``, as ``llamalab pretrain`` runs by default),
+``onednn`` (fp32 GEMMs in oneDNN), ``fused`` /
 ``foreach`` (AdamW implementation), ``compile`` (torch.compile per block; the first step's
 extra time is reported as compile time), ``sdpa-math`` / ``sdpa-flash``, ``fp32-bf16``
 (oneDNN fp32 matmul precision "bf16": a precision change). Example:
@@ -46,7 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 BATCH, SEQ = 8, 256
-LEVERS = ("onednn", "fused", "foreach", "compile", "compile-full", "sdpa-math", "sdpa-flash", "fp32-bf16")
+LEVERS = ("onednn", "fused", "foreach", "compile", "compile-full", "sdpa-math", "sdpa-flash", "fp32-bf16", "chunkce")
 SHAPES = {"15m": ("tiny-15m", {}), "135m": ("smollm2-135m", {})}
 
 
@@ -76,6 +78,7 @@ def child(spec: dict) -> dict:
     torch.set_num_threads(THREADS)
     from llamalab.model import Transformer
     from llamalab.train import speed
+    from llamalab.train.loss import linear_cross_entropy
     from llamalab.train.optim import build_optimizer
 
     impl, *levers = spec["impl"].split("+")
@@ -107,8 +110,8 @@ def child(spec: dict) -> dict:
         if config.tie_embeddings:
             model.tie_weights()
         del ref
-        if "onednn" in levers or "compile" in levers:
-            raise SystemExit("levers onednn/compile are llamalab's only")
+        if {"onednn", "compile", "chunkce"} & set(levers):
+            raise SystemExit("levers onednn/compile/chunkce are llamalab's only")
     else:
         raise SystemExit(f"unknown implementation {impl!r}")
     if "compile-full" in levers:
@@ -130,8 +133,12 @@ def child(spec: dict) -> dict:
 
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), speed.sdpa_backend(sdpa):
-            out = model(x) if impl == "llamalab" else model(input_ids=x).logits
-            loss = F.cross_entropy(out.float().flatten(0, 1), y.flatten())
+            if "chunkce" in levers:  # what `llamalab pretrain` does (train.fused_loss): head + loss fused, chunked
+                loss = linear_cross_entropy(model.hidden_states(x), model.output.weight, y,
+                                            mm_t=speed.onednn_mm_t if "onednn" in levers else None)
+            else:
+                out = model(x) if impl == "llamalab" else model(input_ids=x).logits
+                loss = F.cross_entropy(out.float().flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

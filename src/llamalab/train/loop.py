@@ -4,8 +4,9 @@ One step, as LLaMA trains (Touvron et al. 2023a, §2.2)::
 
     for each of grad_accum micro-batches:            # global_batch_tokens / (seq_len * micro * world)
         tokens, doc_ids = next(loader)               # (micro, seq_len + 1), a seeded mixture of shards
-        logits = model(tokens[:, :-1], doc_ids=...)  # bf16 autocast if train.precision = "bf16"
-        loss = cross_entropy(logits, tokens[:, 1:])  # mean over the micro-batch's tokens
+        h = model.hidden_states(tokens[:, :-1], doc_ids=...)  # bf16 autocast if train.precision = "bf16"
+        loss = cross_entropy(h @ output.T, tokens[:, 1:])     # mean over the micro-batch's tokens,
+                                                              # fused and chunked (train/loss.py)
         (loss / grad_accum).backward()
     norm = clip_grad_norm(params, 1.0)               # global L2 norm, before clipping
     if loss and norm are finite: AdamW step          # else: skip, zero the gradients, count it
@@ -50,6 +51,8 @@ from llamalab.model import Transformer
 from llamalab.train.config import ConfigError, StageSettings, TrainConfig
 from llamalab.train.metrics import PEAK_FLOPS, MetricsWriter, flops_per_token, mfu, read_metrics
 from llamalab.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from llamalab.train.loss import linear_cross_entropy
+from llamalab.train.speed import onednn_mm_t, use_onednn_linear
 from llamalab.train.parallelize import (
     all_reduce_mean,
     build_mesh,
@@ -503,6 +506,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     _set_rope_theta(model, stage.rope_theta, device)
     accum = stage.grad_accum_steps(dp_size)
 
+    # The fused head + loss calls the model's trunk directly, which FSDP's hooks on forward() would
+    # not see: sharded runs keep the plain head and F.cross_entropy.
+    fused_loss = t.fused_loss and not distributed
+    mm_t = None
+    if t.onednn_linear and not distributed and device.type == "cpu" and use_onednn_linear(model):
+        mm_t = onednn_mm_t  # the fused loss's head products in oneDNN too
     inject = set(t.inject_nonfinite_at)
     last_saved = step if resume_from is not None else -1
     last_loss = last_val = float("nan")
@@ -547,8 +556,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                     if distributed:
                         model.set_requires_gradient_sync(micro == accum - 1)
                     with autocast():
-                        logits = model(tokens[:, :-1], doc_ids=docs)
-                    loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                        if fused_loss:
+                            loss = linear_cross_entropy(model.hidden_states(tokens[:, :-1], doc_ids=docs),
+                                                        model.output.weight, tokens[:, 1:], mm_t=mm_t)
+                        else:
+                            logits = model(tokens[:, :-1], doc_ids=docs)
+                    if not fused_loss:
+                        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
                     if step + 1 in inject:
                         loss = loss * float("nan")
                     (loss / accum).backward()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ADAMW_IMPLS", "OneDNNLinear", "adamw_impl_kwargs", "compile_blocks", "onednn_linear_available",
+__all__ = ["ADAMW_IMPLS", "OneDNNLinear", "adamw_impl_kwargs", "compile_blocks", "onednn_linear_available", "onednn_mm_t",
            "sdpa_backend", "set_fp32_matmul_precision", "use_onednn_linear"]
 
 ADAMW_IMPLS = ("default", "for-loop", "foreach", "fused")
@@ -66,6 +66,13 @@ def _onednn_mm_t(a: Tensor, b: Tensor) -> Tensor:
 @_onednn_mm_t.register_fake
 def _(a: Tensor, b: Tensor) -> Tensor:
     return a.new_empty(a.shape[0], b.shape[0])
+
+
+def onednn_mm_t(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b.T`` for 2-D fp32 CPU tensors through oneDNN (other dtypes: torch's product)."""
+    if a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu":
+        return a @ b.t()
+    return _onednn_mm_t(a, b)
 
 
 class _OneDNNLinearFn(torch.autograd.Function):

@@ -1,0 +1,107 @@
+"""The language-model loss: the output head and cross-entropy fused, a chunk of tokens at a time.
+
+``F.cross_entropy(model(x), y)`` materialises the (tokens, vocab) logits in fp32, then
+``log_softmax`` and, in backward, ``log_softmax_backward`` and the head's two products over
+that whole matrix. With a 32K-128K vocabulary this is the largest tensor of a training step
+(2048 tokens x 32000 = 262 MB in fp32) and on a CPU its element-wise passes cost as much as
+the body's matrix products (measured: ``log_softmax_backward`` alone is a quarter of a bf16
+step of the 15M model).
+
+:class:`LinearCrossEntropy` computes, per chunk of tokens, the logits, their log-sum-exp,
+the loss and at once the gradient of the loss with respect to the logits
+(``softmax - one_hot``, divided by the number of counted tokens), which it immediately turns
+into the gradients of the hidden states and of the head's weight. Only those two gradients
+are kept for backward (the loss is the end of the graph, so its gradient is a scalar that
+just scales them). No full logits tensor ever exists and nothing is recomputed: the FLOPs are
+those of the unfused head. The result equals ``F.cross_entropy(h @ W.T, y)`` (mean over the
+targets that are not ``ignore_index``) up to floating-point rounding: tested against it.
+
+The model stays unaware of this: the loop calls ``model.hidden_states`` and passes
+``model.output.weight``. Under bf16 autocast the products run in bf16 (as the unfused head's
+would) and the log-sum-exp and probabilities in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MatmulT = Callable[[Tensor, Tensor], Tensor]  # (a, b) -> a @ b.T
+
+# Elements of one chunk's logits (fp32: 128 MB): large enough for efficient products, small
+# enough to stay far below the full matrix for any vocabulary.
+CHUNK_ELEMENTS = 32 * 1024 * 1024
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """``mean cross_entropy(hidden @ weight.T, targets)`` without materialising the logits (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor,  # noqa: ANN001 - autograd's ctx
+                ignore_index: int = -100, chunk_tokens: int | None = None, mm_t: MatmulT | None = None) -> Tensor:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        with torch.autocast(device_type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            if mm_t is None:
+                mm_t = _mm_t
+            w_t = w.t().contiguous() if mm_t is not _mm_t else w.t()
+            acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
+            valid = targets != ignore_index
+            count = valid.sum().clamp(min=1)
+            chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            total = torch.zeros((), dtype=acc, device=hidden.device)
+            for start in range(0, n, chunk):
+                h_c, y_c, v_c = h[start:start + chunk], targets[start:start + chunk], valid[start:start + chunk]
+                logits = mm_t(h_c, w).to(acc)
+                y_safe = torch.where(v_c, y_c, 0).unsqueeze(1)
+                # Log-sum-exp by hand, in place (torch.logsumexp allocates several full-size temporaries).
+                logits.sub_(logits.amax(dim=1, keepdim=True))
+                target = logits.gather(1, y_safe).squeeze(1)
+                probs = logits.exp_()
+                sums = probs.sum(dim=1)
+                total += ((sums.log() - target) * v_c).sum()
+                # d loss / d logits = (softmax - one_hot) / count on counted rows, 0 elsewhere.
+                weight_c = v_c.to(acc) / count
+                probs.mul_((weight_c / sums).unsqueeze(1))
+                probs.scatter_add_(1, y_safe, -weight_c.unsqueeze(1))
+                g = probs.to(dtype)
+                grad_h[start:start + chunk] = mm_t(g, w_t)
+                # grad_w accumulates over chunks (in fp32 at least, whatever the products run in).
+                grad_w += mm_t(g.t(), h_c.t())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h.mul(grad_loss).to(h_dtype) if ctx.needs_input_grad[0] else None,
+                grad_w.mul(grad_loss).to(w_dtype) if ctx.needs_input_grad[1] else None,
+                None, None, None, None)
+
+
+def _mm_t(a: Tensor, b: Tensor) -> Tensor:
+    return a @ b.t()
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
+                         chunk_tokens: int | None = None, mm_t: MatmulT | None = None) -> Tensor:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets`` (tokens whose target is
+    ``ignore_index`` are not counted), computed chunk by chunk without the full logits.
+
+    ``hidden`` is (..., dim) and ``targets`` the matching (...) integer tensor; ``weight`` is the
+    output head's (vocab, dim) matrix. ``mm_t(a, b) = a @ b.T`` computes the three products (e.g.
+    ``train.speed.onednn_mm_t`` for fp32 in oneDNN); the default is torch's.
+    """
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                    ignore_index, chunk_tokens, mm_t)
+
+
+__all__ = ["CHUNK_ELEMENTS", "LinearCrossEntropy", "linear_cross_entropy"]
