@@ -1,0 +1,365 @@
+"""``EvalModel``: a llamalab model seen the way evaluation harnesses see a language model.
+
+Three questions are asked of it, as in lm-eval's ``LM`` interface:
+
+- ``loglikelihood([(context, continuation), ...])``: the summed log-probability of each
+  continuation given its context, and whether greedy decoding would have produced it;
+- ``loglikelihood_rolling([text, ...])``: the log-probability of whole texts (perplexity),
+  in disjoint windows of the context length;
+- ``generate_until([prompt, ...], until=[...])``: greedy continuations cut at stop strings.
+
+Tokenisation follows lm-eval's ``_encode_pair`` so scores are comparable with lm-eval's:
+the context's trailing spaces move to the continuation, the whole text is encoded and split at
+the context's token count, an empty context becomes the BOS (or EOS) token.
+
+Scoring reuses work: the requests are grouped by context, and each batch of contexts runs in
+three stages on the model's KV cache -- the prefix all contexts of the batch share (once),
+the rest of each context (once per context), then every continuation of every context as one
+batch continuing from its context's cache rows. The scores equal scoring each (context +
+continuation) from scratch up to float rounding (``tests/test_eval_lm.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from llamalab.model import Transformer
+
+if TYPE_CHECKING:
+    from llamalab.api import LoadedModel
+
+__all__ = ["EvalModel", "common_prefix_len"]
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class _Request:
+    """One (context, continuation) pair in tokens, and where its answer goes."""
+
+    index: int
+    context: tuple[int, ...]
+    continuation: tuple[int, ...]
+
+
+class EvalModel:
+    """A model and tokenizer, with the scoring and generation calls evaluation needs.
+
+    ``batch_size`` is the number of continuation rows scored in one forward pass (and of
+    prompts generated together). ``max_length`` defaults to the model's context length.
+    """
+
+    def __init__(self, loaded: LoadedModel, *, batch_size: int = 16, max_length: int | None = None,
+                 name: str | None = None, fast: bool = True) -> None:
+        if loaded.tokenizer is None:
+            raise ValueError(f"{loaded.path}: no tokenizer found beside the weights; evaluation needs one")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected an integer >= 1")
+        self.loaded = loaded
+        self.model: Transformer = loaded.model.eval()
+        self.tokenizer = loaded.tokenizer
+        self.config = loaded.config
+        self.batch_size = batch_size
+        context = loaded.config.max_seq_len
+        if max_length is not None and not 2 <= max_length <= context:
+            raise ValueError(f"max_length={max_length}: expected 2..{context} (the model's context)")
+        self.max_length = max_length or context
+        self.name = name or str(loaded.path)
+        self.add_bos = bool(getattr(self.tokenizer, "add_bos_default", False))
+        bos, eos = self.tokenizer.bos_id, self.tokenizer.eos_id
+        prefix = bos if bos is not None else eos
+        if prefix is None:
+            raise ValueError(f"{self.name}: the tokenizer has neither a BOS nor an EOS token to "
+                             "condition an empty context on")
+        self.prefix_token_id: int = prefix
+        self.truncated = 0  # requests whose context was cut on the left to fit max_length
+        self._runner = self._fast_runner() if fast else None
+        self._generator: Any = None
+
+    @classmethod
+    def load(cls, name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+             batch_size: int = 16, max_length: int | None = None, device: str = "cpu") -> EvalModel:
+        """Load a checkpoint (path or registered name) for evaluation; fp32 by default."""
+        from llamalab.api import load
+
+        return cls(load(name_or_path, dtype=dtype, device=device), batch_size=batch_size,
+                   max_length=max_length, name=str(name_or_path))
+
+    def _fast_runner(self) -> Any:
+        """The oneDNN forward pass of ``generate.fast`` (same function, ~2-3x faster on CPU), or None."""
+        from llamalab.generate.fast import onednn_available, optimize_for_decode
+
+        device = self.model.tok_embeddings.weight.device
+        if isinstance(self.model, Transformer) and onednn_available(device):
+            return optimize_for_decode(self.model)
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return self.model.tok_embeddings.weight.device
+
+    # ---------------------------------------------------------------- tokenisation
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, with BOS when the tokenizer asks for it (as lm-eval's ``tok_encode``)."""
+        return self.tokenizer.encode(text, bos=self.add_bos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ``ids``."""
+        return self.tokenizer.decode(list(ids))
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) split as lm-eval splits them (see the module docstring)."""
+        if not context:
+            cont = self.tokenizer.encode(continuation)
+            if cont and cont[0] == self.prefix_token_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_token_id], cont
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    # ---------------------------------------------------------------- scoring
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]], progress: bool = False
+                      ) -> list[tuple[float, bool]]:
+        """Sum log P(continuation | context) and whether the continuation is the greedy one, per request."""
+        pairs = [self.encode_pair(c, x) for c, x in requests]
+        return self.loglikelihood_tokens(pairs, progress=progress)
+
+    def loglikelihood_rolling(self, texts: Sequence[str], progress: bool = False) -> list[float]:
+        """Log-probability of each whole text, scored in disjoint windows of ``max_length`` tokens
+        (the first token conditioned on BOS/EOS), as lm-eval's ``loglikelihood_rolling``."""
+        pairs: list[tuple[list[int], list[int]]] = []
+        owner: list[int] = []
+        for i, text in enumerate(texts):
+            for ctx, pred in rolling_windows(self.encode(text), self.prefix_token_id, self.max_length):
+                pairs.append((ctx, pred))
+                owner.append(i)
+        totals = [0.0] * len(texts)
+        for i, (logprob, _) in zip(owner, self.loglikelihood_tokens(pairs, progress=progress)):
+            totals[i] += logprob
+        return totals
+
+    def loglikelihood_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], progress: bool = False,
+                             desc: str = "scoring") -> list[tuple[float, bool]]:
+        """Score (context ids, continuation ids) pairs; see the module docstring for the batching."""
+        requests = []
+        for i, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise ValueError(f"request {i}: empty continuation (nothing to score)")
+            if not ctx:
+                raise ValueError(f"request {i}: empty context (condition on BOS/EOS: use encode_pair)")
+            ctx, cont = tuple(int(t) for t in ctx), tuple(int(t) for t in cont)
+            if len(ctx) + len(cont) - 1 > self.max_length:
+                # As lm-eval: keep the last max_length + 1 tokens (the continuation wins).
+                self.truncated += 1
+                whole = (ctx + cont)[-(self.max_length + 1):]
+                if len(cont) >= len(whole):
+                    cont = whole[1:]
+                ctx = whole[: len(whole) - len(cont)]
+            requests.append(_Request(i, ctx, cont))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        groups: dict[tuple[int, ...], list[_Request]] = {}
+        for r in requests:
+            groups.setdefault(r.context, []).append(r)
+        # Lexicographic order puts contexts that share a prefix (few-shot examples) side by side.
+        ordered = sorted(groups.items(), key=lambda kv: kv[0])
+        bar = _progress(len(requests), desc, progress)
+        try:
+            for chunk in self._chunks(ordered):
+                for r, score in zip((r for _, rs in chunk for r in rs), self._score_chunk(chunk)):
+                    results[r.index] = score
+                bar.update(sum(len(rs) for _, rs in chunk))
+        finally:
+            bar.close()
+        return results
+
+    def _chunks(self, ordered: list[tuple[tuple[int, ...], list[_Request]]]
+                ) -> Iterable[list[tuple[tuple[int, ...], list[_Request]]]]:
+        """Batches of context groups with at most ``batch_size`` continuations (a larger group alone),
+        closed early where the shared prefix would shrink to less than half."""
+        chunk: list[tuple[tuple[int, ...], list[_Request]]] = []
+        rows, shared = 0, 0
+        for ctx, rs in ordered:
+            if chunk:
+                new_shared = common_prefix_len(chunk[0][0], ctx) if len(chunk) == 1 else min(
+                    shared, common_prefix_len(chunk[0][0], ctx))
+                if rows + len(rs) > self.batch_size or new_shared * 2 < shared:
+                    yield chunk
+                    chunk, rows = [], 0
+                else:
+                    shared = new_shared
+            if not chunk:
+                shared = len(ctx)
+            chunk.append((ctx, rs))
+            rows += len(rs)
+        if chunk:
+            yield chunk
+
+    @torch.inference_mode()
+    def _score_chunk(self, chunk: list[tuple[tuple[int, ...], list[_Request]]]) -> list[tuple[float, bool]]:
+        """Scores of the requests of ``chunk`` (in order), from three cached passes."""
+        contexts = [ctx for ctx, _ in chunk]
+        rows = [(j, r) for j, (_, rs) in enumerate(chunk) for r in rs]
+        # Each row's own pass starts at its context's last token, so the shared prefix stops before it.
+        shared = min(len(c) for c in contexts) - 1
+        for c in contexts[1:]:
+            shared = min(shared, common_prefix_len(contexts[0], c))
+        n_ctx, n_rows = len(contexts), len(rows)
+        tail_len = max(len(c) - 1 - shared for c in contexts)
+        cont_len = max(len(r.continuation) for _, r in rows)
+        total = max(len(contexts[j]) - 1 + len(r.continuation) for j, r in rows)
+        device = self.device
+        self.model.setup_cache(max_batch_size=max(n_ctx, n_rows), max_seq_len=total)
+        try:
+            if shared:  # stage 1: the prefix every context shares, once
+                self._forward(torch.tensor([contexts[0][:shared]], device=device),
+                              torch.arange(shared, device=device), logits_at=None)
+                self._copy_cache_rows(torch.zeros(n_ctx, dtype=torch.long))
+            if tail_len:  # stage 2: the rest of each context but its last token, once per context
+                tokens = torch.zeros(n_ctx, tail_len, dtype=torch.long)
+                for j, c in enumerate(contexts):
+                    tail = c[shared:-1]
+                    tokens[j, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+                pos = shared + torch.arange(tail_len).expand(n_ctx, tail_len)
+                self._forward(tokens.to(device), pos.to(device), logits_at=None)
+            # stage 3: each continuation from its context's cache row (right-padded, so padding
+            # lies after the real tokens and the causal mask hides it from them).
+            self._copy_cache_rows(torch.tensor([j for j, _ in rows]))
+            tokens = torch.zeros(n_rows, cont_len, dtype=torch.long)
+            start = torch.zeros(n_rows, 1, dtype=torch.long)
+            targets = []
+            for i, (j, r) in enumerate(rows):
+                seq = (contexts[j][-1],) + r.continuation[:-1]
+                tokens[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                start[i, 0] = len(contexts[j]) - 1
+                targets.append(r.continuation)
+            pos = start + torch.arange(cont_len).unsqueeze(0)
+            row_idx = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(targets)])
+            col_idx = torch.cat([torch.arange(len(t)) for t in targets])
+            logits = self._forward(tokens.to(device), pos.to(device), logits_at=(row_idx, col_idx))
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            flat_targets = torch.tensor([t for ts in targets for t in ts], device=device)
+            picked = logprobs.gather(1, flat_targets.unsqueeze(1)).squeeze(1)
+            greedy = logprobs.argmax(dim=-1) == flat_targets
+        finally:
+            self.model.clear_cache()
+        out, start_i = [], 0
+        for t in targets:
+            end = start_i + len(t)
+            out.append((float(picked[start_i:end].double().sum()), bool(greedy[start_i:end].all())))
+            start_i = end
+        return out
+
+    def _forward(self, tokens: Tensor, input_pos: Tensor, logits_at: tuple[Tensor, Tensor] | None) -> Tensor | None:
+        """Run ``tokens`` into the KV cache; return the logits at (rows, columns) ``logits_at``."""
+        if self._runner is not None:
+            logits = self._runner(tokens, input_pos=input_pos)
+            return None if logits_at is None else logits[logits_at]
+        hidden = self.model.hidden_states(tokens, input_pos=input_pos)
+        if logits_at is None:
+            return None
+        # The output head only where a score is needed: it is vocab x dim per position.
+        return self.model.output(hidden[logits_at]).float()
+
+    def _copy_cache_rows(self, source_rows: Tensor) -> None:
+        """Make cache row i a copy of cache row ``source_rows[i]`` in every layer."""
+        src = source_rows.to(self.device)
+        if torch.equal(src, torch.arange(len(src), device=src.device)):
+            return
+        for layer in self.model.layers:
+            cache = layer.attention.kv_cache
+            cache.k[: len(src)] = cache.k[src]
+            cache.v[: len(src)] = cache.v[src]
+
+    # ---------------------------------------------------------------- generation
+
+    def generate_until(self, prompts: Sequence[str], *, until: Sequence[str] = (), max_new_tokens: int = 256,
+                       progress: bool = False) -> list[str]:
+        """Greedy continuation of each prompt, cut before the first stop string in ``until`` (or a stop token).
+
+        Prompts too long for ``max_length - max_new_tokens`` keep their last tokens (counted in
+        ``truncated``). Prompts are batched by length, ``batch_size`` at a time.
+        """
+        from llamalab.generate import GenerationConfig, Generator
+
+        if max_new_tokens < 1 or max_new_tokens >= self.max_length:
+            raise ValueError(f"max_new_tokens={max_new_tokens}: expected 1..{self.max_length - 1}")
+        if self._generator is None:
+            self._generator = Generator(self.model, self.tokenizer)
+        config = GenerationConfig(max_new_tokens=max_new_tokens, stop_strings=tuple(s for s in until if s))
+        room = self.max_length - max_new_tokens
+        encoded = []
+        for p in prompts:
+            ids = self.encode(p) or [self.prefix_token_id]
+            if len(ids) > room:
+                self.truncated += 1
+                ids = ids[-room:]
+            encoded.append(ids)
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        out = [""] * len(encoded)
+        bar = _progress(len(encoded), "generating", progress)
+        try:
+            for k in range(0, len(order), self.batch_size):
+                batch = order[k:k + self.batch_size]
+                for i, result in zip(batch, self._generator.generate([encoded[i] for i in batch], config)):
+                    out[i] = result.text
+                bar.update(len(batch))
+        finally:
+            bar.close()
+        return out
+
+
+def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int
+                    ) -> list[tuple[list[int], list[int]]]:
+    """Disjoint (context, predicted) windows covering ``tokens``, as lm-eval's rolling windows with
+    ``context_len=1``: the first window predicts up to ``max_length`` tokens after ``prefix_token``;
+    each later one predicts the next ``max_length`` tokens from the ones right before them."""
+    tokens = list(tokens)
+    windows = []
+    done = 0
+    while done < len(tokens):
+        n = min(max_length, len(tokens) - done)
+        # Input = context + pred[:-1] = max_length tokens once past the first window.
+        ctx = [prefix_token] if done == 0 else tokens[done + n - max_length - 1:done]
+        windows.append((ctx, tokens[done:done + n]))
+        done += n
+    return windows
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    """A tqdm bar with an ETA on stderr, or a do-nothing bar."""
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, unit="req", dynamic_ncols=True, mininterval=1.0)
+
