@@ -90,3 +90,23 @@ def test_plot_command(tmp_path: Path) -> None:
     help_text = subprocess.run([sys.executable, "-m", "llamalab.train.cli", "plot", "--help"],
                                capture_output=True, text=True, timeout=60).stdout
     assert "llamalab plot runs/tiny" in help_text
+
+
+def test_tensorboard_scalars_read_back_by_tensorboards_own_reader(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with MetricsWriter(tmp_path, tensorboard=True) as w:
+        for step in range(1, 6):
+            w.log(step, loss=10.0 - step, lr=1e-3 * step, stage=0, note="text is not a scalar")
+    # A resumed run (checkpoint at step 3) rewrites steps 4-5: the reader sees the new values.
+    with MetricsWriter(tmp_path, resume_step=3, tensorboard=True) as w:
+        for step in (4, 5):
+            w.log(step, loss=100.0 + step, lr=0.5)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert {"loss", "lr", "stage"} <= set(acc.Tags()["scalars"])
+    assert "note" not in acc.Tags()["scalars"]
+    loss = {e.step: e.value for e in acc.Scalars("loss")}
+    assert loss == {1: 9.0, 2: 8.0, 3: 7.0, 4: 104.0, 5: 105.0}
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [9.0, 8.0, 7.0, 104.0, 105.0]

@@ -108,6 +108,7 @@ class TrainSection:
     onednn_linear: bool = True  # CPU, 1 process: fp32 matrix products in oneDNN, ~2x MKL's speed (train/speed.py)
     tensor_parallel: int = 1  # processes per tensor-parallel group; the rest of the world is FSDP (data parallel)
     log_every: int = 10
+    tensorboard: bool = False  # also write the metrics as TensorBoard scalars under run_dir/tensorboard
     max_nonfinite_steps: int = 3
     document_mask: bool = False  # Llama 3: attend only within each packed document
     peak_flops: str = "auto"  # the PEAK_FLOPS entry MFU divides by ("auto": from the device and precision)

@@ -215,7 +215,8 @@ def _peak(cfg: TrainConfig, device: torch.device) -> tuple[str | None, float | N
             gpu = torch.cuda.get_device_name(device)
             name = "h100-sxm-bf16" if ("H100" in gpu or "H200" in gpu) else "a100-bf16" if "A100" in gpu else None
         else:
-            name = "cpu-dev-bf16" if cfg.train.precision == "bf16" else "cpu-dev-fp32-mkl"
+            fp32 = "cpu-dev-fp32-onednn" if cfg.train.onednn_linear and not dist.is_initialized() else "cpu-dev-fp32-mkl"
+            name = "cpu-dev-bf16" if cfg.train.precision == "bf16" else fp32
     return name, (PEAK_FLOPS[name] if name else None)
 
 
@@ -491,7 +492,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     if distributed:
         n_params = model_cfg.num_params()
     peak_name, peak = _peak(cfg, device)
-    metrics = MetricsWriter(run_dir, resume_step=step) if main else None
+    metrics = MetricsWriter(run_dir, resume_step=step, tensorboard=t.tensorboard) if main else None
     bar = _progress_bar(progress and main, t.total_steps, step)
     say(f"pretrain: {model_cfg.n_layers} layers, dim {model_cfg.dim}, {n_params / 1e6:.1f}M parameters, "
         f"{world_size} process(es) on {device.type}, {t.precision}; run_dir {run_dir}"

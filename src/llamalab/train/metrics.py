@@ -86,7 +86,8 @@ class MetricsWriter:
     Without it an existing file is appended to as it is. Only one process (rank 0) should write.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], *, resume_step: int | None = None,
+                 tensorboard: bool = False) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -98,6 +99,16 @@ class MetricsWriter:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:  # the same numbers as scalars under run_dir/tensorboard (`tensorboard --logdir`)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("metrics.tensorboard = true needs the tensorboard package: "
+                                  "pip install tensorboard") from e
+            # purge_step: a resumed run's events after its checkpoint are hidden, as in metrics.jsonl
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"),
+                                     purge_step=resume_step + 1 if resume_step is not None else None)
 
     def log(self, step: int, **metrics: Any) -> dict[str, Any]:
         """Write ``{"step": step, "time": unix seconds, **metrics}``; returns the record."""
@@ -105,11 +116,18 @@ class MetricsWriter:
         record.update({k: _jsonable(v) for k, v in metrics.items()})
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, global_step=int(step), walltime=record["time"])
+            self._tb.flush()
         return record
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the file (and the TensorBoard writer)."""
         self._file.close()
+        if self._tb is not None:
+            self._tb.close()
 
     def __enter__(self) -> "MetricsWriter":
         return self
