@@ -21,7 +21,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from llamalab.api import LoadedModel  # noqa: E402
 from llamalab.checkpoint.convert import config_to_hf, hf_state_dict_to_meta  # noqa: E402
 from llamalab.config import ModelConfig  # noqa: E402
-from llamalab.eval.lm import EvalModel, rolling_windows  # noqa: E402
+from llamalab.eval.lm import EvalModel, sliding_windows  # noqa: E402
 from llamalab.model import Transformer  # noqa: E402
 from llamalab.tokenizer.hf import HFTokenizer  # noqa: E402
 
@@ -92,3 +92,113 @@ def test_loglikelihood_matches_transformers(pair, fast: bool, batch_size: int) -
         ref, ref_greedy = hf_score(hf, ctx, cont)
         assert logprob == pytest.approx(ref, abs=1e-4)
         assert greedy == ref_greedy
+
+
+def test_shared_prefix_across_chunks_and_truncation() -> None:
+    """Few-shot-like requests (a long common prefix, reused from chunk to chunk), ragged lengths,
+    and contexts cut on the left to fit a short max_length: each equals the reference."""
+    loaded, hf = tiny_pair(max_seq_len=64, seed=3)
+    lm = EvalModel(loaded, batch_size=2, max_length=40)
+    shots = "Question: what is the capital of France? Answer: Paris.\n\n" * 2
+    requests = [(shots + f"Question: {q}? Answer:", f" {a}") for q in ("a man", "the fox", "a roof")
+                for a in ("Paris", "the lazy dog", "he")]
+    requests.append(("A man is sitting on a roof. He" * 4, " starts pulling up roofing on a roof."))
+    got = lm.loglikelihood(requests)
+    assert lm.truncated > 0  # the long ones were cut, as lm-eval cuts them
+    for (context, continuation), (logprob, greedy) in zip(requests, got):
+        ctx, cont = lm.encode_pair(context, continuation)
+        whole = (ctx + cont)[-(40 + 1):]
+        ref, ref_greedy = hf_score(hf, whole[: len(whole) - len(cont)], cont)
+        assert logprob == pytest.approx(ref, abs=1e-4)
+        assert greedy == ref_greedy
+
+
+def test_greedy_flag_true_for_the_model_own_continuation(pair) -> None:  # noqa: ANN001
+    loaded, hf = pair
+    lm = EvalModel(loaded)
+    ctx = lm.encode("The quick brown fox")
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ctx]), max_new_tokens=5, do_sample=False, pad_token_id=0)[0].tolist()
+    cont = out[len(ctx):]
+    (logprob, greedy), (_, other) = lm.loglikelihood_tokens([(ctx, cont), (ctx, cont[:-1] + [(cont[-1] + 1) % 300])])
+    assert greedy and not other
+    assert logprob == pytest.approx(hf_score(hf, ctx, cont)[0], abs=1e-4)
+
+
+def test_encode_pair_matches_lm_eval(pair) -> None:  # noqa: ANN001
+    """Our split of (context, continuation) into tokens is lm-eval's ``_encode_pair`` / empty-context rule."""
+    from lm_eval.api.model import TemplateLM
+
+    loaded, _ = pair
+    lm = EvalModel(loaded)
+
+    class Ref(TemplateLM):
+        backend = "causal"
+        eot_token_id = lm.prefix_token_id
+        prefix_token_id = lm.prefix_token_id
+
+        def tok_encode(self, string, add_special_tokens=None, **kwargs):  # noqa: ANN001, ANN201
+            return lm.tokenizer.encode(string)
+
+        def _loglikelihood_tokens(self, requests, **kwargs):  # noqa: ANN001, ANN201
+            return [(ctx, cont) for _, ctx, cont in requests]
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):  # noqa: ANN001, ANN201
+            raise NotImplementedError
+
+        def generate_until(self, requests, disable_tqdm=False):  # noqa: ANN001, ANN201
+            raise NotImplementedError
+
+    class Req:
+        def __init__(self, args: tuple[str, str]) -> None:
+            self.args = args
+
+    ref = Ref().loglikelihood([Req(r) for r in REQUESTS], disable_tqdm=True)
+    assert [lm.encode_pair(c, x) for c, x in REQUESTS] == [(list(a), list(b)) for a, b in ref]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 30])
+def test_rolling_windows_match_lm_eval(n: int) -> None:
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    tokens = list(range(100, 100 + n))
+    ref = [make_disjoint_window(w) for w in get_rolling_token_windows(tokens, prefix_token=1, max_seq_len=8,
+                                                                       context_len=1)]
+    assert sliding_windows(tokens, 1, 8) == [(list(a), list(b)) for a, b in ref]
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_sliding_windows_cover_each_token_once_within_the_window(stride: int) -> None:
+    tokens = list(range(100, 123))
+    windows = sliding_windows(tokens, 1, 8, stride)
+    assert [t for _, pred in windows for t in pred] == tokens
+    for ctx, pred in windows:
+        assert len(ctx) + len(pred) - 1 <= 8
+        full = [1] + tokens
+        start = full.index(pred[0])
+        assert full[start - len(ctx):start] == ctx  # the context is what directly precedes
+
+
+def test_loglikelihood_rolling_matches_transformers(pair) -> None:  # noqa: ANN001
+    loaded, hf = pair
+    lm = EvalModel(loaded, max_length=16, batch_size=4)
+    (got,) = lm.loglikelihood_rolling([TEXT])
+    ref = sum(hf_score(hf, ctx, pred)[0] for ctx, pred in sliding_windows(lm.encode(TEXT), lm.prefix_token_id, 16))
+    assert len(lm.encode(TEXT)) > 32  # several windows
+    assert got == pytest.approx(ref, abs=1e-3)
+
+
+def test_generate_until_is_greedy_and_cut_at_the_stop_string(pair) -> None:  # noqa: ANN001
+    loaded, hf = pair
+    lm = EvalModel(loaded, batch_size=2)
+    prompts = ["The quick brown", "A man is sitting on"]
+    refs = []
+    for p in prompts:
+        ids = lm.encode(p)
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0]
+        refs.append(lm.decode(out[len(ids):].tolist()))
+    assert lm.generate_until(prompts, max_new_tokens=12) == refs
+    stop = refs[0][3:5]
+    cut = lm.generate_until(prompts[:1], until=[stop], max_new_tokens=12)[0]
+    assert cut == refs[0][: refs[0].index(stop)]

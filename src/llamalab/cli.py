@@ -22,6 +22,7 @@ examples:
   llamalab tokenize data/*.txt --tokenizer tok/llama.model --out data/tokens
   llamalab pretrain --config configs/pretrain/cpu-shakespeare.toml
   llamalab plot runs/tiny
+  llamalab eval --tasks hellaswag,piqa,mmlu --limit 100 --out runs/eval.json
 """
 
 
@@ -288,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenize_parser(sub)
     add_pretrain_parser(sub)
     add_plot_parser(sub)
+
+    from llamalab.eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint", formatter_class=fmt,
                        description="Format, config, parameter count and memory needs of a checkpoint.",

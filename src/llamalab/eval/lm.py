@@ -35,7 +35,7 @@ from llamalab.model import Transformer
 if TYPE_CHECKING:
     from llamalab.api import LoadedModel
 
-__all__ = ["EvalModel", "common_prefix_len"]
+__all__ = ["EvalModel", "common_prefix_len", "sliding_windows"]
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -89,6 +89,8 @@ class EvalModel:
         self.truncated = 0  # requests whose context was cut on the left to fit max_length
         self._runner = self._fast_runner() if fast else None
         self._generator: Any = None
+        # The last shared prefix run (tokens, per-layer keys and values), reused by the next chunk.
+        self._prefix: tuple[tuple[int, ...], list[tuple[Tensor, Tensor]]] | None = None
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
@@ -152,7 +154,7 @@ class EvalModel:
         pairs: list[tuple[list[int], list[int]]] = []
         owner: list[int] = []
         for i, text in enumerate(texts):
-            for ctx, pred in rolling_windows(self.encode(text), self.prefix_token_id, self.max_length):
+            for ctx, pred in sliding_windows(self.encode(text), self.prefix_token_id, self.max_length):
                 pairs.append((ctx, pred))
                 owner.append(i)
         totals = [0.0] * len(texts)
@@ -192,27 +194,35 @@ class EvalModel:
                 bar.update(sum(len(rs) for _, rs in chunk))
         finally:
             bar.close()
+            self.model.clear_cache()
+            self._prefix = None
         return results
 
     def _chunks(self, ordered: list[tuple[tuple[int, ...], list[_Request]]]
                 ) -> Iterable[list[tuple[tuple[int, ...], list[_Request]]]]:
         """Batches of context groups with at most ``batch_size`` continuations (a larger group alone),
-        closed early where the shared prefix would shrink to less than half."""
+        closed early where adding a group would shrink the shared prefix enough to cost more than
+        256 recomputed tokens (a few-shot prefix of a new subject), or overflow the context."""
         chunk: list[tuple[tuple[int, ...], list[_Request]]] = []
-        rows, shared = 0, 0
+        rows = shared = longest_ctx = longest_cont = 0
+        limit = self.model.config.max_seq_len
         for ctx, rs in ordered:
+            cont = max(len(r.continuation) for r in rs)
             if chunk:
-                new_shared = common_prefix_len(chunk[0][0], ctx) if len(chunk) == 1 else min(
-                    shared, common_prefix_len(chunk[0][0], ctx))
-                if rows + len(rs) > self.batch_size or new_shared * 2 < shared:
+                new_shared = min(shared, common_prefix_len(chunk[0][0], ctx))
+                # Right padding runs every row to the longest context + the longest continuation:
+                # the KV cache (and the RoPE table) must hold that.
+                span = max(longest_ctx, len(ctx)) - 1 + max(longest_cont, cont)
+                if rows + len(rs) > self.batch_size or span > limit or (shared - new_shared) * len(chunk) > 256:
                     yield chunk
-                    chunk, rows = [], 0
+                    chunk = []
                 else:
                     shared = new_shared
             if not chunk:
-                shared = len(ctx)
+                rows, shared, longest_ctx, longest_cont = 0, len(ctx), 0, 0
             chunk.append((ctx, rs))
             rows += len(rs)
+            longest_ctx, longest_cont = max(longest_ctx, len(ctx)), max(longest_cont, cont)
         if chunk:
             yield chunk
 
@@ -228,48 +238,76 @@ class EvalModel:
         n_ctx, n_rows = len(contexts), len(rows)
         tail_len = max(len(c) - 1 - shared for c in contexts)
         cont_len = max(len(r.continuation) for _, r in rows)
-        total = max(len(contexts[j]) - 1 + len(r.continuation) for j, r in rows)
+        self._ensure_cache(max(n_ctx, n_rows), max(len(c) for c in contexts) - 1 + cont_len)
         device = self.device
-        self.model.setup_cache(max_batch_size=max(n_ctx, n_rows), max_seq_len=total)
-        try:
-            if shared:  # stage 1: the prefix every context shares, once
-                self._forward(torch.tensor([contexts[0][:shared]], device=device),
-                              torch.arange(shared, device=device), logits_at=None)
-                self._copy_cache_rows(torch.zeros(n_ctx, dtype=torch.long))
-            if tail_len:  # stage 2: the rest of each context but its last token, once per context
-                tokens = torch.zeros(n_ctx, tail_len, dtype=torch.long)
-                for j, c in enumerate(contexts):
-                    tail = c[shared:-1]
-                    tokens[j, : len(tail)] = torch.tensor(tail, dtype=torch.long)
-                pos = shared + torch.arange(tail_len).expand(n_ctx, tail_len)
-                self._forward(tokens.to(device), pos.to(device), logits_at=None)
-            # stage 3: each continuation from its context's cache row (right-padded, so padding
-            # lies after the real tokens and the causal mask hides it from them).
-            self._copy_cache_rows(torch.tensor([j for j, _ in rows]))
-            tokens = torch.zeros(n_rows, cont_len, dtype=torch.long)
-            start = torch.zeros(n_rows, 1, dtype=torch.long)
-            targets = []
-            for i, (j, r) in enumerate(rows):
-                seq = (contexts[j][-1],) + r.continuation[:-1]
-                tokens[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-                start[i, 0] = len(contexts[j]) - 1
-                targets.append(r.continuation)
-            pos = start + torch.arange(cont_len).unsqueeze(0)
-            row_idx = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(targets)])
-            col_idx = torch.cat([torch.arange(len(t)) for t in targets])
-            logits = self._forward(tokens.to(device), pos.to(device), logits_at=(row_idx, col_idx))
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            flat_targets = torch.tensor([t for ts in targets for t in ts], device=device)
-            picked = logprobs.gather(1, flat_targets.unsqueeze(1)).squeeze(1)
-            greedy = logprobs.argmax(dim=-1) == flat_targets
-        finally:
-            self.model.clear_cache()
+        if shared:  # stage 1: the prefix every context shares, once (or reused from the last chunk)
+            self._run_prefix(contexts[0][:shared])
+            self._copy_cache_rows(torch.zeros(n_ctx, dtype=torch.long), shared)
+        if tail_len:  # stage 2: the rest of each context but its last token, once per context
+            tokens = torch.zeros(n_ctx, tail_len, dtype=torch.long)
+            for j, c in enumerate(contexts):
+                tail = c[shared:-1]
+                tokens[j, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            pos = shared + torch.arange(tail_len).expand(n_ctx, tail_len)
+            self._forward(tokens.to(device), pos.to(device), logits_at=None)
+        # stage 3: each continuation from its context's cache row (right-padded, so padding
+        # lies after the real tokens and the causal mask hides it from them).
+        self._copy_cache_rows(torch.tensor([j for j, _ in rows]), shared + tail_len)
+        tokens = torch.zeros(n_rows, cont_len, dtype=torch.long)
+        start = torch.zeros(n_rows, 1, dtype=torch.long)
+        targets = []
+        for i, (j, r) in enumerate(rows):
+            seq = (contexts[j][-1],) + r.continuation[:-1]
+            tokens[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            start[i, 0] = len(contexts[j]) - 1
+            targets.append(r.continuation)
+        pos = start + torch.arange(cont_len).unsqueeze(0)
+        row_idx = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(targets)])
+        col_idx = torch.cat([torch.arange(len(t)) for t in targets])
+        logits = self._forward(tokens.to(device), pos.to(device), logits_at=(row_idx.to(device), col_idx.to(device)))
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        flat_targets = torch.tensor([t for ts in targets for t in ts], device=device)
+        picked = logprobs.gather(1, flat_targets.unsqueeze(1)).squeeze(1).double().cpu()
+        greedy = (logprobs.argmax(dim=-1) == flat_targets).cpu()
         out, start_i = [], 0
         for t in targets:
             end = start_i + len(t)
-            out.append((float(picked[start_i:end].double().sum()), bool(greedy[start_i:end].all())))
+            out.append((float(picked[start_i:end].sum()), bool(greedy[start_i:end].all())))
             start_i = end
         return out
+
+    def _ensure_cache(self, rows: int, length: int) -> None:
+        """A KV cache of at least ``rows`` x ``length``, kept between chunks when big enough.
+
+        Stale slots are harmless: every slot a query may see (positions up to its own) is written
+        in the current chunk before it is read. A cache much longer than needed is replaced, since
+        attention reads all of its slots.
+        """
+        cache = self.model.layers[0].attention.kv_cache
+        if cache is not None and cache.k.shape[0] >= rows and length <= self.model.cache_len <= length + 256:
+            return
+        length = min(-(-length // 64) * 64, self.model.config.max_seq_len)
+        self.model.setup_cache(max_batch_size=rows, max_seq_len=length)
+        self._prefix = None
+
+    def _run_prefix(self, prefix: tuple[int, ...]) -> None:
+        """Fill cache row 0 with the keys and values of ``prefix``, reusing the last chunk's prefix
+        as far as it agrees (a few-shot prompt is shared by every question of a task or subject)."""
+        done = 0
+        if self._prefix is not None:
+            saved_tokens, saved = self._prefix
+            done = common_prefix_len(saved_tokens, prefix)
+            if done:
+                for layer, (k, v) in zip(self.model.layers, saved):
+                    layer.attention.kv_cache.k[0:1, :, :done] = k[:, :, :done]
+                    layer.attention.kv_cache.v[0:1, :, :done] = v[:, :, :done]
+        if done < len(prefix):
+            self._forward(torch.tensor([prefix[done:]], device=self.device),
+                          torch.arange(done, len(prefix), device=self.device), logits_at=None)
+        n = len(prefix)
+        if self._prefix is None or done < n:
+            self._prefix = (prefix, [(layer.attention.kv_cache.k[0:1, :, :n].clone(),
+                                      layer.attention.kv_cache.v[0:1, :, :n].clone()) for layer in self.model.layers])
 
     def _forward(self, tokens: Tensor, input_pos: Tensor, logits_at: tuple[Tensor, Tensor] | None) -> Tensor | None:
         """Run ``tokens`` into the KV cache; return the logits at (rows, columns) ``logits_at``."""
@@ -282,15 +320,15 @@ class EvalModel:
         # The output head only where a score is needed: it is vocab x dim per position.
         return self.model.output(hidden[logits_at]).float()
 
-    def _copy_cache_rows(self, source_rows: Tensor) -> None:
-        """Make cache row i a copy of cache row ``source_rows[i]`` in every layer."""
+    def _copy_cache_rows(self, source_rows: Tensor, filled: int) -> None:
+        """Make cache row i a copy of cache row ``source_rows[i]`` (its first ``filled`` slots), in every layer."""
         src = source_rows.to(self.device)
-        if torch.equal(src, torch.arange(len(src), device=src.device)):
+        if not filled or torch.equal(src, torch.arange(len(src), device=src.device)):
             return
         for layer in self.model.layers:
             cache = layer.attention.kv_cache
-            cache.k[: len(src)] = cache.k[src]
-            cache.v[: len(src)] = cache.v[src]
+            cache.k[: len(src), :, :filled] = cache.k[src, :, :filled]
+            cache.v[: len(src), :, :filled] = cache.v[src, :, :filled]
 
     # ---------------------------------------------------------------- generation
 
@@ -330,21 +368,32 @@ class EvalModel:
         return out
 
 
-def rolling_windows(tokens: Sequence[int], prefix_token: int, max_length: int
-                    ) -> list[tuple[list[int], list[int]]]:
-    """Disjoint (context, predicted) windows covering ``tokens``, as lm-eval's rolling windows with
-    ``context_len=1``: the first window predicts up to ``max_length`` tokens after ``prefix_token``;
-    each later one predicts the next ``max_length`` tokens from the ones right before them."""
-    tokens = list(tokens)
-    windows = []
-    done = 0
-    while done < len(tokens):
-        n = min(max_length, len(tokens) - done)
-        # Input = context + pred[:-1] = max_length tokens once past the first window.
-        ctx = [prefix_token] if done == 0 else tokens[done + n - max_length - 1:done]
-        windows.append((ctx, tokens[done:done + n]))
-        done += n
-    return windows
+def sliding_windows(tokens: Sequence[int], prefix_token: int, window: int, stride: int | None = None, *,
+                    reuse_prefix: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(context, predicted) pairs covering every token of ``tokens`` once; the model input of each
+    (context + predicted[:-1]) is at most ``window`` tokens.
+
+    The first pair predicts up to ``window`` tokens from ``prefix_token``; each later one the next
+    ``stride`` tokens (default: ``window``), after the ``window - stride`` tokens before them.
+    With ``stride == window`` these are lm-eval's disjoint rolling windows (``context_len=1``).
+    ``reuse_prefix``: when ``tokens`` already starts with ``prefix_token`` (a BOS), condition on
+    that one instead of prepending another (lm-eval prepends regardless).
+    """
+    stride = stride or window
+    if window < 2:
+        raise ValueError(f"window={window}: expected at least 2 tokens")
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride={stride}: expected 1..window ({window})")
+    seq = list(tokens)
+    if not (reuse_prefix and seq and seq[0] == prefix_token):
+        seq = [prefix_token] + seq
+    pairs = []
+    pos = 1
+    while pos < len(seq):
+        n = min(window if pos == 1 else stride, len(seq) - pos)
+        pairs.append((seq[max(0, pos - (window - n + 1)):pos], seq[pos:pos + n]))
+        pos += n
+    return pairs
 
 
 class _NoBar:
