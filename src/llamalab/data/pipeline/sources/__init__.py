@@ -139,6 +139,8 @@ class SourceReader(PipelineStep):
     """
 
     type = "📖 - READER"
+    # The rejects sub-folder: two readers in one pipeline (e.g. JSONL then WET) need different ones.
+    reject_step = "reader"
 
     def __init__(self, inputs: list[str], *, rejects_dir: str | None = None, name: str = "source"):
         super().__init__()
@@ -177,7 +179,7 @@ class SourceReader(PipelineStep):
         """Read this rank's share of the units, yielding their documents."""
         if data:
             yield from data
-        writer = rejects_writer(self.rejects_dir, self.source_name, "reader")
+        writer = rejects_writer(self.rejects_dir, self.source_name, self.reject_step)
         self._writer, self._rank = writer, rank
         try:
             for unit in rank_shard(self.units(), rank, world_size):
