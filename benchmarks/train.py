@@ -23,6 +23,8 @@ peak of the precision the matmuls run in: bf16 860 GFLOP/s; fp32 MKL 200 GFLOP/s
 Implementations (``--impls``): ``transformers``, ``llamalab``, and llamalab with levers from
 ``llamalab.train.speed`` joined by ``+``: ``chunkce`` (the output head and cross-entropy fused and
 chunked, ``train.loss.linear_cross_entropy``, as ``llamalab pretrain`` runs by default),
+``heap`` (glibc keeps freed memory: no page faults every step, ``llamalab.allocator``; also
+applies to ``transformers+heap``),
 ``onednn`` (fp32 GEMMs in oneDNN), ``fused`` /
 ``foreach`` (AdamW implementation), ``compile`` (torch.compile per block; the first step's
 extra time is reported as compile time), ``sdpa-math`` / ``sdpa-flash``, ``fp32-bf16``
@@ -48,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 BATCH, SEQ = 8, 256
-LEVERS = ("onednn", "fused", "foreach", "compile", "compile-full", "sdpa-math", "sdpa-flash", "fp32-bf16", "chunkce")
+LEVERS = ("onednn", "fused", "foreach", "compile", "compile-full", "sdpa-math", "sdpa-flash", "fp32-bf16", "chunkce", "heap")
 SHAPES = {"15m": ("tiny-15m", {}), "135m": ("smollm2-135m", {})}
 
 
@@ -89,6 +91,10 @@ def child(spec: dict) -> dict:
     config.max_seq_len = max(config.max_seq_len, SEQ)
     bf16 = spec["dtype"] == "bf16"
 
+    if "heap" in levers:  # process-wide: glibc keeps freed memory (llamalab.allocator); either implementation
+        from llamalab.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
     t0 = time.perf_counter()
     torch.manual_seed(0)
     ref = Transformer(config)
@@ -110,7 +116,7 @@ def child(spec: dict) -> dict:
         if config.tie_embeddings:
             model.tie_weights()
         del ref
-        if {"onednn", "compile", "chunkce"} & set(levers):
+        if {"onednn", "compile", "chunkce"} & set(levers):  # (heap, fused, foreach, sdpa-*: both)
             raise SystemExit("levers onednn/compile/chunkce are llamalab's only")
     else:
         raise SystemExit(f"unknown implementation {impl!r}")

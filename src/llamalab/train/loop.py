@@ -51,6 +51,7 @@ from llamalab.model import Transformer
 from llamalab.train.config import ConfigError, StageSettings, TrainConfig
 from llamalab.train.metrics import PEAK_FLOPS, MetricsWriter, flops_per_token, mfu, read_metrics
 from llamalab.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from llamalab.allocator import reuse_freed_memory
 from llamalab.train.loss import linear_cross_entropy
 from llamalab.train.speed import onednn_mm_t, use_onednn_linear
 from llamalab.train.parallelize import (
@@ -432,6 +433,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+
+    if t.reuse_freed_memory and device.type == "cpu":
+        reuse_freed_memory()
 
     # -- the model: built, parallelized, initialised with the run's seed
     torch.manual_seed(cfg.seed)
