@@ -30,6 +30,9 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.jsonl import JsonlWriter
 
+# Metadata key of a document read by a rank that does not own its unit (``read_every_unit``).
+FOREIGN = "_foreign_unit"
+
 SOURCE_TYPES = ("commoncrawl", "c4", "github", "wikipedia", "books", "arxiv", "stackexchange")
 
 # Errors that mean "this input is bad", never "this code is wrong": they become rejects.
@@ -141,6 +144,8 @@ class SourceReader(PipelineStep):
     type = "📖 - READER"
     # The rejects sub-folder: two readers in one pipeline (e.g. JSONL then WET) need different ones.
     reject_step = "reader"
+    # Read every rank's units, marking the others' documents as FOREIGN (see ``run``).
+    read_every_unit = False
 
     def __init__(self, inputs: list[str], *, rejects_dir: str | None = None, name: str = "source"):
         super().__init__()
@@ -176,27 +181,41 @@ class SourceReader(PipelineStep):
             writer.write(doc, rank)
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        """Read this rank's share of the units, yielding their documents."""
+        """Read this rank's share of the units, yielding their documents.
+
+        With ``read_every_unit`` the other ranks' units are read too, their documents marked with
+        ``metadata[FOREIGN]`` and neither counted nor rejected here (their owner does that): a
+        later step that must see everything (book-level dedup) then emits only this rank's share.
+        """
         if data:
             yield from data
         writer = rejects_writer(self.rejects_dir, self.source_name, self.reject_step)
         self._writer, self._rank = writer, rank
         try:
-            for unit in rank_shard(self.units(), rank, world_size):
-                self.stat_update("input_units")
+            for index, unit in enumerate(self.units()):
+                self._owned = index % world_size == rank  # the same split as rank_shard
+                if not (self._owned or self.read_every_unit):
+                    continue
+                if self._owned:
+                    self.stat_update("input_units")
                 try:
                     for doc in self.read_unit(unit):
-                        self.stat_update("documents")
-                        self.update_doc_stats(doc)
+                        if self._owned:
+                            self.stat_update("documents")
+                            self.update_doc_stats(doc)
+                        else:
+                            doc.metadata[FOREIGN] = True
                         yield doc
                 except BAD_INPUT_ERRORS as error:
-                    reason = self.reject_reason(error)
-                    bad = Document(text="", id=str(unit), metadata={"source_file": str(unit), "error": repr(error)})
-                    self.reject(writer, rank, bad, reason)
+                    if self._owned:
+                        reason = self.reject_reason(error)
+                        bad = Document(text="", id=str(unit), metadata={"source_file": str(unit), "error": repr(error)})
+                        self.reject(writer, rank, bad, reason)
         finally:
             if writer is not None:
                 writer.close()
 
     def reject_record(self, doc: Document, reason: str) -> None:
         """Reject one record inside a unit (e.g. a malformed post) while reading goes on."""
-        self.reject(getattr(self, "_writer", None), getattr(self, "_rank", 0), doc, reason)
+        if getattr(self, "_owned", True):
+            self.reject(getattr(self, "_writer", None), getattr(self, "_rank", 0), doc, reason)
