@@ -21,7 +21,7 @@ import os
 import tarfile
 import zlib
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from xml.etree.ElementTree import ParseError
 
@@ -80,6 +80,21 @@ def list_input_files(inputs: Iterable[str], suffixes: tuple[str, ...] | None = N
     if suffixes is not None:
         files = [f for f in files if f.lower().endswith(suffixes)]
     return files
+
+
+def list_units(inputs: Iterable[str], is_unit_dir: Callable[[str], bool], file_suffixes: tuple[str, ...]) -> list[str]:
+    """Work units made of directories: an input directory for which ``is_unit_dir`` holds is one
+    unit (a repository, a paper); any other input directory is a folder of units (its sub-
+    directories and its files ending in ``file_suffixes``); an input file is a unit. Sorted."""
+    units: set[str] = set()
+    for item in inputs:
+        if not os.path.isdir(item):
+            units.update(list_input_files([item]))
+        elif is_unit_dir(item):
+            units.add(item)
+        else:
+            units.update(e.path for e in os.scandir(item) if e.is_dir() or e.name.endswith(file_suffixes))
+    return sorted(units)
 
 
 def rank_shard(items: list[Any], rank: int, world_size: int) -> list[Any]:

@@ -30,7 +30,7 @@ from typing import Any
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
-from . import SourceFilter, SourceReader, list_input_files, resolve_options
+from . import SourceFilter, SourceReader, list_input_files, list_units, resolve_options
 
 DEFAULTS: dict[str, Any] = {
     "expand_macros": True,
@@ -186,18 +186,8 @@ class ArxivReader(SourceReader):
         self.max_depth = max_depth
 
     def units(self) -> list[str]:
-        """Papers: .tex files, archives, and directories holding .tex files at their top."""
-        units: set[str] = set()
-        for item in self.inputs:
-            if not os.path.isdir(item):
-                units.update(list_input_files([item]))
-            elif _is_one_paper(item):
-                units.add(item)
-            else:
-                for entry in os.scandir(item):
-                    if entry.is_dir() or entry.name.endswith((*_ARCHIVES, ".tex", ".gz")):
-                        units.add(entry.path)
-        return sorted(units)
+        """Papers: .tex files, archives, and directories holding one paper's .tex files."""
+        return list_units(self.inputs, _is_one_paper, (*_ARCHIVES, ".tex", ".gz"))
 
     def _files(self, unit: str) -> dict[str, bytes]:
         if os.path.isdir(unit):

@@ -25,7 +25,7 @@ from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
 
 from ..readers import JsonlReader
-from . import SourceFilter, list_input_files, resolve_options
+from . import SourceFilter, list_units, resolve_options
 
 # RedPajama-v1's GitHub whitelist (github_run_filter.py): names ending in one of these are kept.
 REDPAJAMA_EXTENSIONS = [
@@ -161,19 +161,7 @@ class GitHubReader(JsonlReader):
 
     def units(self) -> list[str]:
         """Repositories (directories) and JSONL files, sorted."""
-        units: set[str] = set()
-        for item in self.inputs:
-            if not os.path.isdir(item):
-                units.update(list_input_files([item]))
-            elif is_repository(item):
-                units.add(item)
-            else:
-                for entry in os.scandir(item):
-                    if entry.is_dir():
-                        units.add(entry.path)
-                    elif entry.name.endswith((".jsonl", ".jsonl.gz", ".json")):
-                        units.add(entry.path)
-        return sorted(units)
+        return list_units(self.inputs, is_repository, (".jsonl", ".jsonl.gz", ".json"))
 
     def _keep_name(self, path: str, record_id: str, source: str) -> bool:
         if os.path.basename(path).endswith(self.extensions):
