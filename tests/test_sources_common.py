@@ -128,3 +128,21 @@ def test_truncated_archive_is_a_reject_and_the_run_goes_on(tmp_path: Path) -> No
     reasons = {r["metadata"]["filter_reason"] for r in result["rejects"]}
     assert reasons == {"truncated_or_corrupt_archive", "too_short"}
     assert step_stats(result["stats"], "short")["dropped_too_short"] == 1
+
+
+@pytest.mark.parametrize("source", ["c4", "github", "wikipedia", "books", "arxiv", "stackexchange"])
+def test_source_contract(source: str, tmp_path: Path) -> None:
+    """Every source module: DEFAULTS, build_steps -> reader first, no writer; unknown options named."""
+    import importlib
+
+    from datatrove.pipeline.base import PipelineStep
+    from datatrove.pipeline.writers.disk_base import DiskWriter
+
+    module = importlib.import_module(f"llamalab.data.pipeline.sources.{source}")
+    assert isinstance(module.DEFAULTS, dict) and module.DEFAULTS
+    steps = module.build_steps([str(tmp_path)], {}, rejects_dir=None, name=source)
+    assert steps and all(isinstance(s, PipelineStep) for s in steps)
+    assert isinstance(steps[0], SourceReader)
+    assert not any(isinstance(s, DiskWriter) for s in steps)
+    with pytest.raises(ValueError, match="no_such_threshold"):
+        module.build_steps([str(tmp_path)], {"no_such_threshold": 1}, rejects_dir=None, name=source)
