@@ -67,6 +67,7 @@ def repos(tmp_path: Path) -> Path:
         "data/table.c": "int t[] = {" + ",\n".join(["0x1", "0x2", "0x3"] * 100) + "};\n",
         "bad.py": b"x = '\xff\xfe'\n",
     })
+    (root / "mitlib" / "gone.py").symlink_to(root / "mitlib" / "missing.py")  # dangling: this file only
     _write(root / "gplapp", {"COPYING": GPL, "main.c": "int main(void) { return 0; }\n"})
     _write(root / "nolicense", {".git/HEAD": "ref: refs/heads/main\n", "run.sh": "echo hello world\n"})
     return root
@@ -131,6 +132,7 @@ def test_repositories_end_to_end(repos: Path, tmp_path: Path) -> None:
     assert reasons["mitlib/dist/app.min.js"] == "max_line_length"
     assert reasons["mitlib/logo.png"] == "extension"
     assert reasons["mitlib/bad.py"] == "bad_encoding"
+    assert reasons["mitlib/gone.py"] == "unreadable_file"
     assert reasons["mitlib/data/table.c"] == "alpha_per_token"
     assert reasons["gplapp/main.c"] == "license_not_allowed"
     assert reasons["nolicense/run.sh"] == "license_none"

@@ -190,23 +190,26 @@ class ArxivReader(SourceReader):
         return list_units(self.inputs, _is_one_paper, (*_ARCHIVES, ".tex", ".gz"))
 
     def _files(self, unit: str) -> dict[str, bytes]:
+        """The TeX-like files of a paper (figures and PDFs are never read)."""
         if os.path.isdir(unit):
             found = {}
             for path in list_input_files([unit]):
-                with open(path, "rb") as f:
-                    found[os.path.relpath(path, unit)] = f.read()
+                name = os.path.relpath(path, unit)
+                if _is_tex_like(name):
+                    with open(path, "rb") as f:
+                        found[name] = f.read()
             return found
         if unit.endswith(_ARCHIVES) or (unit.endswith(".gz") and _is_tar_gz(unit)):
             with tarfile.open(unit) as tar:
-                return {os.path.normpath(m.name): tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+                return {os.path.normpath(m.name): tar.extractfile(m).read() for m in tar.getmembers()
+                        if m.isfile() and _is_tex_like(m.name)}
         opener = gzip.open if unit.endswith(".gz") else open
         with opener(unit, "rb") as f:
             return {"main.tex": f.read()}
 
     def read_unit(self, unit: str) -> Iterator[Document]:
         """The paper of one unit."""
-        files = {name: decode_tex(raw) for name, raw in self._files(unit).items()
-                 if name.endswith((".tex", ".bbl", ".sty", ".cls")) or "." not in os.path.basename(name)}
+        files = {name: decode_tex(raw) for name, raw in self._files(unit).items()}
         main = pick_main(files)
         paper_id = os.path.basename(unit.rstrip("/"))
         for suffix in (*_ARCHIVES, ".gz", ".tex"):
@@ -217,6 +220,11 @@ class ArxivReader(SourceReader):
         cleaned = {name: remove_comments(text) for name, text in files.items()}
         text = inline_inputs(main, cleaned, self.max_depth)
         yield Document(text=text, id=paper_id, metadata={"main_file": main, "source_file": unit})
+
+
+def _is_tex_like(name: str) -> bool:
+    """TeX sources and the files \\input may name without an extension."""
+    return name.endswith((".tex", ".bbl", ".sty", ".cls")) or "." not in os.path.basename(name)
 
 
 def _is_one_paper(folder: str) -> bool:

@@ -189,11 +189,16 @@ class GitHubReader(JsonlReader):
                 if not self._keep_name(rel, doc_id, repo):
                     continue
                 meta = {"repo": repo_name, "path": rel, "license": license_id}
-                if os.path.getsize(full) > self.max_bytes:
-                    self.reject_record(Document(text="", id=doc_id, metadata=meta), "file_too_large")
+                try:
+                    if os.path.getsize(full) > self.max_bytes:
+                        self.reject_record(Document(text="", id=doc_id, metadata=meta), "file_too_large")
+                        continue
+                    with open(full, "rb") as f:
+                        raw = f.read()
+                except OSError as e:  # a dangling symlink, a permission: this file only, not the repository
+                    self.reject_record(Document(text="", id=doc_id, metadata={**meta, "error": str(e)}),
+                                       "unreadable_file")
                     continue
-                with open(full, "rb") as f:
-                    raw = f.read()
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError:
