@@ -92,7 +92,9 @@ def _braced(text: str, start: int) -> tuple[str, int] | None:
     return None
 
 
-_DEFINITION = re.compile(r"\\(?:(?:re)?newcommand\*?\s*(?:\{\s*(\\[A-Za-z@]+)\s*\}|(\\[A-Za-z@]+))|def\s*(\\[A-Za-z@]+))\s*")
+# \newcommand{\x}, \newcommand*\x, \renewcommand..., \def\x: the macro name in group 1, 2 or 3.
+_DEFINITION = re.compile(r"\\(?:(?:re)?newcommand\*?\s*(?:\{\s*(\\[A-Za-z@]+)\s*\}|(\\[A-Za-z@]+))"
+                         r"|def\s*(\\[A-Za-z@]+))\s*")
 
 
 def expand_macros(text: str, max_passes: int = 5) -> str:
