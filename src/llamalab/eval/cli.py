@@ -96,19 +96,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for name in args.tasks:
         if name in doc["tasks_done"]:
             continue
-        if name not in known:
-            error = f"unknown task; known tasks: {', '.join(sorted(known))}"
-            warn(f"{name}: {error}")
-            doc["failures"].append({"task": name, "error": error})
-            continue
         t0 = time.perf_counter()
         try:
-            task = get_task(name)
-            rows = task.run(lm, shots=args.shots, limit=args.limit, seed=args.seed, progress=not args.no_progress)
+            if name not in known:
+                raise ValueError(f"unknown task; known tasks: {', '.join(sorted(known))}")
+            rows = get_task(name).run(lm, shots=args.shots, limit=args.limit, seed=args.seed,
+                                      progress=not args.no_progress)
         except (ValueError, OSError, KeyError, RuntimeError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-            warn(f"{name} failed: {msg}")
-            doc["failures"].append({"task": name, "error": str(msg)})
+            msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+            warn(f"{name}: {msg}")
+            doc["failures"].append({"task": name, "error": msg})
         else:
             elapsed = time.perf_counter() - t0
             add_rows(doc, rows)

@@ -35,7 +35,8 @@ from llamalab.eval.data import data_root, load_split, split_size
 if TYPE_CHECKING:
     from llamalab.eval.lm import EvalModel
 
-__all__ = ["MCExample", "MMLU_CATEGORIES", "MultipleChoiceTask", "mmlu_category", "mmlu_subjects", "score_examples"]
+__all__ = ["MCExample", "MMLU_CATEGORIES", "MultipleChoiceTask", "Prompted", "example_metrics", "mmlu_category",
+           "mmlu_subjects", "score_examples"]
 
 UNCOND_CONTEXT = "Answer:"
 FEWSHOT_SEPARATOR = "\n\n"
@@ -60,31 +61,25 @@ class MCExample:
         return self.contexts[self.gold] + TARGET_DELIMITER + self.continuations[self.gold]
 
 
-@dataclass
-class _Scored:
-    """The per-choice scores of one example."""
-
-    loglik: list[float]
-    uncond: list[float] | None
-
-
 def _argmax(values: Sequence[float]) -> int:
     """Index of the largest value, the first on ties (as numpy.argmax)."""
     return max(range(len(values)), key=lambda i: (values[i], -i))
 
 
-def example_metrics(example: MCExample, scored: _Scored) -> dict[str, float]:
-    """1.0/0.0 correctness of ``example`` under each scoring rule."""
-    out = {"acc": float(_argmax(scored.loglik) == example.gold)}
-    normed = [ll / max(len(c), 1) for ll, c in zip(scored.loglik, example.continuations)]
+def example_metrics(example: MCExample, loglik: Sequence[float], uncond: Sequence[float] | None = None
+                    ) -> dict[str, float]:
+    """1.0/0.0 correctness of ``example`` under each scoring rule, from each choice's log-likelihood
+    given the context (``loglik``) and, for ``acc_uncond``, given "Answer:" (``uncond``)."""
+    out = {"acc": float(_argmax(loglik) == example.gold)}
+    normed = [ll / max(len(c), 1) for ll, c in zip(loglik, example.continuations)]
     out["acc_norm_char"] = float(_argmax(normed) == example.gold)
-    if scored.uncond is not None:
-        out["acc_uncond"] = float(_argmax([a - b for a, b in zip(scored.loglik, scored.uncond)]) == example.gold)
+    if uncond is not None:
+        out["acc_uncond"] = float(_argmax([a - b for a, b in zip(loglik, uncond)]) == example.gold)
     return out
 
 
 @dataclass
-class _Prompted:
+class Prompted:
     """An example with the few-shot text that precedes each of its contexts."""
 
     example: MCExample
@@ -111,7 +106,7 @@ def fit_prefix(lm: EvalModel, example: MCExample, header: str, demos: list[str])
         demos.pop()
 
 
-def score_examples(lm: EvalModel, prompted: Sequence[_Prompted], *, uncond: bool, progress: bool,
+def score_examples(lm: EvalModel, prompted: Sequence[Prompted], *, uncond: bool, progress: bool,
                    desc: str) -> list[dict[str, float]]:
     """Score every choice of every example in one batched call; return each example's metrics."""
     requests: list[tuple[str, str]] = []
@@ -129,8 +124,8 @@ def score_examples(lm: EvalModel, prompted: Sequence[_Prompted], *, uncond: bool
     out, i = [], 0
     for p in prompted:
         k = len(p.example.contexts)
-        scored = _Scored(scores[i:i + k], [by_choice[x] for x in p.example.continuations] if uncond else None)
-        out.append(example_metrics(p.example, scored))
+        out.append(example_metrics(p.example, scores[i:i + k],
+                                   [by_choice[x] for x in p.example.continuations] if uncond else None))
         i += k
     return out
 
@@ -174,12 +169,10 @@ class MultipleChoiceTask(EvalTask):
         """The question ``doc`` (a row of the Arrow split) as contexts, continuations and gold index."""
         raise NotImplementedError
 
-    def run(self, lm: EvalModel, *, shots: int | None, limit: int | None, seed: int,
-            progress: bool) -> list[TaskResult]:
-        """Zero- or few-shot accuracy under each scoring rule."""
-        k = self.default_shots if shots is None else shots
+    def prompts(self, lm: EvalModel, k: int, limit: int | None, seed: int) -> list[Prompted]:
+        """The first ``limit`` examples, each after ``k`` demonstrations drawn with ``seed`` (as many
+        as fit the model's context)."""
         docs = load_split(self.dataset)
-        total = len(docs)
         examples = [self.to_example(d) for d in (docs[:limit] if limit else docs)]
         pool = ([self.to_example(d) for d in load_split(self.fewshot_dataset)] if self.fewshot_dataset
                 else [self.to_example(d) for d in docs])
@@ -193,16 +186,23 @@ class MultipleChoiceTask(EvalTask):
                 picked = [j for j in picked if self.fewshot_dataset or j != i][:k]
                 demos = [pool[j].demonstration() for j in picked]
             prefix, used = fit_prefix(lm, ex, "", demos)
-            prompted.append(_Prompted(ex, prefix, used))
+            prompted.append(Prompted(ex, prefix, used))
+        return prompted
+
+    def run(self, lm: EvalModel, *, shots: int | None, limit: int | None, seed: int,
+            progress: bool) -> list[TaskResult]:
+        """Zero- or few-shot accuracy under each scoring rule."""
+        k = self.default_shots if shots is None else shots
+        prompted = self.prompts(lm, k, limit, seed)
         truncated_before = lm.truncated
         per_example = score_examples(lm, prompted, uncond=self.uncond, progress=progress, desc=self.name)
-        details = {"source": self.source, "split_size": total, "shots": k,
+        details = {"source": self.source, "split_size": split_size(self.dataset), "shots": k,
                    "fewshot_source": (self.fewshot_dataset or f"{self.dataset} (other examples)") if k else None}
         details.update(_shortfall(self.name, prompted, k, lm.truncated - truncated_before, lm.max_length))
         return metric_rows(self.name, per_example, details, self.headline)
 
 
-def _shortfall(name: str, prompted: Sequence[_Prompted], k: int, truncated: int, max_length: int) -> dict[str, Any]:
+def _shortfall(name: str, prompted: Sequence[Prompted], k: int, truncated: int, max_length: int) -> dict[str, Any]:
     """Details (and a warning) about shots dropped and prompts cut to fit the context."""
     out: dict[str, Any] = {}
     short = [p for p in prompted if p.shots < k]
@@ -417,7 +417,7 @@ class MMLU(EvalTask):
         KV cache is computed once per batch).
         """
         k = self.default_shots if shots is None else shots
-        prompted: list[_Prompted] = []
+        prompted: list[Prompted] = []
         owner: list[str] = []
         sizes: dict[str, int] = {}
         for subject in mmlu_subjects():
@@ -431,7 +431,7 @@ class MMLU(EvalTask):
             for doc in docs[:limit] if limit else docs:
                 ex = self.to_example(doc)
                 prefix, used = fit_prefix(lm, ex, header, dev[:k])
-                prompted.append(_Prompted(ex, prefix, used))
+                prompted.append(Prompted(ex, prefix, used))
                 owner.append(subject)
         truncated_before = lm.truncated
         per_example = score_examples(lm, prompted, uncond=False, progress=progress, desc=self.name)
