@@ -80,10 +80,25 @@ def test_detect_license_by_wording() -> None:
     assert github.detect_license(BSD3.replace("Neither the name", "Also")) == "BSD-2-Clause"
     assert github.detect_license(APACHE) == "Apache-2.0"
     assert github.detect_license("All rights reserved. Do not copy.") == "unknown"
+    # bundled third-party licences after the project's own do not decide (numpy, scipy, sklearn)
+    assert github.detect_license(BSD3 + "\nThird-party code:\n" + GPL) == "BSD-3-Clause"
+    assert github.detect_license("A. HISTORY OF THE SOFTWARE\n... GNU General Public License ...") == "PSF-2.0"
+    isc = "Permission to use, copy, modify, and distribute this software for any purpose with or without fee"
+    assert github.detect_license(isc) == "ISC"
+    assert github.detect_license("Version 2.0, January 2004\nhttp://www.apache.org/licenses/") == "Apache-2.0"
     assert github.normalize_license("mit") == "MIT"
     assert github.normalize_license(["gpl-3.0"]) == "GPL-3.0"
     assert github.normalize_license("wtfpl") == "unknown"
     assert github.normalize_license(None) == ""
+
+
+def test_primary_license_file_decides_then_dual_licences(tmp_path: Path) -> None:
+    _write(tmp_path / "gpl_with_vendored_mit", {"COPYING": GPL, "LICENSE-vendored-lib": MIT})
+    assert github.repository_license(str(tmp_path / "gpl_with_vendored_mit")) == "GPL-3.0"
+    either = "Made available under either of the licenses in LICENSE.APACHE or LICENSE.BSD."
+    _write(tmp_path / "dual", {"LICENSE": either, "LICENSE.APACHE": APACHE, "LICENSE.BSD": BSD3})
+    assert github.repository_license(str(tmp_path / "dual")) == "Apache-2.0"
+    assert github.repository_license(str(tmp_path)) == ""
 
 
 def test_strip_license_header_keeps_shebang_and_docs() -> None:

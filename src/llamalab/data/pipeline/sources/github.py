@@ -91,29 +91,54 @@ def normalize_license(value: Any) -> str:
     return _LICENSE_ALIASES.get(text.lower(), text if text in _LICENSE_ALIASES.values() else "unknown")
 
 
-def detect_license(text: str) -> str:
-    """The SPDX id of a licence file's text, from each licence's characteristic wording.
+# Each licence's characteristic wording. A licence file often appends the licences of bundled
+# third-party code (numpy's BSD file goes on to quote the GPL): the phrase found EARLIEST in the
+# file names its own licence.
+_LICENSE_PHRASES: list[tuple[str, str]] = [
+    ("permission is hereby granted, free of charge", "MIT"),
+    ("redistribution and use in source and binary forms", "BSD"),
+    ("apache license", "Apache"),
+    ("www.apache.org/licenses/", "Apache-2.0"),
+    ("apache 2.0", "Apache-2.0"),
+    ("apache-2.0", "Apache-2.0"),
+    ("gnu affero general public license", "AGPL-3.0"),
+    ("gnu lesser general public license", "LGPL"),
+    ("gnu library general public license", "LGPL-2.1"),
+    ("gnu general public license", "GPL"),
+    ("mozilla public license", "MPL-2.0"),
+    ("history of the software", "PSF-2.0"),
+    ("python software foundation license", "PSF-2.0"),
+    ("this license agreement is between", "PSF-2.0"),
+    ("permission to use, copy, modify, and/or distribute this software for any purpose", "ISC"),
+    ("permission to use, copy, modify, and distribute this software for any purpose", "ISC"),
+    ("permission to use, copy, modify and distribute this software and its", "HPND"),
+    ("the unlicense", "Unlicense"),
+]
 
-    Recognises MIT, BSD-2/3-Clause, Apache-2.0 and the GNU family; anything else is "unknown".
+
+def detect_license(text: str) -> str:
+    """The SPDX id of a licence file's text: the licence whose characteristic wording comes first.
+
+    MIT, BSD-2/3/4-Clause, Apache-2.0, the GNU family, MPL-2.0, PSF-2.0, ISC, HPND and the
+    Unlicense are recognised; anything else is "unknown".
     """
     t = " ".join(text.split()).lower()
-    if "gnu affero general public license" in t:
-        return "AGPL-3.0"
-    if "gnu lesser general public license" in t or "gnu library general public license" in t:
-        return "LGPL-3.0" if "version 3" in t else "LGPL-2.1"
-    if "gnu general public license" in t:
-        return "GPL-3.0" if "version 3" in t else "GPL-2.0"
-    if "apache license" in t and "version 2.0" in t:
-        return "Apache-2.0"
-    if "permission is hereby granted, free of charge" in t and "without restriction" in t:
-        return "MIT"
-    if "redistribution and use in source and binary forms" in t:
-        if "all advertising materials" in t:
+    hits = [(t.find(phrase), spdx) for phrase, spdx in _LICENSE_PHRASES if phrase in t]
+    if not hits:
+        return "unknown"
+    position, spdx = min(hits)
+    window = t[position : position + 3000]  # the rest of this licence, for its version/variant
+    if spdx == "BSD":
+        if "all advertising materials" in window:
             return "BSD-4-Clause"
-        if "neither the name" in t or "the names of its contributors may not" in t:
+        if "neither the name" in window or "names of its contributors may not" in window:
             return "BSD-3-Clause"
         return "BSD-2-Clause"
-    return "unknown"
+    if spdx == "Apache":
+        return "Apache-2.0" if "version 2.0" in window else "Apache-1.x"
+    if spdx in ("GPL", "LGPL"):
+        return f"{spdx}-3.0" if "version 3" in window[:300] else f"{spdx}-2.1" if spdx == "LGPL" else "GPL-2.0"
+    return spdx
 
 
 def is_repository(path: str) -> bool:
@@ -125,12 +150,18 @@ def is_repository(path: str) -> bool:
     return ".git" in names or any(_LICENSE_FILE.match(n) for n in names)
 
 
+_PRIMARY_LICENSE = re.compile(r"^(licen[cs]e|copying)(\.(md|txt|rst))?$", re.IGNORECASE)
+
+
 def repository_license(repo: str) -> str:
     """The SPDX id of a repository's top-level LICENSE / COPYING file(s), ``""`` if it has none.
 
-    With several licence files the first permissive one wins (dual-licensed projects).
+    The primary file (``LICENSE``, ``LICENSE.txt``, ``COPYING``...) decides when its licence is
+    recognised; otherwise (e.g. "either LICENSE.APACHE or LICENSE.BSD") the first allowed licence
+    among the other licence files, else the first one found.
     """
-    found: list[str] = []
+    primary: list[str] = []
+    others: list[str] = []
     for candidate in (repo, os.path.join(repo, "licenses"), os.path.join(repo, "LICENSES")):
         if not os.path.isdir(candidate):
             continue
@@ -138,10 +169,15 @@ def repository_license(repo: str) -> str:
             path = os.path.join(candidate, fname)
             if _LICENSE_FILE.match(fname) and os.path.isfile(path):
                 with open(path, encoding="utf-8", errors="replace") as f:
-                    found.append(detect_license(f.read(200_000)))
+                    spdx = detect_license(f.read(200_000))
+                (primary if _PRIMARY_LICENSE.match(fname) else others).append(spdx)
+    recognised = [spdx for spdx in primary if spdx != "unknown"]
+    if recognised:
+        return recognised[0]
+    found = primary + others
     if not found:
         return ""
-    return next((spdx for spdx in found if spdx in DEFAULTS["allowed_licenses"]), found[0])
+    return next((spdx for spdx in others if spdx in DEFAULTS["allowed_licenses"]), found[0])
 
 
 class GitHubReader(JsonlReader):
