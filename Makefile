@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Tests run in parallel on both cores when pytest-xdist is present.
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench shakespeare
+.PHONY: demo test install clean bench shakespeare lmplz
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# KenLM's lmplz (n-gram training for the CCNet perplexity step) is not on PyPI as a binary: built
+# from the kenlm source package with Debian's Boost -dev packages (apt-get as root, else sudo),
+# once, into the venv's build dir.
+KENLM_VERSION := 0.3.0
+KENLM_BUILD   := $(VENV)/build/kenlm
+LMPLZ         := $(KENLM_BUILD)/bin/lmplz
+KENLM_APT     := libboost-program-options-dev libboost-system-dev libboost-thread-dev libboost-test-dev \
+                 zlib1g-dev libbz2-dev liblzma-dev cmake
+$(LMPLZ): | $(STAMP)
+	dpkg -s $(KENLM_APT) >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(KENLM_APT); }
+	rm -rf $(KENLM_BUILD)/src && mkdir -p $(KENLM_BUILD)/src
+	$(PIP) download --quiet --no-deps --no-binary :all: --no-build-isolation kenlm==$(KENLM_VERSION) -d $(KENLM_BUILD)
+	tar -xzf $(KENLM_BUILD)/kenlm-$(KENLM_VERSION).tar.gz -C $(KENLM_BUILD)/src --strip-components=1
+	cmake -S $(KENLM_BUILD)/src -B $(KENLM_BUILD)/cmake -DCMAKE_BUILD_TYPE=Release -DCOMPILE_TESTS=OFF >/dev/null
+	cmake --build $(KENLM_BUILD)/cmake --target lmplz build_binary -j $$(nproc)
+	mkdir -p $(KENLM_BUILD)/bin && cp $(KENLM_BUILD)/cmake/bin/lmplz $(KENLM_BUILD)/cmake/bin/build_binary $(KENLM_BUILD)/bin/
+
+lmplz: $(LMPLZ)
+
 # The real SmolLM2-135M-Instruct, offline: one streamed answer, then a two-turn chat session
 # (the second question needs the first answer's history).
 demo: $(STAMP)
@@ -32,7 +52,7 @@ demo: $(STAMP)
 	printf 'Name the three primary colours of paint.\nWhich one of them is the colour of the sky?\n' | \
 		$(VENV)/bin/llamalab chat --system "You are a concise assistant." --max-new-tokens 96
 
-test: $(STAMP)
+test: $(STAMP) $(LMPLZ)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

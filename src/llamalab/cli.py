@@ -20,6 +20,7 @@ examples:
   llamalab convert smollm2-135m-instruct out/smollm2-hf --to hf
   llamalab tokenizer train corpus.jsonl --vocab-size 32000 --out tok/llama
   llamalab tokenize data/*.txt --tokenizer tok/llama.model --out data/tokens
+  llamalab data run configs/data/demo.toml
   llamalab pretrain --config configs/pretrain/cpu-shakespeare.toml
   llamalab plot runs/tiny
   llamalab eval --tasks hellaswag,piqa,mmlu --limit 100 --out runs/eval.json
@@ -287,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     from llamalab.train.cli import add_plot_parser, add_pretrain_parser
 
     add_tokenize_parser(sub)
+
+    from llamalab.data.pipeline.cli import add_data_parser
+
+    add_data_parser(sub)
     add_pretrain_parser(sub)
     add_plot_parser(sub)
 

@@ -31,6 +31,7 @@ __all__ = [
     "SourceFilter",
     "content_hash",
     "default_lid_model",
+    "load_fasttext",
     "line_hash",
     "normalize_for_dedup",
     "rejects_writer",
@@ -82,7 +83,7 @@ def default_lid_model() -> str:
 
 
 @lru_cache(maxsize=4)
-def _load_fasttext(path: str) -> Any:
+def load_fasttext(path: str) -> Any:
     """A fastText model, loaded once per process (workers load their own: models don't pickle)."""
     import fasttext
 
@@ -115,7 +116,7 @@ class LanguageFilter(SourceFilter):
 
     def predict(self, text: str) -> tuple[str, float]:
         """The top language label (``"en"``) and its probability for ``text``."""
-        model = _load_fasttext(self.model_path)
+        model = load_fasttext(self.model_path)
         labels, scores = model.predict(text.replace("\n", " "), k=1)
         if not labels:
             return "unknown", 0.0

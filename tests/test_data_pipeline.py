@@ -1,0 +1,144 @@
+"""The data-pipeline engine: config checks, local runs with rejects and a report, resume after a
+failure, and the same output on a local Ray instance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llamalab.data.pipeline.commoncrawl import MinLengthFilter
+from llamalab.data.pipeline.config import config_from_dict, load_config
+from llamalab.data.pipeline.engine import run_config
+from llamalab.data.pipeline.report import collect_report, format_report
+
+EN = ("The river runs through the old town and past the market square. Children walk to school along the river "
+      "every morning. The market opens early and closes when the sun goes down. ")
+
+
+TOPICS = ["apples", "bridges", "castles", "dancing", "engines", "forests", "gardens", "harbours", "islands",
+          "journeys", "kitchens", "lanterns", "mountains", "novels", "orchards", "painters"]
+
+
+def _inputs(root: Path, files: int = 3, per_file: int = 4) -> Path:
+    """JSONL pages: unique English pages, one page repeated in every file, and a malformed line per file."""
+    d = root / "in"
+    d.mkdir()
+    for f in range(files):
+        # CCNet's line dedup maps digits to 0: pages differ by words
+        lines = [json.dumps({"text": f"A page about {TOPICS[f * per_file + i]}. {EN * 2}\nOnly this page talks "
+                                     f"about {TOPICS[f * per_file + i]}.", "id": f"{f}-{i}"}) for i in range(per_file)]
+        lines.append(json.dumps({"text": f"The same page everywhere. {EN * 2}", "id": f"dup{f}"}))
+        lines.append("{not json")
+        lines.append(json.dumps({"id": "no-text"}))
+        (d / f"cc{f}.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def _config(root: Path, run: str, **executor) -> dict:
+    return {"name": "t", "run_dir": str(root / run), "executor": {"tasks": 2, "workers": 1, **executor},
+            "sources": {"web": {"type": "commoncrawl", "inputs": [str(root / "in")],
+                                "options": {"perplexity": False, "classifier": False}}}}
+
+
+def _outputs(run_dir: Path) -> dict[str, str]:
+    return {p.relative_to(run_dir).as_posix(): p.read_text() for p in sorted(run_dir.glob("web/output/*.jsonl"))}
+
+
+def _docs(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for text in _outputs(run_dir).values() for line in text.splitlines()]
+
+
+def test_config_errors_name_file_and_key(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('run_dir = "x"\n[sources.web]\ntype = "commoncrawl"\ninputs = ["a"]\nthreshold = 3\n')
+    with pytest.raises(ValueError, match=r"bad.toml: unknown key sources.web.threshold"):
+        load_config(path)
+    path.write_text('run_dir = "x"\n[executor]\ntasks = "many"\n[sources.web]\ntype = "commoncrawl"\ninputs = "a"\n')
+    with pytest.raises(ValueError, match=r"bad.toml: executor.tasks = 'many': expected int"):
+        load_config(path)
+    with pytest.raises(ValueError, match=r"sources.web.type = 'webpages'"):
+        config_from_dict({"run_dir": "x", "sources": {"web": {"type": "webpages", "inputs": "a"}}}, "c.toml")
+    with pytest.raises(ValueError, match=r"mixture.weights.books: no source named 'books'"):
+        config_from_dict({"run_dir": "x", "sources": {"web": {"type": "commoncrawl", "inputs": "a"}},
+                          "mixture": {"weights": {"books": 1}}}, "c.toml")
+    cfg = config_from_dict({"run_dir": str(tmp_path), "sources": {"web": {"type": "commoncrawl", "inputs": "nope/*"}}})
+    with pytest.raises(FileNotFoundError, match="sources.web: input 'nope/\\*' matches no file"):
+        run_config(cfg, progress=False)
+    cfg = config_from_dict({"run_dir": str(tmp_path), "sources": {"web": {
+        "type": "commoncrawl", "inputs": str(tmp_path), "options": {"min_len": 3}}}}, "c.toml")
+    with pytest.raises(ValueError, match="c.toml: sources.web: .*unknown option.*min_len"):
+        run_config(cfg, progress=False)
+
+
+def test_local_run_outputs_rejects_and_report(tmp_path):
+    _inputs(tmp_path)
+    cfg = config_from_dict(_config(tmp_path, "run"), "t.toml")
+    run_config(cfg, progress=False)
+    docs = _docs(tmp_path / "run")
+    # 12 unique pages + the repeated page once; global dedup keeps the first copy (file cc0)
+    assert sorted(d["id"] for d in docs) == sorted([f"{f}-{i}" for f in range(3) for i in range(4)] + ["dup0"])
+    assert all(d["metadata"]["language"] == "en" for d in docs)
+    rejects = tmp_path / "run" / "rejects" / "web"
+    reader_rejects = [json.loads(line) for p in sorted((rejects / "reader").glob("*.jsonl"))
+                      for line in p.read_text().splitlines()]
+    assert sorted(r["metadata"]["filter_reason"] for r in reader_rejects) == ["malformed_json"] * 3 + ["no_text"] * 3
+    # task 0 reads cc0 and cc2: its line dedup already empties dup2; dup1 (task 1) meets the global dedup
+    line_dups = [json.loads(line) for line in (rejects / "line_dedup" / "00000.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in line_dups] == ["dup2"]
+    dups = [json.loads(line) for line in (rejects / "exact_dedup" / "00000.jsonl").read_text().splitlines()]
+    assert [d["id"] for d in dups] == ["dup1"]
+
+    report = collect_report(tmp_path / "run")
+    rows = {(r["stage"], r["step"].split(" ", 1)[1]): r for r in report["steps"]}
+    reader = rows[("process", "CommonCrawl (WET/WARC/JSONL)")]
+    assert (reader["out"], reader["reasons"]) == (15, {"malformed_json": 3, "no_text": 3})
+    assert rows[("process", "CCNet line dedup")]["reasons"] == {"all_lines_duplicated": 1}
+    assert rows[("dedup", "Exact dedup")]["in"] == 14
+    assert (rows[("dedup", "Exact dedup")]["out"], rows[("dedup", "Exact dedup")]["reasons"]) == (
+        13, {"exact_duplicate": 1})
+    table = format_report(report)
+    assert "| web | dedup | 🫂 Exact dedup | 14 | 13 | 1 | exact_duplicate 1 |" in table
+
+
+def test_resume_after_a_failed_task_gives_the_same_output(tmp_path, monkeypatch):
+    _inputs(tmp_path)
+    run_config(config_from_dict(_config(tmp_path, "clean")), progress=False)
+
+    original = MinLengthFilter.filter
+
+    def failing(self, doc):
+        if doc.id == "1-2":  # task 1 has written pages 1-0 and 1-1 when this fails
+            raise RuntimeError("simulated crash")
+        return original(self, doc)
+
+    monkeypatch.setattr(MinLengthFilter, "filter", failing)
+    cfg = config_from_dict(_config(tmp_path, "resumed"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_config(cfg, progress=False)
+    logs = tmp_path / "resumed" / "logs" / "web" / "process"
+    assert sorted(p.name for p in (logs / "completions").iterdir()) == ["00000"]
+    assert "1-0" in (tmp_path / "resumed" / "web" / "processed" / "00001.jsonl").read_text()
+    monkeypatch.setattr(MinLengthFilter, "filter", original)
+    run_config(cfg, progress=False)
+    assert sorted(p.name for p in (logs / "completions").iterdir()) == ["00000", "00001"]
+    assert _outputs(tmp_path / "resumed") == _outputs(tmp_path / "clean")
+    # the report counts every task once: the same figures as the uninterrupted run
+    strip = lambda rep: [{k: v for k, v in r.items() if k != "other"} for r in rep["steps"]]  # noqa: E731
+    assert strip(collect_report(tmp_path / "resumed")) == strip(collect_report(tmp_path / "clean"))
+
+
+@pytest.mark.slow
+def test_ray_executor_gives_the_local_output(tmp_path):
+    ray = pytest.importorskip("ray")
+    _inputs(tmp_path)
+    run_config(config_from_dict(_config(tmp_path, "local", workers=2, dedup_tasks=2)), progress=False)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        run_config(config_from_dict(_config(tmp_path, "ray", kind="ray", workers=2, dedup_tasks=2)), progress=False)
+    finally:
+        ray.shutdown()
+    local = _outputs(tmp_path / "local")
+    assert local and _outputs(tmp_path / "ray") == local
+    assert len(local) == 2  # two dedup partitions, each a file
