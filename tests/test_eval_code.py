@@ -303,3 +303,12 @@ def test_smollm2_smoke_run_of_generation_and_code_tasks() -> None:
                                              for s in samples)
         if task.name == "humaneval":
             assert sum(rows[0].details["outcomes"].values()) == limit
+    # sampled pass@k: n completions per problem through the Generator with a temperature
+    from llamalab.eval.code import HumanEval
+
+    sampled = HumanEval(samples=2, temperature=0.8, ks=(1, 2))
+    sampled.name, sampled.max_new_tokens = "humaneval_sampled", 24
+    rows = sampled.run(lm, shots=None, limit=1, seed=0, progress=False)
+    assert [r.metric for r in rows] == ["pass@1", "pass@2"]
+    assert sum(rows[0].details["outcomes"].values()) == 2
+    assert rows[0].details["decoding"].startswith("temperature 0.8")
