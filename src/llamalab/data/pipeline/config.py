@@ -38,6 +38,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .sources import SOURCE_TYPES
+
 __all__ = [
     "EXECUTORS",
     "LLAMA1_EPOCHS",
@@ -50,7 +52,6 @@ __all__ = [
 ]
 
 EXECUTORS = ("local", "ray", "slurm")
-SOURCE_TYPES = ("commoncrawl", "c4", "github", "wikipedia", "books", "arxiv", "stackexchange")
 
 # LLaMA 1 (Touvron et al. 2023, Table 1): epochs over each source's processed data.
 LLAMA1_EPOCHS: dict[str, float] = {
