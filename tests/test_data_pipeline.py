@@ -142,3 +142,80 @@ def test_ray_executor_gives_the_local_output(tmp_path):
     local = _outputs(tmp_path / "local")
     assert local and _outputs(tmp_path / "ray") == local
     assert len(local) == 2  # two dedup partitions, each a file
+
+
+def _many_pages(root: Path, files: int = 4, per_file: int = 3000) -> None:
+    """Enough English pages that one task takes a noticeable fraction of a second."""
+    import random
+
+    rng = random.Random(0)
+    d = root / "in"
+    d.mkdir()
+    for f in range(files):
+        pages = (" ".join(rng.choice(TOPICS) for _ in range(12)) + ". " + EN * 2 for _ in range(per_file))
+        (d / f"cc{f}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in pages))
+
+
+def test_resume_after_sigkill_gives_the_same_output(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _many_pages(tmp_path)
+    configs = {}
+    for run in ("clean", "killed"):
+        cfg = _config(tmp_path, run, tasks=4, workers=1, dedup_tasks=2)
+        src = cfg["sources"]["web"]
+        configs[run] = tmp_path / f"{run}.toml"
+        configs[run].write_text(
+            f'run_dir = "{cfg["run_dir"]}"\n[executor]\ntasks = 4\nworkers = 1\ndedup_tasks = 2\n'
+            f'[sources.web]\ntype = "commoncrawl"\ninputs = ["{src["inputs"][0]}"]\n'
+            f"[sources.web.options]\nperplexity = false\nclassifier = false\n")
+    cmd = [sys.executable, "-m", "llamalab.cli", "data", "run"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    assert subprocess.run(cmd + [str(configs["clean"])], env=env, capture_output=True).returncode == 0
+
+    completions = tmp_path / "killed" / "logs" / "web" / "process" / "completions"
+    proc = subprocess.Popen(cmd + [str(configs["killed"])], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (completions.is_dir() and any(completions.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a task completed"
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in completions.iterdir())
+    assert 1 <= len(done) < 4, done  # killed mid-way: some tasks finished, others not
+    assert not (tmp_path / "killed" / "web" / "output").exists()
+
+    rerun = subprocess.run(cmd + [str(configs["killed"])], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert _outputs(tmp_path / "killed") == _outputs(tmp_path / "clean")
+    assert len(_docs(tmp_path / "clean")) > 1000
+
+
+def test_cli_errors_are_one_line_and_report_prints_the_table(tmp_path, capsys):
+    from llamalab.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('run_dir = "x"\n[sources.web]\ntype = "commoncrawl"\ninputs = ["a"]\nthreshold = 3\n')
+    assert main(["data", "run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown key sources.web.threshold" in err
+    assert main(["data", "report", str(tmp_path / "nowhere")]) == 2
+    assert "no logs/ directory" in capsys.readouterr().err
+
+    _inputs(tmp_path)
+    cfg = _config(tmp_path, "run")
+    good = tmp_path / "good.toml"
+    good.write_text(f'run_dir = "{cfg["run_dir"]}"\n[executor]\ntasks = 2\nworkers = 1\n[sources.web]\n'
+                    f'type = "commoncrawl"\ninputs = ["{tmp_path / "in"}"]\n[sources.web.options]\n'
+                    f"perplexity = false\nclassifier = false\n")
+    assert main(["data", "run", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "| web | dedup | 🫂 Exact dedup | 14 | 13 | 1 | exact_duplicate 1 |" in out
+    assert main(["data", "report", cfg["run_dir"], "--json", str(tmp_path / "r.json")]) == 0
+    assert capsys.readouterr().out.strip() == out.strip()
+    assert json.loads((tmp_path / "r.json").read_text())["steps"][0]["source"] == "web"

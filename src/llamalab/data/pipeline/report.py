@@ -104,7 +104,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"\n{name}: {missing} task(s) not completed yet (re-run to resume)")
     mix = report.get("mixture")
     if mix:
-        lines += ["", "| source | documents | tokens | share of tokens | target weight | epochs |",
+        lines += ["", "| source | documents | tokens | share of tokens | loader weight | epochs |",
                   "|---|--:|--:|--:|--:|--:|"]
         total = sum(s["tokens"] for s in mix["sources"].values()) or 1
         for name, s in mix["sources"].items():
