@@ -87,7 +87,7 @@ def test_local_run_outputs_rejects_and_report(tmp_path):
     # task 0 reads cc0 and cc2: its line dedup already empties dup2; dup1 (task 1) meets the global dedup
     line_dups = [json.loads(line) for line in (rejects / "line_dedup" / "00000.jsonl").read_text().splitlines()]
     assert [d["id"] for d in line_dups] == ["dup2"]
-    dups = [json.loads(line) for line in (rejects / "exact_dedup" / "00000.jsonl").read_text().splitlines()]
+    dups = [json.loads(line) for line in (rejects / "global_exact_dedup" / "00000.jsonl").read_text().splitlines()]
     assert [d["id"] for d in dups] == ["dup1"]
 
     report = collect_report(tmp_path / "run")

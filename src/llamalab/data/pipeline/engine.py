@@ -78,8 +78,11 @@ def build_stages(cfg: DataRunConfig, src: SourceConfig) -> list[Stage]:
     processed = os.path.join(base, "processed")
     os.makedirs(processed, exist_ok=True)  # the dedup stage reads it even when no document survived
     dedup = [
-        JsonlReader([processed], shard=False, rejects_dir=cfg.rejects_dir(), name=src.name),
-        ExactDedupFilter(algorithm=DEDUP_ALGORITHM, partitioned=True, rejects_dir=cfg.rejects_dir(), name=src.name),
+        # our own stage-1 files: a bad line there is counted in the stats, not written as a reject
+        # (the reader's rejects file name belongs to stage 1's reader)
+        JsonlReader([processed], shard=False, rejects_dir=None, name=src.name),
+        ExactDedupFilter(algorithm=DEDUP_ALGORITHM, partitioned=True, rejects_dir=cfg.rejects_dir(), name=src.name,
+                         step="global_exact_dedup"),
         _writer(output),
     ]
     return [

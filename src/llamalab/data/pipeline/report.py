@@ -54,7 +54,8 @@ def _row(source: str, stage: str, step: dict[str, Any]) -> dict[str, Any] | None
     extra = {k: v for k, v in stats.items()
              if k not in ("total", "forwarded", "dropped", "documents", "doc_len", "doc_len_tokens")
              and not k.startswith("dropped_")}
-    return {"source": source, "stage": stage, "step": title or name, "in": docs_in, "out": int(docs_out),
+    return {"source": source, "stage": stage, "kind": "reader" if "READER" in kind else "filter",
+            "step": title or name, "in": docs_in, "out": int(docs_out),
             "dropped": int(stats.get("dropped", 0)), "reasons": reasons,
             "chars_out": int(stats.get("doc_len", 0)), "other": extra}
 
@@ -93,10 +94,16 @@ def _n(x: Any) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
-    """The report as Markdown tables: steps per source, then the mixture's tokens per source."""
+    """The report as Markdown tables: steps per source, then the mixture's tokens per source.
+
+    The dedup stage's reader row is left out of the table (it re-reads stage 1's output); the
+    JSON keeps every row.
+    """
     lines = ["| source | stage | step | docs in | docs out | dropped | drop reasons |",
              "|---|---|---|--:|--:|--:|---|"]
     for r in report["steps"]:
+        if r["stage"] == "dedup" and r["kind"] == "reader":
+            continue  # it reads stage 1's output: the row above already counts those documents
         reasons = ", ".join(f"{k} {v:,}" for k, v in r["reasons"].items())
         lines.append(f"| {r['source']} | {r['stage']} | {r['step']} | {_n(r['in'])} | {_n(r['out'])} | "
                      f"{_n(r['dropped'])} | {reasons} |")
