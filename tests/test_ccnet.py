@@ -227,3 +227,33 @@ def test_build_steps_rejects_unknown_and_missing_options(tmp_path):
                                                   "LanguageFilter"]
     assert math.isfinite(DEFAULTS["language_threshold"]) and gzip  # the defaults are the paper's
     assert DEFAULTS["perplexity_cutoffs"] == [340.0, 520.0] and DEFAULTS["classifier_threshold"] == 0.25
+
+
+def test_warc_response_html_becomes_text_and_bad_bytes_are_rejected(tmp_path):
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    from llamalab.data.pipeline.readers import WarcReader, html_to_text
+
+    html = ("<html><head><title>T</title><script>var x = 1;</script></head><body><h1>Market day</h1>"
+            "<p>The market opens <b>early</b>.</p><ul><li>bread</li><li>apples</li></ul></body></html>")
+    buf = io.BytesIO()
+    writer = WARCWriter(buf, gzip=True)
+    for url, ctype, body in [("http://m.example/", "text/html; charset=utf-8", html.encode()),
+                             ("http://m.example/logo.png", "image/png", b"\x89PNG....")]:
+        headers = StatusAndHeaders("200 OK", [("Content-Type", ctype)], protocol="HTTP/1.1")
+        writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
+                                                      http_headers=headers))
+    writer.write_record(writer.create_warc_record("http://bad.example/", "conversion",
+                                                  payload=io.BytesIO(b"caf\xe9 latin-1 text"),
+                                                  warc_content_type="text/plain"))
+    (tmp_path / "x.warc.gz").write_bytes(buf.getvalue())
+    reader = WarcReader([str(tmp_path)], rejects_dir=str(tmp_path / "rej"), name="cc")
+    docs = list(reader.run(None, 0, 1))
+    # the HTML page only (the image is not text); inscriptis lays it out, the script is gone
+    assert [d.metadata["url"] for d in docs] == ["http://m.example/"]
+    assert docs[0].text == html_to_text(html) and "var x" not in docs[0].text
+    assert "Market day" in docs[0].text and "* bread" in docs[0].text
+    assert reader.stats["dropped_bad_encoding"].total == 1
+    rejected = json.loads((tmp_path / "rej" / "cc" / "reader" / "00000.jsonl").read_text())
+    assert rejected["metadata"]["url"] == "http://bad.example/"

@@ -219,3 +219,22 @@ def test_cli_errors_are_one_line_and_report_prints_the_table(tmp_path, capsys):
     assert main(["data", "report", cfg["run_dir"], "--json", str(tmp_path / "r.json")]) == 0
     assert capsys.readouterr().out.strip() == out.strip()
     assert json.loads((tmp_path / "r.json").read_text())["steps"][0]["source"] == "web"
+
+
+def test_slurm_stages_are_dependent_job_arrays(tmp_path):
+    from datatrove.executor.slurm import SlurmPipelineExecutor
+
+    from llamalab.data.pipeline.engine import build_stages, make_executor
+
+    _inputs(tmp_path)
+    raw = _config(tmp_path, "slurm", kind="slurm", tasks=8)
+    cfg = config_from_dict(raw, "s.toml")
+    stage1, stage2 = build_stages(cfg, cfg.sources["web"])
+    with pytest.raises(ValueError, match="s.toml: executor.slurm_partition is required"):
+        make_executor(cfg, stage1)
+    cfg.executor.slurm_partition = "cpu"
+    first = make_executor(cfg, stage1)
+    second = make_executor(cfg, stage2, depends=first)
+    assert isinstance(second, SlurmPipelineExecutor) and second.depends is first
+    assert (first.tasks, second.tasks, first.partition) == (8, 1, "cpu")
+    assert second.pipeline[1].partitioned and second.job_name == "t-web-dedup"
