@@ -257,3 +257,18 @@ def test_warc_response_html_becomes_text_and_bad_bytes_are_rejected(tmp_path):
     assert reader.stats["dropped_bad_encoding"].total == 1
     rejected = json.loads((tmp_path / "rej" / "cc" / "reader" / "00000.jsonl").read_text())
     assert rejected["metadata"]["url"] == "http://bad.example/"
+
+
+def test_cli_train_kenlm_and_train_classifier(tmp_path, models, capsys):
+    from llamalab.cli import main
+
+    sp_path, _ = models
+    corpus = tmp_path / "en.jsonl"
+    corpus.write_text("".join(json.dumps({"text": s}) + "\n" for s in ENGLISH))
+    assert main(["data", "train-kenlm", str(corpus), "--sentencepiece", sp_path, "--out", str(tmp_path / "lm.bin"),
+                 "--order", "3"]) == 0
+    lm = kenlm.Model(str(tmp_path / "lm.bin"))
+    assert lm.order == 3 and "wrote" in capsys.readouterr().err
+    assert main(["data", "train-classifier", "--reference", str(corpus), "--random", str(tmp_path / "none.jsonl"),
+                 "--out", str(tmp_path / "c.bin")]) == 2
+    assert "none.jsonl" in capsys.readouterr().err

@@ -113,6 +113,15 @@ def test_shared_prefix_across_chunks_and_truncation() -> None:
         assert greedy == ref_greedy
 
 
+def test_one_context_with_more_continuations_than_a_batch(pair) -> None:  # noqa: ANN001
+    """Unconditional scoring puts every choice after "Answer:": the group is split into batches."""
+    loaded, hf = pair
+    lm = EvalModel(loaded, batch_size=3)
+    requests = [("Answer:", f" {w}") for w in TEXT.split()[:11]]
+    for (context, continuation), (logprob, _) in zip(requests, lm.loglikelihood(requests)):
+        assert logprob == pytest.approx(hf_score(hf, *lm.encode_pair(context, continuation))[0], abs=1e-4)
+
+
 def test_greedy_flag_true_for_the_model_own_continuation(pair) -> None:  # noqa: ANN001
     loaded, hf = pair
     lm = EvalModel(loaded)

@@ -15,8 +15,9 @@ the context's token count, an empty context becomes the BOS (or EOS) token.
 Scoring reuses work: the requests are grouped by context, and each batch of contexts runs in
 three stages on the model's KV cache -- the prefix all contexts of the batch share (once),
 the rest of each context (once per context), then every continuation of every context as one
-batch continuing from its context's cache rows. The scores equal scoring each (context +
-continuation) from scratch up to float rounding (``tests/test_eval_lm.py``).
+batch continuing from its context's cache rows. The shared prefix is also kept for the next
+batch, so a few-shot prompt common to a whole task (or MMLU subject) runs once. The scores equal
+scoring each (context + continuation) from scratch up to float rounding (``tests/test_eval_lm.py``).
 """
 
 from __future__ import annotations
@@ -185,7 +186,11 @@ class EvalModel:
         for r in requests:
             groups.setdefault(r.context, []).append(r)
         # Lexicographic order puts contexts that share a prefix (few-shot examples) side by side.
-        ordered = sorted(groups.items(), key=lambda kv: kv[0])
+        # A context with more continuations than a batch (the "Answer:" of unconditional scoring)
+        # is split: its later parts reuse the prefix cached by the first.
+        bs = self.batch_size
+        ordered = [(ctx, rs[k:k + bs]) for ctx, rs in sorted(groups.items(), key=lambda kv: kv[0])
+                   for k in range(0, len(rs), bs)]
         bar = _progress(len(requests), desc, progress)
         try:
             for chunk in self._chunks(ordered):
@@ -200,7 +205,7 @@ class EvalModel:
 
     def _chunks(self, ordered: list[tuple[tuple[int, ...], list[_Request]]]
                 ) -> Iterable[list[tuple[tuple[int, ...], list[_Request]]]]:
-        """Batches of context groups with at most ``batch_size`` continuations (a larger group alone),
+        """Batches of context groups with at most ``batch_size`` continuations in all,
         closed early where adding a group would shrink the shared prefix enough to cost more than
         256 recomputed tokens (a few-shot prefix of a new subject), or overflow the context."""
         chunk: list[tuple[tuple[int, ...], list[_Request]]] = []

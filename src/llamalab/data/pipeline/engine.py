@@ -116,16 +116,6 @@ def make_executor(cfg: DataRunConfig, stage: Stage, depends: Any = None) -> Any:
                                  sbatch_args=dict(ex.slurm_sbatch_args) or None)
 
 
-def _quiet_datatrove() -> None:
-    """datatrove logs every task at INFO on stderr; keep warnings and our own progress lines."""
-    import sys
-
-    from loguru import logger
-
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-
-
 def run_config(cfg: DataRunConfig, *, sources: list[str] | None = None, progress: bool = True) -> dict[str, str]:
     """Run the sources' stages (all, or those named); return ``{source: output_dir}``.
 
@@ -139,8 +129,6 @@ def run_config(cfg: DataRunConfig, *, sources: list[str] | None = None, progress
     for name in names:
         if name not in cfg.sources:
             raise ValueError(f"{cfg.path}: no source named {name!r} (sources: {', '.join(cfg.sources)})")
-    if progress:
-        _quiet_datatrove()
     if cfg.executor.kind == "ray":
         import ray
 
