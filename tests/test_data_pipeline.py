@@ -238,3 +238,15 @@ def test_slurm_stages_are_dependent_job_arrays(tmp_path):
     assert isinstance(second, SlurmPipelineExecutor) and second.depends is first
     assert (first.tasks, second.tasks, first.partition) == (8, 1, "cpu")
     assert second.pipeline[1].partitioned and second.job_name == "t-web-dedup"
+
+
+def test_source_option_types_are_checked(tmp_path):
+    _inputs(tmp_path)
+    raw = _config(tmp_path, "run")
+    raw["sources"]["web"]["options"]["min_length"] = "300"
+    with pytest.raises(ValueError, match=r"t.toml: sources.web.options.min_length = '300': "
+                                         r"expected int \(like the default 300\)"):
+        run_config(config_from_dict(raw, "t.toml"), progress=False)
+    raw["sources"]["web"]["options"].update(min_length=300.0, language_threshold=1, languages="en")
+    with pytest.raises(ValueError, match=r"options.languages = 'en': expected list"):
+        run_config(config_from_dict(raw, "t.toml"), progress=False)

@@ -72,3 +72,27 @@ def test_exact_dedup_keeps_first_and_partitions_cover_everything():
     parts = [_run(ExactDedupFilter(partitioned=True), docs(), rank=r, world_size=3) for r in range(3)]
     assert sorted(d.id for p in parts for d in p) == ["0", "1", "3", "5"]
     assert all("_dedup_digest" not in d.metadata for p in parts for d in p)
+
+
+def test_jsonl_reader_rejects_bad_lines_alone_and_keeps_a_truncated_files_head(tmp_path):
+    import gzip
+
+    from llamalab.data.pipeline.readers import JsonlReader
+
+    good = [json.dumps({"text": f"document {i}", "id": str(i), "url": f"u{i}"}).encode() for i in range(3)]
+    lines = [good[0], b'{"text": "caf\xe9"}', b"{oops", b'{"id": "x"}', b'["a list"]', good[1], good[2]]
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    whole = gzip.compress(b"".join(json.dumps({"text": f"line {i} " * 20}).encode() + b"\n" for i in range(200)))
+    (tmp_path / "b.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    reader = JsonlReader([str(tmp_path)], rejects_dir=str(tmp_path / "rej"), name="src")
+    docs = list(reader.run(None, 0, 1))
+    a = [d for d in docs if not d.text.startswith("line")]
+    assert [(d.id, d.text, d.metadata["url"]) for d in a] == [(str(i), f"document {i}", f"u{i}") for i in range(3)]
+    b = [d for d in docs if d.text.startswith("line")]
+    assert 0 < len(b) < 200  # the documents before the cut are kept
+    assert {k: reader.stats[f"dropped_{k}"].total for k in
+            ("bad_encoding", "malformed_json", "no_text", "truncated_or_corrupt_archive")} == {
+        "bad_encoding": 1, "malformed_json": 1, "no_text": 2, "truncated_or_corrupt_archive": 1}
+    rejects = [json.loads(x) for x in (tmp_path / "rej" / "src" / "reader" / "00000.jsonl").read_text().splitlines()]
+    assert [r["id"].rsplit("/", 1)[-1] for r in rejects] == ["a.jsonl:2", "a.jsonl:3", "a.jsonl:4", "a.jsonl:5",
+                                                             "b.jsonl.gz"]

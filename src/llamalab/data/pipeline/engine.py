@@ -31,7 +31,7 @@ from .common import ExactDedupFilter
 from .config import DataRunConfig, SourceConfig, expand_inputs
 from .readers import JsonlReader
 
-__all__ = ["Stage", "build_stages", "make_executor", "run_config", "source_module"]
+__all__ = ["Stage", "build_stages", "check_option_types", "make_executor", "run_config", "source_module"]
 
 # The global dedup hash: MD5 as RedPajama dedups GitHub; any exact-content hash serves the others.
 DEDUP_ALGORITHM = "md5"
@@ -60,11 +60,34 @@ def _writer(output_dir: str) -> PipelineStep:
     return JsonlWriter(output_dir, output_filename="${rank}.jsonl", compression=None)
 
 
+def check_option_types(defaults: dict[str, Any], options: dict[str, Any], where: str) -> None:
+    """A source option must have its default's kind (a number for a number, a list for a list...).
+
+    Unknown keys are left to the source's own check, which names them with the known ones.
+    """
+    for key, value in options.items():
+        if key not in defaults or defaults[key] is None:
+            continue
+        default = defaults[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+                ok = value.is_integer()
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ValueError(f"{where}.options.{key} = {value!r}: expected {type(default).__name__} "
+                             f"(like the default {default!r})")
+
+
 def build_stages(cfg: DataRunConfig, src: SourceConfig) -> list[Stage]:
     """The stages of one source, ready for an executor."""
     module = source_module(src.type)
     where = f"{cfg.path}: sources.{src.name}"
     inputs = expand_inputs(src.inputs, where)
+    check_option_types(module.DEFAULTS, src.options, where)
     try:
         steps = list(module.build_steps(inputs, dict(src.options), rejects_dir=cfg.rejects_dir(), name=src.name))
     except ValueError as e:

@@ -48,11 +48,17 @@ class JsonlReader(SourceReader):
 
     def read_unit(self, unit: str) -> Iterator[Document]:
         """Yield the documents of one JSONL file; malformed lines become rejects."""
-        with open_text(unit) as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
+        with open_binary(unit) as f:  # bytes, so that one badly encoded line is rejected alone
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
                 where = f"{unit}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    self.reject_record(Document(text="", id=where, metadata={
+                        "line": raw[:1000].decode("utf-8", errors="replace"), "error": str(e)}), "bad_encoding")
+                    continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
