@@ -37,6 +37,8 @@ $(LMPLZ): | $(STAMP)
 	dpkg -s $(KENLM_APT) >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(KENLM_APT); }
 	rm -rf $(KENLM_BUILD)/src && mkdir -p $(KENLM_BUILD)/src
+	# pip reads the sdist's metadata with the venv's setuptools (an isolated build env may hang offline)
+	$(PY) -c 'import setuptools' 2>/dev/null || $(PIP) install --quiet setuptools
 	$(PIP) download --quiet --no-deps --no-binary :all: --no-build-isolation kenlm==$(KENLM_VERSION) -d $(KENLM_BUILD)
 	tar -xzf $(KENLM_BUILD)/kenlm-$(KENLM_VERSION).tar.gz -C $(KENLM_BUILD)/src --strip-components=1
 	cmake -S $(KENLM_BUILD)/src -B $(KENLM_BUILD)/cmake -DCMAKE_BUILD_TYPE=Release -DCOMPILE_TESTS=OFF >/dev/null
