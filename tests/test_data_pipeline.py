@@ -1,5 +1,5 @@
 """The data-pipeline engine: config checks, local runs with rejects and a report, resume after a
-failure, and the same output on a local Ray instance."""
+failed task and after SIGKILL, the CLI, Slurm stages (the Ray run is in test_data_pipeline_ray.py)."""
 
 from __future__ import annotations
 
@@ -127,21 +127,6 @@ def test_resume_after_a_failed_task_gives_the_same_output(tmp_path, monkeypatch)
     # the report counts every task once: the same figures as the uninterrupted run
     strip = lambda rep: [{k: v for k, v in r.items() if k != "other"} for r in rep["steps"]]  # noqa: E731
     assert strip(collect_report(tmp_path / "resumed")) == strip(collect_report(tmp_path / "clean"))
-
-
-@pytest.mark.slow
-def test_ray_executor_gives_the_local_output(tmp_path):
-    ray = pytest.importorskip("ray")
-    _inputs(tmp_path)
-    run_config(config_from_dict(_config(tmp_path, "local", workers=2, dedup_tasks=2)), progress=False)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        run_config(config_from_dict(_config(tmp_path, "ray", kind="ray", workers=2, dedup_tasks=2)), progress=False)
-    finally:
-        ray.shutdown()
-    local = _outputs(tmp_path / "local")
-    assert local and _outputs(tmp_path / "ray") == local
-    assert len(local) == 2  # two dedup partitions, each a file
 
 
 def _many_pages(root: Path, files: int = 4, per_file: int = 3000) -> None:
