@@ -316,14 +316,13 @@ class EvalModel:
 
     def _forward(self, tokens: Tensor, input_pos: Tensor, logits_at: tuple[Tensor, Tensor] | None) -> Tensor | None:
         """Run ``tokens`` into the KV cache; return the logits at (rows, columns) ``logits_at``."""
-        if self._runner is not None:
-            logits = self._runner(tokens, input_pos=input_pos)
-            return None if logits_at is None else logits[logits_at]
-        hidden = self.model.hidden_states(tokens, input_pos=input_pos)
+        trunk = self._runner if self._runner is not None else self.model
+        hidden = trunk.hidden_states(tokens, input_pos=input_pos)
         if logits_at is None:
             return None
-        # The output head only where a score is needed: it is vocab x dim per position.
-        return self.model.output(hidden[logits_at]).float()
+        # The output head only where a score is needed: it is vocab x dim per position, and
+        # contexts, padding and few-shot prefixes need none.
+        return trunk.output(hidden[logits_at]).float()
 
     def _copy_cache_rows(self, source_rows: Tensor, filled: int) -> None:
         """Make cache row i a copy of cache row ``source_rows[i]`` (its first ``filled`` slots), in every layer."""

@@ -193,6 +193,17 @@ class DecodeModel(nn.Module):
             raise ValueError("a KV cache is set up: pass input_pos")
         if self._compiled is not None and self.cache_len and tokens.shape[1] == 1:
             return self._compiled(tokens, input_pos)
+        return self.output(self._forward(tokens, input_pos)).float()
+
+    @torch.inference_mode()
+    def hidden_states(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
+        """Final-normed hidden states (B, S, dim), as ``Transformer.hidden_states``.
+
+        For callers that need the logits at a few positions only (likelihood scoring): the
+        vocab x dim head is the largest single matrix of a small model.
+        """
+        if self.cache_len and input_pos is None:
+            raise ValueError("a KV cache is set up: pass input_pos")
         return self._forward(tokens, input_pos)
 
     def _forward(self, tokens: Tensor, input_pos: Tensor | None) -> Tensor:
@@ -239,7 +250,7 @@ class DecodeModel(nn.Module):
             x = _rms_norm(h, layer.ffn_norm)
             gate, up = layer.w13(x).split(layer.hidden, dim=-1)
             h = layer.w2(F.silu(gate) * up, "add", h)
-        return self.output(_rms_norm(h, self.model.norm)).float()
+        return _rms_norm(h, self.model.norm)
 
 
 def optimize_for_decode(model: Transformer, *, compile: bool | None = None) -> DecodeModel:
