@@ -48,7 +48,10 @@ if which.startswith("llamalab"):
     import llamalab
     from llamalab.generate.fast import optimize_for_decode
     lm = llamalab.load(path, dtype=dtype)
-    model = optimize_for_decode(lm.model) if which == "llamalab" else lm.model
+    if which == "llamalab-plain":
+        model = lm.model
+    else:
+        model = optimize_for_decode(lm.model, compile=which == "llamalab+compile")
     params = {id(p): p for p in lm.model.parameters()}.values()  # the tied head counted once
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
 
@@ -116,8 +119,10 @@ else:  # llama.cpp on the same (quantized) GGUF; its dtype is the file's
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, ids
 
-measure()  # warm-up: first-call allocations, oneDNN primitive creation
-print(json.dumps({"ready": True, "weight_bytes": weight_bytes}), flush=True)
+t_warm = time.perf_counter()
+measure()  # warm-up: first-call allocations, oneDNN primitive creation, torch.compile
+warmup_s = time.perf_counter() - t_warm
+print(json.dumps({"ready": True, "weight_bytes": weight_bytes, "warmup_s": warmup_s}), flush=True)
 for line in sys.stdin:
     prefill_s, decode_s, ids = measure()
     print(json.dumps({"prefill_s": prefill_s, "decode_s": decode_s, "n_decode": new, "ids": ids}), flush=True)
@@ -136,7 +141,8 @@ class Child:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.proc.stdin.write(json.dumps(prompt) + "\n")
         self.proc.stdin.flush()
-        self.weight_bytes = self._read()["weight_bytes"]
+        ready = self._read()
+        self.weight_bytes, self.warmup_s = ready["weight_bytes"], ready["warmup_s"]
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -174,6 +180,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--no-plain", action="store_true", help="skip llamalab's plain (un-optimized) model")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip llamalab+compile (optimize_for_decode(compile=True): ~30-45 s to compile)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -184,7 +192,8 @@ def main() -> None:
     prompt = prompt_ids(path)
     results: dict[str, dict[str, dict]] = {}
     for dtype in args.dtypes.split(","):
-        peers = ["llamalab"] + ([] if args.no_plain else ["llamalab-plain"]) + ["transformers"]
+        peers = (["llamalab"] + ([] if args.no_compile else ["llamalab+compile"])
+                 + ([] if args.no_plain else ["llamalab-plain"]) + ["transformers"])
         if dtype == "fp32" and importlib.util.find_spec("llama_cpp"):
             peers.append("llama.cpp")  # once: it runs the GGUF's own (quantized) weights
         children = {p: Child(p, path, dtype, prompt) for p in peers}
@@ -207,20 +216,21 @@ def main() -> None:
             wb = children[p].weight_bytes
             same = sum(a == b for a, b in zip(rs[0]["ids"], ref_ids))
             results[dtype][p] = {"prefill_tok_s": prefill, "decode_tok_s": decode, "weight_bytes": wb,
+                                 "warmup_s": children[p].warmup_s,
                                  "decode_gb_s": wb * decode / 1e9, "tokens_same_as_transformers": same,
                                  "runs": [{k: v for k, v in m.items() if k != "ids"} for m in rs]}
 
     print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), batch 1, {THREADS} threads, "
           f"{PROMPT_LEN}-token prompt, {NEW_TOKENS} greedy new tokens; medians of {args.rounds} interleaved rounds")
     print(f"{'dtype':<6}{'impl':<16}{'prefill tok/s':>14}{'decode tok/s':>13}{'decode GB/s':>12}"
-          f"{'prefill / tf':>13}{'decode / tf':>12}{'same ids':>10}")
+          f"{'prefill / tf':>13}{'decode / tf':>12}{'same ids':>10}{'warm-up s':>10}")
     for dtype, per in results.items():
         tf = per["transformers"]
         for p, m in per.items():
             print(f"{dtype if p != 'llama.cpp' else 'gguf':<6}{p:<16}{m['prefill_tok_s']:>14.1f}{m['decode_tok_s']:>13.1f}"
                   f"{m['decode_gb_s']:>12.1f}{m['prefill_tok_s'] / tf['prefill_tok_s']:>13.2f}"
                   f"{m['decode_tok_s'] / tf['decode_tok_s']:>12.2f}"
-                  f"{m['tokens_same_as_transformers']:>6}/{NEW_TOKENS + 1}")
+                  f"{m['tokens_same_as_transformers']:>6}/{NEW_TOKENS + 1}{m['warmup_s']:>10.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

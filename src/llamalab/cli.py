@@ -135,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stream = args.stream if args.stream is not None else (sys.stdout.isatty() and not args.json)
     if stream and config.num_beams > 1:
         raise CLIError("--stream: beam search chooses its answer only at the end; drop --stream or --beams")
-    gen = Generator(lm.model, tok)
+    gen = Generator(lm.model, tok, compile=args.compile)
     if stream and not args.json:
         for piece in gen.stream(ids, config):
             sys.stdout.write(piece)
@@ -166,7 +166,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     lm, tok, load_s = _load_for_generation(args)
     config = _generation_config(args, chat_stop_ids(tok, args.chat_format))
-    gen = Generator(lm.model, tok)
+    gen = Generator(lm.model, tok, compile=args.compile)
     system = args.system
     messages: list[dict[str, str]] = []
     print(f"llamalab chat: {args.model} loaded in {load_s:.1f} s. {CHAT_HELP}", file=sys.stderr)
@@ -248,6 +248,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="chat format (default: the checkpoint's template, else Llama 3's or Llama 2's)")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decode step: ~1.15-1.2x decode speed on CPU after "
+                        "~40-100 s of compiling at the first answer (worth it for long sessions)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from llamalab.generate.fast import DecodeModel, onednn_available, optimize_for_decode
 from llamalab.generate.sampling import (
     apply_repetition_penalty,
     choose_next,
@@ -235,18 +236,20 @@ class Generator:
     """Generates text with a ``Transformer`` and its ``Tokenizer``."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, vocab_limit: int | None = None,
-                 fast: bool = True) -> None:
+                 fast: bool = True, compile: bool = False) -> None:
         """``vocab_limit``: only ids below it are ever chosen. It defaults to the tokenizer's
         vocabulary size when that is smaller than the model's: embedding tables are often padded
         (to a multiple of 64 or 128) and the padded rows have no text.
 
         ``fast``: on a CPU, run the model through :func:`llamalab.generate.fast.optimize_for_decode`
-        (oneDNN kernels, fused steps: ~1.8x decode speed; logits equal to ~1e-6 relative).
+        (oneDNN kernels, fused steps: ~1.7x decode speed; logits equal to ~1e-6 relative).
+        ``compile``: also ``torch.compile`` its batch-1 one-token step (another ~1.15-1.2x
+        decode speed on CPU, after ~40-100 s of compiling at the first reply; see
+        :func:`~llamalab.generate.fast.optimize_for_decode`). Worth it for a server or a long
+        session, not for one short reply.
         """
-        from llamalab.generate.fast import onednn_available, optimize_for_decode
-
         if fast and isinstance(model, Transformer) and onednn_available(model.tok_embeddings.weight.device):
-            model = optimize_for_decode(model)
+            model = optimize_for_decode(model, compile=compile)
         self.model = model
         self.tokenizer = tokenizer
         n_model = model.config.vocab_size
@@ -348,7 +351,7 @@ class Generator:
         position ``last[row]``, (B, V) fp32."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
-        if isinstance(self.model, Transformer):
+        if isinstance(self.model, (Transformer, DecodeModel)):
             # Apply the output head to the B positions we need only: full logits of a long prompt
             # are L x vocab floats per row (8k x 128k x 4 bytes = 4 GiB for Llama 3).
             hidden = self.model.hidden_states(tokens, input_pos=positions)

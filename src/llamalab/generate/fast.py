@@ -23,12 +23,16 @@ buffers, which it borrows from the wrapped model), with these inference-only cha
   residual additions fused into the products as oneDNN post-ops (``x + W x'``), RoPE as one
   complex multiply on queries and keys together, ``F.rms_norm``.
 - **Attention reads only the filled part of the cache** at one-token steps (no mask to build).
-- Optionally ``compile=True``: ``torch.compile`` of the one-token step (see below).
+- Optionally ``compile=True``: ``torch.compile`` of the batch-1 one-token step, oneDNN's
+  linear ops kept (Inductor's freezing) and everything between them fused; compiled once
+  (cache passed as arguments, two dynamic dimensions) and then run without Dynamo's guard
+  checks. ~1.15-1.2x decode speed after ~25-100 s of compiling.
 
 Measured on the 2-core AVX-512 development machine, SmolLM2-135M, 128-token prompt, 128 new
 tokens, medians (``benchmarks/decode.py``; the machine's bandwidth drifts, so compare ratios):
 decode fp32 23.9 -> 40.1 tok/s (1.71x transformers in the same run), bf16 44.6 -> 68-76 tok/s
-(1.64-1.68x); prefill fp32 311 -> ~1000 tok/s, bf16 1401 -> 1540-1860 tok/s (oneDNN GEMM).
+(1.64-1.68x); with ``compile=True`` 1.8-2.0x transformers at both dtypes; prefill fp32
+311 -> ~1000 tok/s, bf16 1401 -> 1540-1860 tok/s (oneDNN GEMM).
 See ``docs/inference-speed.md`` for the table against transformers.
 
 The result is not bit-identical to the plain model: oneDNN sums the dot products in another
@@ -118,6 +122,36 @@ def _fuse(linears: list[nn.Linear]) -> Tensor:
     return fused
 
 
+def _rotate(x: Tensor, rope: Tensor) -> Tensor:
+    """RoPE on ``x`` (B, S, H, D/2, 2) by ``rope`` (B, S, 1, D/2, 2) = (cos, sin), in fp32.
+
+    Eagerly one complex multiply (one kernel); under ``torch.compile`` the same product in
+    real arithmetic, which Inductor fuses (it generates no code for complex numbers).
+    """
+    if not torch.compiler.is_compiling():
+        return torch.view_as_real(torch.view_as_complex(x.float()) * torch.view_as_complex(rope)).flatten(-2)
+    x0, x1 = x[..., 0].float(), x[..., 1].float()
+    cos, sin = rope[..., 0], rope[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+def _register_fake_linear_binary() -> None:
+    """Shape rule for ``mkldnn::_linear_pointwise.binary`` (``other + x W^T``), which torch
+    ships without one, so that ``torch.compile`` can trace it (its output has ``other``'s shape)."""
+    global _FAKE_REGISTERED
+    if _FAKE_REGISTERED:
+        return
+    try:
+        torch.library.register_fake("mkldnn::_linear_pointwise.binary")(
+            lambda x, other, w, b, attr: other.new_empty(other.shape))
+    except RuntimeError:  # a torch that has one already
+        pass
+    _FAKE_REGISTERED = True
+
+
+_FAKE_REGISTERED = False
+
+
 def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
     """RMSNorm in fp32, as ``model.RMSNorm`` computes it, in one fused op."""
     return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).type_as(x) * norm.weight
@@ -159,9 +193,18 @@ class DecodeModel(nn.Module):
             self.output = _Linear(model.output.weight, self.onednn)
         c = model.config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        # torch.compile cannot trace the oneDNN ops above (no fake-tensor kernels), so the
-        # compiled variant compiles the plain model's one-token step instead (for GPUs).
-        self._compiled = torch.compile(model, fullgraph=True, dynamic=False) if compile else None
+        self._compiled: Any = None
+        self._compiled_for: tuple[torch.dtype, torch.device] | None = None
+        self._step_caches: tuple[Any, list[tuple[Tensor, Tensor]]] | None = None  # (layer 0's cache, aliases)
+        if compile and self.onednn:
+            # Inductor lowers oneDNN's linear ops only onto weights it may treat as constants
+            # (freezing), and then fuses everything between them (norms, RoPE, SiLU-gate,
+            # attention's softmax) into a few C++ loops: the Python and dispatch work per layer,
+            # not the matrix-vector products, is what the one-token step loses time to.
+            _register_fake_linear_binary()
+            self._compiled = torch.compile(self._one_token, fullgraph=True, dynamic=False)
+        elif compile:
+            self._compiled = torch.compile(model, fullgraph=True, dynamic=False)
 
     # -- the model's surface ------------------------------------------------------------
     @property
@@ -182,6 +225,7 @@ class DecodeModel(nn.Module):
     def clear_cache(self) -> None:
         """Drop the KV cache, as ``Transformer.clear_cache``."""
         self.model.clear_cache()
+        self._step_caches = None
 
     # -- the forward pass ---------------------------------------------------------------
     @torch.inference_mode()
@@ -192,8 +236,56 @@ class DecodeModel(nn.Module):
         if self.cache_len and input_pos is None:
             raise ValueError("a KV cache is set up: pass input_pos")
         if self._compiled is not None and self.cache_len and tokens.shape[1] == 1:
-            return self._compiled(tokens, input_pos)
+            if not self.onednn:
+                return self._compiled(tokens, input_pos)
+            if tokens.shape[0] == 1 and input_pos.dim() == 1:  # the engine's batch-1 loop
+                end = int(input_pos[0]) + 1
+                # The graph is traced for 2 <= end < cache length; the rare other steps (a
+                # one-token prompt, the cache's last slot) run eagerly instead of recompiling.
+                if 2 <= end < self.cache_len:
+                    return self._compiled_step(tokens, input_pos, end)
         return self.output(self._forward(tokens, input_pos)).float()
+
+    def _compiled_step(self, tokens: Tensor, input_pos: Tensor, end: int) -> Tensor:
+        """One batch-1 step through the compiled graph (compiled at the first call)."""
+        # The cache rows are arguments, not attributes, and detached aliases so that the
+        # compiler does not take them for the module's (frozen) buffers: a new cache (the engine
+        # sets one up per request) then reuses the compiled step. Row 0 only (``[:1]``): its
+        # strides do not depend on the cache's batch size. (One tensor for all layers would mean
+        # fewer guards, but Inductor then copies it whole at every layer's write.)
+        first = self.layers[0].attention.kv_cache
+        if self._step_caches is None or self._step_caches[0] is not first:
+            caches = [(layer.attention.kv_cache.k[:1].detach(), layer.attention.kv_cache.v[:1].detach())
+                      for layer in self.layers]
+            for ck, cv in caches:
+                torch._dynamo.mark_dynamic(ck, 2)
+                torch._dynamo.mark_dynamic(cv, 2)
+            self._step_caches = (first, caches)
+        caches = self._step_caches[1]
+        # Static shapes but for two: the cache length (above) and the number of slots attended,
+        # so one graph serves every step and every cache; the slot count comes as a tensor's
+        # length since an int argument would be specialised.
+        slots = torch.empty(end, dtype=torch.int8)
+        torch._dynamo.mark_dynamic(slots, 0)
+        key = (caches[0][0].dtype, caches[0][0].device)
+        # Freezing is read from the global config when Inductor compiles (a per-compile option
+        # is not enough), so it is switched on around the calls.
+        with torch._inductor.config.patch(freezing=True):
+            if self._compiled_for == key:
+                # Checking Dynamo's guards (every weight and cache tensor) costs ~1 ms of a ~12 ms
+                # step. The graph is compiled with dynamic shapes for exactly these inputs: batch
+                # 1, one token, end >= 2 (checked by the caller), and the cache dtype and device
+                # checked here, so the check is skipped.
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._compiled(tokens, input_pos, slots, caches)
+            logits = self._compiled(tokens, input_pos, slots, caches)
+            self._compiled_for = key
+            return logits
+
+    def _one_token(self, tokens: Tensor, positions: Tensor, slots: Tensor,
+                   caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """The one-token step that ``compile=True`` compiles: cache slots ``[0, len(slots))`` attended."""
+        return self.output(self._run(tokens, positions, mask=None, end=slots.shape[0], caches=caches)).float()
 
     @torch.inference_mode()
     def hidden_states(self, tokens: Tensor, input_pos: Tensor | None = None) -> Tensor:
@@ -222,25 +314,31 @@ class DecodeModel(nn.Module):
                 mask = m.view(1, 1, seqlen, -1) if m.dim() == 2 else m.unsqueeze(1)
         return self._run(tokens, positions, mask=mask, end=end)
 
-    def _run(self, tokens: Tensor, positions: Tensor, mask: Tensor | None, end: int | None) -> Tensor:
+    def _run(self, tokens: Tensor, positions: Tensor, mask: Tensor | None, end: int | None,
+             caches: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         bsz, seqlen = tokens.shape
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         rope = self.model.rope[positions].float()  # (S, D/2, 2) or (B, S, D/2, 2)
-        rope = torch.view_as_complex(rope if rope.dim() == 4 else rope.unsqueeze(0)).unsqueeze(2)
+        rope = (rope if rope.dim() == 4 else rope.unsqueeze(0)).unsqueeze(2)
         h = self.model.tok_embeddings(tokens)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             x = _rms_norm(h, layer.attention_norm)
             qkv = layer.wqkv(x)
             qk = qkv[..., : (nh + nkv) * hd].reshape(bsz, seqlen, nh + nkv, hd // 2, 2)
-            qk = torch.view_as_real(torch.view_as_complex(qk.float()) * rope).flatten(-2).type_as(qkv)
+            qk = _rotate(qk, rope).type_as(qkv)
             q = qk[:, :, :nh].transpose(1, 2)
             k = qk[:, :, nh:].transpose(1, 2)
             v = qkv[..., (nh + nkv) * hd:].view(bsz, seqlen, nkv, hd).transpose(1, 2)
             cache = layer.attention.kv_cache
-            if cache is not None:
+            if caches is not None:  # the compiled batch-1 step: (S,) positions
+                ck, cv = caches[i]
+                ck[:bsz, :, positions] = k
+                cv[:bsz, :, positions] = v
+                k, v = ck[:bsz], cv[:bsz]
+            elif cache is not None:
                 k, v = cache.update(positions, k, v)
-                if end is not None:
-                    k, v = k[:, :, :end], v[:, :, :end]
+            if end is not None and (caches is not None or cache is not None):
+                k, v = k[:, :, :end], v[:, :, :end]
             if seqlen == 1 and (mask is None or mask.shape[0] == 1):
                 out = _one_query_attention(q, k, v, mask)
             else:
@@ -256,8 +354,9 @@ class DecodeModel(nn.Module):
 def optimize_for_decode(model: Transformer, *, compile: bool | None = None) -> DecodeModel:
     """Wrap ``model`` (eval, inference only) for fast batch-1 decoding; see the module docstring.
 
-    ``compile=None`` picks the measured default (off: on the 2-core CPU ``torch.compile``
-    of the step did not pay back its compile time for a reply of a few hundred tokens).
+    ``compile=None`` picks the measured default (off: on the 2-core CPU compiling the step
+    takes ~25-100 s, which a reply of a few hundred tokens at ~1.15-1.2x does not pay back;
+    a server or a long chat session does).
     The wrapper shares the model's weights (fp32) or holds a reordered copy (bf16); it must be
     rebuilt if the model's weights are replaced.
     """

@@ -42,6 +42,9 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the one-token decode step: ~1.15-1.2x decode speed on CPU after "
+                        "~40-100 s of compiling during the first request")
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="chat answer limit when a request sets none (default 512)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -86,7 +89,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.name or model_id(args.model)
     t0 = time.perf_counter()
     lm = llamalab.load(args.model, dtype=getattr(torch, args.dtype))
-    app = create_app(lm, name, default_max_tokens=args.default_max_tokens)
+    generator = None
+    if args.compile and lm.tokenizer is not None:  # (without one, create_app says so)
+        from llamalab.generate import Generator
+
+        generator = Generator(lm.model, lm.tokenizer, vocab_limit=lm.tokenizer.vocab_size, compile=True)
+    app = create_app(lm, name, generator=generator, default_max_tokens=args.default_max_tokens)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"llamalab serve: loaded {name} in {time.perf_counter() - t0:.1f} s; "
           f"serving http://{shown}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
