@@ -358,6 +358,7 @@ def optimize_for_decode(model: Transformer, *, compile: bool | None = None) -> D
     takes ~25-100 s, which a reply of a few hundred tokens at ~1.15-1.2x does not pay back;
     a server or a long chat session does).
     The wrapper shares the model's weights (fp32) or holds a reordered copy (bf16); it must be
-    rebuilt if the model's weights are replaced.
+    rebuilt if the model's weights are replaced (with ``compile=True`` also if they are changed
+    in place: freezing folds them into the compiled graph).
     """
     return DecodeModel(model.eval(), compile=bool(compile))
