@@ -163,11 +163,15 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session() -> None:
     import signal
     import threading
 
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "llamalab.cli", "chat", "--max-new-tokens", "400"],
+    # A long answer limit, and a reader that takes whatever the pipe holds: on a loaded machine
+    # a one-character reader fell so far behind that the answer had ended before the signal.
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "llamalab.cli", "chat", "--max-new-tokens", "1500"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     out: list[str] = []
-    reader = threading.Thread(target=lambda: out.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
+    fd = proc.stdout.fileno()
+    reader = threading.Thread(target=lambda: out.extend(
+        iter(lambda: os.read(fd, 65536).decode("utf-8", "replace"), "")), daemon=True)
     reader.start()
     try:
         proc.stdin.write("Write a long story about a dragon.\n")
