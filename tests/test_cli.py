@@ -163,11 +163,14 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session() -> None:
     import signal
     import threading
 
-    # A long answer limit, and a reader that takes whatever the pipe holds: on a loaded machine
-    # a one-character reader fell so far behind that the answer had ended before the signal.
+    # A long answer limit, and a reader that takes whatever the pipe holds, so that the signal
+    # comes while the answer streams.
     proc = subprocess.Popen([sys.executable, "-u", "-m", "llamalab.cli", "chat", "--max-new-tokens", "1500"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+                            # A suite started in the background (`make test &`) inherits SIGINT
+                            # ignored, and Python then installs no KeyboardInterrupt handler.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out: list[str] = []
     fd = proc.stdout.fileno()
     reader = threading.Thread(target=lambda: out.extend(
