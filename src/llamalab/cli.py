@@ -250,7 +250,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step: ~1.15-1.2x decode speed on CPU after "
-                        "~40-100 s of compiling at the first answer (worth it for long sessions)")
+                        "~25-100 s of compiling at the first answer (worth it for long sessions)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -244,7 +244,7 @@ class Generator:
         ``fast``: on a CPU, run the model through :func:`llamalab.generate.fast.optimize_for_decode`
         (oneDNN kernels, fused steps: ~1.7x decode speed; logits equal to ~1e-6 relative).
         ``compile``: also ``torch.compile`` its batch-1 one-token step (another ~1.15-1.2x
-        decode speed on CPU, after ~40-100 s of compiling at the first reply; see
+        decode speed on CPU, after ~25-100 s of compiling at the first reply; see
         :func:`~llamalab.generate.fast.optimize_for_decode`). Worth it for a server or a long
         session, not for one short reply.
         """

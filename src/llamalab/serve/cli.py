@@ -44,7 +44,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step: ~1.15-1.2x decode speed on CPU after "
-                        "~40-100 s of compiling during the first request")
+                        "~25-100 s of compiling during the first request")
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="chat answer limit when a request sets none (default 512)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
