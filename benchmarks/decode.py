@@ -181,7 +181,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--no-plain", action="store_true", help="skip llamalab's plain (un-optimized) model")
     ap.add_argument("--no-compile", action="store_true",
-                    help="skip llamalab+compile (optimize_for_decode(compile=True): ~30-45 s to compile)")
+                    help="skip llamalab+compile (optimize_for_decode(compile=True): ~20-80 s to compile)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 

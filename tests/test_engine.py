@@ -111,6 +111,22 @@ def test_greedy_matches_transformers_with_two_stop_ids(tok: HFTokenizer) -> None
     assert results[0].finish_reason == results[2].finish_reason == "stop"
 
 
+def test_compiled_generator_warms_up_then_matches_transformers(tok: HFTokenizer) -> None:
+    """``compile=True``: ``warm_up`` compiles the one-token step before any request, and the
+    compiled generator's greedy ids then equal transformers' greedy generate."""
+    ours, hf = _random_pair(vocab_size=tok.vocab_size)
+    gen = Generator(ours, tok, compile=True)
+    assert not gen.model._compiled_for
+    assert gen.warm_up() > 0
+    assert gen.model._compiled_for  # compiled (and used) by the warm-up
+    prompt = [5, 17, 42, 8, 3]
+    got = gen.generate([prompt], GenerationConfig(max_new_tokens=16, stop_ids=()))[0]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert got.ids == want
+
+
 @pytest.mark.parametrize("num_beams, length_penalty, early_stopping", [
     (2, 1.0, True), (3, 0.5, True), (4, 2.0, True), (3, -1.0, True), (3, 1.0, False), (2, 0.0, False),
 ])

@@ -23,15 +23,17 @@ buffers, which it borrows from the wrapped model), with these inference-only cha
   residual additions fused into the products as oneDNN post-ops (``x + W x'``), RoPE as one
   complex multiply on queries and keys together, ``F.rms_norm``.
 - **Attention reads only the filled part of the cache** at one-token steps (no mask to build).
-- Optionally ``compile=True``: ``torch.compile`` of the batch-1 one-token step, oneDNN's
-  linear ops kept (Inductor's freezing) and everything between them fused; compiled once
-  (cache passed as arguments, two dynamic dimensions) and then run without Dynamo's guard
-  checks. ~1.15-1.2x decode speed after ~25-100 s of compiling.
+- Optionally ``compile=True``: ``torch.compile`` of the batch-1 one-token step with
+  Inductor's freezing, everything between the matrix products fused; the products in
+  Inductor's C++ GEMM template on weights it packs once (fp32: ~1.6-2x decode speed, about
+  llama.cpp's F32 figure) or in oneDNN's kernels (bf16: ~1.15-1.2x). Compiled once (cache passed
+  as arguments, two dynamic dimensions), then run without Dynamo's guard checks; compiling
+  takes ~20-80 s.
 
 Measured on the 2-core AVX-512 development machine, SmolLM2-135M, 128-token prompt, 128 new
 tokens, medians (``benchmarks/decode.py``; the machine's bandwidth drifts, so compare ratios):
 decode fp32 23.9 -> 40.1 tok/s (1.71x transformers in the same run), bf16 44.6 -> 68-76 tok/s
-(1.64-1.68x); with ``compile=True`` 1.8-2.0x transformers at both dtypes; prefill fp32
+(1.64-1.68x); with ``compile=True`` fp32 ~2.9x and bf16 ~2.0-2.4x transformers; prefill fp32
 311 -> ~1000 tok/s, bf16 1401 -> 1540-1860 tok/s (oneDNN GEMM).
 See ``docs/inference-speed.md`` for the table against transformers.
 
@@ -152,6 +154,27 @@ def _register_fake_linear_binary() -> None:
 _FAKE_REGISTERED = False
 
 
+def _step_inductor_options(dtype: torch.dtype) -> dict[str, Any]:
+    """Inductor settings for compiling the one-token step of a model in ``dtype``.
+
+    Always freezing: the weights become constants, which is what lets Inductor keep oneDNN's
+    linear ops (and pack weights) at all. At fp32 also Inductor's C++ GEMM template for every
+    linear op (``max_autotune`` with the "CPP" backend alone, so nothing is benchmarked at
+    compile time): it packs each weight into column blocks at compile time and generates an
+    AVX-512 kernel per shape, which streams fp32 weights at M=1 about twice as fast as oneDNN's
+    matrix-vector product on the reference CPU (decode 45 -> 70-97 tok/s, llama.cpp's F32
+    figure). The packed copy costs memory: SmolLM2-135M's resident size goes 1.1 -> 2.1 GB.
+    At bf16 the template is slower than oneDNN's reordered bf16 weights (55-64 vs ~90 tok/s,
+    measured), so oneDNN's kernels stay.
+    """
+    options: dict[str, Any] = {"freezing": True}
+    if dtype == torch.float32:
+        options.update(max_autotune=True, max_autotune_gemm_backends="CPP",
+                       autotune_num_choices_displayed=0)  # else it prints a table per shape
+    # Older torch releases lack some of these settings; they then compile without them.
+    return {k: v for k, v in options.items() if hasattr(torch._inductor.config, k)}
+
+
 def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
     """RMSNorm in fp32, as ``model.RMSNorm`` computes it, in one fused op."""
     return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).type_as(x) * norm.weight
@@ -194,7 +217,7 @@ class DecodeModel(nn.Module):
         c = model.config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self._compiled: Any = None
-        self._compiled_for: tuple[torch.dtype, torch.device] | None = None
+        self._compiled_for: set[tuple[torch.dtype, torch.device, bool]] = set()  # caches compiled for
         self._step_caches: tuple[Any, list[tuple[Tensor, Tensor]]] | None = None  # (layer 0's cache, aliases)
         if compile and self.onednn:
             # Inductor lowers oneDNN's linear ops only onto weights it may treat as constants
@@ -203,6 +226,7 @@ class DecodeModel(nn.Module):
             # not the matrix-vector products, is what the one-token step loses time to.
             _register_fake_linear_binary()
             self._compiled = torch.compile(self._one_token, fullgraph=True, dynamic=False)
+            self._inductor_options = _step_inductor_options(model.tok_embeddings.weight.dtype)
         elif compile:
             self._compiled = torch.compile(model, fullgraph=True, dynamic=False)
 
@@ -267,19 +291,21 @@ class DecodeModel(nn.Module):
         # length since an int argument would be specialised.
         slots = torch.empty(end, dtype=torch.int8)
         torch._dynamo.mark_dynamic(slots, 0)
-        key = (caches[0][0].dtype, caches[0][0].device)
-        # Freezing is read from the global config when Inductor compiles (a per-compile option
-        # is not enough), so it is switched on around the calls.
-        with torch._inductor.config.patch(freezing=True):
-            if self._compiled_for == key:
+        # What the guards would tell graphs apart by, beyond the checks of the caller: the cache's
+        # dtype, device and whether it is an inference tensor (made under inference_mode or not).
+        key = (caches[0][0].dtype, caches[0][0].device, caches[0][0].is_inference())
+        # Inductor's options are read from the global config when it compiles (a per-compile
+        # option is not enough), so they are switched on around the calls.
+        with torch._inductor.config.patch(self._inductor_options):
+            if key in self._compiled_for:
                 # Checking Dynamo's guards (every weight and cache tensor) costs ~1 ms of a ~12 ms
                 # step. The graph is compiled with dynamic shapes for exactly these inputs: batch
-                # 1, one token, end >= 2 (checked by the caller), and the cache dtype and device
-                # checked here, so the check is skipped.
+                # 1, one token, end >= 2 (checked by the caller), and the key above, so the check
+                # is skipped.
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self._compiled(tokens, input_pos, slots, caches)
             logits = self._compiled(tokens, input_pos, slots, caches)
-            self._compiled_for = key
+            self._compiled_for.add(key)
             return logits
 
     def _one_token(self, tokens: Tensor, positions: Tensor, slots: Tensor,
@@ -309,7 +335,10 @@ class DecodeModel(nn.Module):
             elif positions.dim() == 1 and torch.equal(positions, torch.arange(seqlen, device=positions.device)):
                 end = seqlen  # prefill from position 0: plain causal attention over the first slots
             else:
-                slots = torch.arange(self.cache_len, device=tokens.device)
+                # Attend only up to the furthest position of the call: the slots after it are
+                # masked for every query anyway (scoring batches leave much of the cache unused).
+                end = int(positions.max()) + 1
+                slots = torch.arange(end, device=tokens.device)
                 m = slots <= positions.unsqueeze(-1)
                 mask = m.view(1, 1, seqlen, -1) if m.dim() == 2 else m.unsqueeze(1)
         return self._run(tokens, positions, mask=mask, end=end)
@@ -355,9 +384,10 @@ def optimize_for_decode(model: Transformer, *, compile: bool | None = None) -> D
     """Wrap ``model`` (eval, inference only) for fast batch-1 decoding; see the module docstring.
 
     ``compile=None`` picks the measured default (off: on the 2-core CPU compiling the step
-    takes ~25-100 s, which a reply of a few hundred tokens at ~1.15-1.2x does not pay back;
-    a server or a long chat session does).
-    The wrapper shares the model's weights (fp32) or holds a reordered copy (bf16); it must be
+    takes ~20-80 s, which a reply of a few hundred tokens does not pay back; a server or a
+    long chat session does, ~1.6-2x at fp32 and ~1.15-1.2x at bf16).
+    The wrapper shares the model's weights (fp32) or holds a reordered copy (bf16), and with
+    ``compile=True`` at fp32 also a packed copy (the C++ GEMM template's); it must be
     rebuilt if the model's weights are replaced (with ``compile=True`` also if they are changed
     in place: freezing folds them into the compiled graph).
     """
