@@ -21,7 +21,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from llamalab.api import LoadedModel  # noqa: E402
 from llamalab.checkpoint.convert import config_to_hf, hf_state_dict_to_meta  # noqa: E402
 from llamalab.config import ModelConfig  # noqa: E402
-from llamalab.eval.lm import EvalModel, sliding_windows  # noqa: E402
+from llamalab.eval.lm import EvalModel, length_batches, sliding_windows  # noqa: E402
 from llamalab.model import Transformer  # noqa: E402
 from llamalab.tokenizer.hf import HFTokenizer  # noqa: E402
 
@@ -92,6 +92,36 @@ def test_loglikelihood_matches_transformers(pair, fast: bool, batch_size: int) -
         ref, ref_greedy = hf_score(hf, ctx, cont)
         assert logprob == pytest.approx(ref, abs=1e-4)
         assert greedy == ref_greedy
+
+
+def test_continuations_split_into_passes_of_similar_length(pair, monkeypatch) -> None:  # noqa: ANN001
+    """With the cost of a pass set to nothing, a batch's continuations (1 to ~10 tokens) run in
+    several passes from parked context rows; the scores still equal transformers'."""
+    loaded, hf = pair
+    lm = EvalModel(loaded, batch_size=64)
+    lm.pass_overhead = 0
+    passes = []
+    score_rows = EvalModel._score_rows
+    monkeypatch.setattr(EvalModel, "_score_rows", lambda self, rows, contexts: passes.append(len(rows))
+                        or score_rows(self, rows, contexts))
+    got = lm.loglikelihood(REQUESTS)
+    assert len(passes) > 1 and sum(passes) == len(REQUESTS)  # one chunk, split into passes
+    for (context, continuation), (logprob, greedy) in zip(REQUESTS, got):
+        ctx, cont = lm.encode_pair(context, continuation)
+        ref, ref_greedy = hf_score(hf, ctx, cont)
+        assert logprob == pytest.approx(ref, abs=1e-4)
+        assert greedy == ref_greedy
+
+
+def test_length_batches_hand_computed() -> None:
+    """Sorted lengths [1, 1, 2 | 29, 30, 31]: two passes pad to 3x2 + 3x31 = 99 tokens (+ one
+    pass's overhead) instead of 6x31 = 186; not split where it would not pay or cannot."""
+    lengths = [1, 30, 2, 29, 1, 31]
+    assert length_batches(lengths, max_rows=3) == [[0, 4, 2], [3, 1, 5]]
+    assert length_batches(lengths, max_rows=3, overhead=90) == [list(range(6))]  # 99 + 90 > 186
+    assert length_batches(lengths, max_rows=0) == [list(range(6))]  # no spare cache rows
+    assert length_batches([7, 7, 7], max_rows=2) == [[0, 1, 2]]  # nothing to save
+    assert length_batches([5], max_rows=4) == [[0]]
 
 
 def test_shared_prefix_across_chunks_and_truncation() -> None:

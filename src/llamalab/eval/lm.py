@@ -36,7 +36,7 @@ from llamalab.model import Transformer
 if TYPE_CHECKING:
     from llamalab.api import LoadedModel
 
-__all__ = ["EvalModel", "common_prefix_len", "sliding_windows"]
+__all__ = ["EvalModel", "common_prefix_len", "length_batches", "sliding_windows"]
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -88,6 +88,9 @@ class EvalModel:
                              "condition an empty context on")
         self.prefix_token_id: int = prefix
         self.truncated = 0  # requests whose context was cut on the left to fit max_length
+        # What one more forward pass costs, in padded tokens: continuations are split into passes
+        # of similar lengths only where that saves more (see ``length_batches``).
+        self.pass_overhead = 32
         self._runner = self._fast_runner() if fast else None
         self._generator: Any = None
         # The last shared prefix run (tokens, per-layer keys and values), reused by the next chunk.
@@ -256,8 +259,31 @@ class EvalModel:
             pos = shared + torch.arange(tail_len).expand(n_ctx, tail_len)
             self._forward(tokens.to(device), pos.to(device), logits_at=None)
         # stage 3: each continuation from its context's cache row (right-padded, so padding
-        # lies after the real tokens and the causal mask hides it from them).
-        self._copy_cache_rows(torch.tensor([j for j, _ in rows]), shared + tail_len)
+        # lies after the real tokens and the causal mask hides it from them). Continuations of
+        # very different lengths run in several passes of similar lengths, so that short ones
+        # are not padded to the longest: the context rows are first parked after the rows a
+        # pass uses (the cache has rows to spare when contexts have several continuations).
+        filled = shared + tail_len
+        passes = length_batches([len(r.continuation) for _, r in rows], max_rows=n_rows - n_ctx,
+                                overhead=self.pass_overhead)
+        if len(passes) == 1:
+            self._copy_cache_rows(torch.tensor([j for j, _ in rows]), filled)
+            return self._score_rows(rows, contexts)
+        park = max(len(p) for p in passes)
+        self._copy_cache_rows(torch.arange(n_ctx), filled, first=park)
+        out: list[tuple[float, bool]] = [(0.0, False)] * n_rows
+        for batch in passes:
+            self._copy_cache_rows(torch.tensor([park + rows[i][0] for i in batch]), filled)
+            for i, score in zip(batch, self._score_rows([rows[i] for i in batch], contexts)):
+                out[i] = score
+        return out
+
+    def _score_rows(self, rows: list[tuple[int, _Request]], contexts: list[tuple[int, ...]]
+                    ) -> list[tuple[float, bool]]:
+        """Score ``rows`` ((context index, request)) whose context caches fill cache rows 0.. in order."""
+        device = self.device
+        n_rows = len(rows)
+        cont_len = max(len(r.continuation) for _, r in rows)
         tokens = torch.zeros(n_rows, cont_len, dtype=torch.long)
         start = torch.zeros(n_rows, 1, dtype=torch.long)
         targets = []
@@ -324,15 +350,17 @@ class EvalModel:
         # contexts, padding and few-shot prefixes need none.
         return trunk.output(hidden[logits_at]).float()
 
-    def _copy_cache_rows(self, source_rows: Tensor, filled: int) -> None:
-        """Make cache row i a copy of cache row ``source_rows[i]`` (its first ``filled`` slots), in every layer."""
+    def _copy_cache_rows(self, source_rows: Tensor, filled: int, first: int = 0) -> None:
+        """Make cache row ``first + i`` a copy of cache row ``source_rows[i]`` (its first ``filled``
+        slots), in every layer."""
         src = source_rows.to(self.device)
-        if not filled or torch.equal(src, torch.arange(len(src), device=src.device)):
+        if not filled or torch.equal(src, torch.arange(first, first + len(src), device=src.device)):
             return
         for layer in self.model.layers:
             cache = layer.attention.kv_cache
-            cache.k[: len(src), :, :filled] = cache.k[src, :, :filled]
-            cache.v[: len(src), :, :filled] = cache.v[src, :, :filled]
+            # (indexing with a tensor reads a copy first, so source and target rows may overlap)
+            cache.k[first: first + len(src), :, :filled] = cache.k[src, :, :filled]
+            cache.v[first: first + len(src), :, :filled] = cache.v[src, :, :filled]
 
     # ---------------------------------------------------------------- generation
 
@@ -370,6 +398,35 @@ class EvalModel:
         finally:
             bar.close()
         return out
+
+
+def length_batches(lengths: Sequence[int], max_rows: int, overhead: int = 32) -> list[list[int]]:
+    """Indices of ``lengths`` split into batches of similar length, to pad less.
+
+    Minimises the padded size (rows x longest, summed over batches) plus ``overhead`` tokens per
+    extra batch, with at most ``max_rows`` rows in any batch of a split; one batch of everything
+    when that is cheapest or ``max_rows`` is too small to split.
+    """
+    n = len(lengths)
+    order = sorted(range(n), key=lambda i: lengths[i])
+    whole = n * max(lengths, default=0)
+    if max_rows < 1 or n < 2:
+        return [list(range(n))]
+    # best[e]: cheapest split of the e shortest; batches are runs of the sorted order.
+    best = [0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for e in range(1, n + 1):
+        for b in range(max(0, e - max_rows), e):
+            cost = best[b] + (e - b) * lengths[order[e - 1]] + overhead
+            if cost < best[e]:
+                best[e], cut[e] = cost, b
+    if best[n] - overhead >= whole:  # the split does not pay for its extra passes
+        return [list(range(n))]
+    batches, e = [], n
+    while e:
+        batches.append(order[cut[e]:e])
+        e = cut[e]
+    return batches[::-1]
 
 
 def sliding_windows(tokens: Sequence[int], prefix_token: int, window: int, stride: int | None = None, *,
