@@ -25,7 +25,8 @@ Implementations (``--impls``): ``transformers``, ``llamalab``, and llamalab with
 chunked, ``train.loss.linear_cross_entropy``, as ``llamalab pretrain`` runs by default),
 ``heap`` (glibc keeps freed memory: no page faults every step, ``llamalab.allocator``; also
 applies to ``transformers+heap``),
-``onednn`` (fp32 GEMMs in oneDNN), ``fused`` /
+``onednn`` (fp32 GEMMs in oneDNN), ``mmattn`` (attention as two batched products,
+``speed.use_matmul_attention``), ``fused`` /
 ``foreach`` (AdamW implementation), ``compile`` (torch.compile per block; the first step's
 extra time is reported as compile time), ``sdpa-math`` / ``sdpa-flash``, ``fp32-bf16``
 (oneDNN fp32 matmul precision "bf16": a precision change). Example:
@@ -50,7 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 BATCH, SEQ = 8, 256
-LEVERS = ("onednn", "fused", "foreach", "compile", "compile-full", "sdpa-math", "sdpa-flash", "fp32-bf16", "chunkce", "heap")
+LEVERS = ("onednn", "fused", "foreach", "compile", "compile-full", "sdpa-math", "sdpa-flash", "fp32-bf16", "chunkce", "heap",
+          "mmattn")
 SHAPES = {"15m": ("tiny-15m", {}), "135m": ("smollm2-135m", {})}
 
 
@@ -103,6 +105,8 @@ def child(spec: dict) -> dict:
         model = ref
         if "onednn" in levers:
             speed.use_onednn_linear(model)
+        if "mmattn" in levers:
+            speed.use_matmul_attention(model)
         if "compile" in levers:
             speed.compile_blocks(model)
     elif impl == "transformers":
@@ -116,8 +120,8 @@ def child(spec: dict) -> dict:
         if config.tie_embeddings:
             model.tie_weights()
         del ref
-        if {"onednn", "compile", "chunkce"} & set(levers):  # (heap, fused, foreach, sdpa-*: both)
-            raise SystemExit("levers onednn/compile/chunkce are llamalab's only")
+        if {"onednn", "compile", "chunkce", "mmattn"} & set(levers):  # (heap, fused, foreach, sdpa-*: both)
+            raise SystemExit("levers onednn/compile/chunkce/mmattn are llamalab's only")
     else:
         raise SystemExit(f"unknown implementation {impl!r}")
     if "compile-full" in levers:

@@ -73,3 +73,38 @@ def test_adamw_impls_and_sdpa_backend() -> None:
     with pytest.raises(ValueError):
         with speed.sdpa_backend("cudnn-fast"):
             pass
+
+
+@pytest.mark.parametrize("doc_masked", [False, True])
+def test_matmul_attention_matches_sdpa(doc_masked: bool) -> None:
+    """``use_matmul_attention``: loss and every gradient equal the SDPA model's (GQA, 3 query heads
+    per key/value head), causal and under the Llama 3 document mask; generation with a KV cache
+    keeps SDPA."""
+    from llamalab.config import ModelConfig
+
+    config = ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=128, multiple_of=32,
+                         max_seq_len=64)
+    torch.manual_seed(0)
+    plain = Transformer(config)
+    plain.init_weights()
+    fast = Transformer(config)
+    fast.load_state_dict(plain.state_dict())
+    assert speed.use_matmul_attention(fast) == config.n_layers
+    tokens = torch.randint(0, config.vocab_size, (3, 25), generator=torch.Generator().manual_seed(1))
+    doc_ids = (torch.arange(24) >= 10).long().expand(3, 24) if doc_masked else None
+    losses = []
+    for model in (plain, fast):
+        logits = model(tokens[:, :-1], doc_ids=doc_ids)
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        for model in (plain, fast):
+            model.setup_cache(max_batch_size=1, max_seq_len=16)
+        prompt = tokens[:1, :8]
+        want = plain(prompt, input_pos=torch.arange(8))
+        got = fast(prompt, input_pos=torch.arange(8))
+    torch.testing.assert_close(got, want)

@@ -125,10 +125,14 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        gqa = self.n_kv_heads != self.n_heads
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=gqa)
+        out = self.attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """``softmax(q k^T / sqrt(d)) v`` per head, (B, H, S, D) queries over (B, H_kv, T, D) keys and
+        values: causal when ``mask`` is None. One fused kernel (SDPA: flash / memory-efficient)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)
 
 
 class FeedForward(nn.Module):

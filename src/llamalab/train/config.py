@@ -107,6 +107,7 @@ class TrainSection:
     fused_loss: bool = True  # output head + cross-entropy in chunks, no full logits (train/loss.py; 1 process)
     reuse_freed_memory: bool = True  # CPU: glibc keeps freed memory, no page faults every step (allocator.py)
     onednn_linear: bool = True  # CPU, 1 process: fp32 matrix products in oneDNN, ~2x MKL's speed (train/speed.py)
+    matmul_attention: bool = True  # CPU, bf16: attention as two batched products, not the flash kernel (train/speed.py)
     tensor_parallel: int = 1  # processes per tensor-parallel group; the rest of the world is FSDP (data parallel)
     log_every: int = 10
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars under run_dir/tensorboard

@@ -53,7 +53,7 @@ from llamalab.train.metrics import PEAK_FLOPS, MetricsWriter, flops_per_token, m
 from llamalab.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from llamalab.allocator import reuse_freed_memory
 from llamalab.train.loss import linear_cross_entropy
-from llamalab.train.speed import onednn_mm_t, use_onednn_linear
+from llamalab.train.speed import onednn_mm_t, use_matmul_attention, use_onednn_linear
 from llamalab.train.parallelize import (
     all_reduce_mean,
     build_mesh,
@@ -517,6 +517,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     mm_t = None
     if t.onednn_linear and not distributed and device.type == "cpu" and use_onednn_linear(model):
         mm_t = onednn_mm_t  # the fused loss's head products in oneDNN too
+    if t.matmul_attention and device.type == "cpu":
+        use_matmul_attention(model)  # (it keeps SDPA itself in fp32)
     inject = set(t.inject_nonfinite_at)
     last_saved = step if resume_from is not None else -1
     last_loss = last_val = float("nan")
