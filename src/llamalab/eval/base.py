@@ -52,6 +52,9 @@ class EvalTask:
     name: str = ""
     source: str = ""
     default_shots: int = 0
+    # A task that saves its progress in parts (MMLU: per subject) sets this; its ``run`` then takes
+    # ``partial`` (a dict it fills, kept in the results file) and ``save`` (writes that file).
+    resumable: bool = False
 
     def run(self, lm: EvalModel, *, shots: int | None, limit: int | None, seed: int,
             progress: bool) -> list[TaskResult]:

@@ -100,8 +100,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         try:
             if name not in known:
                 raise ValueError(f"unknown task; known tasks: {', '.join(sorted(known))}")
-            rows = get_task(name).run(lm, shots=args.shots, limit=args.limit, seed=args.seed,
-                                      progress=not args.no_progress)
+            task = get_task(name)
+            kwargs: dict[str, Any] = {}
+            if task.resumable:  # its finished parts go into the results file as they finish
+                kwargs["partial"] = doc.setdefault("partial", {}).setdefault(name, {})
+                kwargs["save"] = (lambda: write_results(args.out, doc)) if args.out else None
+                if kwargs["partial"]:
+                    print(f"llamalab eval: {name}: resuming after {len(kwargs['partial'])} finished parts",
+                          file=sys.stderr)
+            rows = task.run(lm, shots=args.shots, limit=args.limit, seed=args.seed,
+                            progress=not args.no_progress, **kwargs)
         except (ValueError, OSError, KeyError, RuntimeError) as e:
             msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
             warn(f"{name}: {msg}")
@@ -110,6 +118,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             elapsed = time.perf_counter() - t0
             add_rows(doc, rows)
             doc["tasks_done"].append(name)
+            doc.get("partial", {}).pop(name, None)
+            if "partial" in doc and not doc["partial"]:
+                del doc["partial"]
             doc["timings_s"][name] = round(elapsed, 1)
             print(f"llamalab eval: {name}: {_headline(rows)} in {elapsed:.0f} s", file=sys.stderr)
         if args.out:

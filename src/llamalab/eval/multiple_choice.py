@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -408,19 +408,29 @@ class MMLU(EvalTask):
         ctx = f"Question: {question}\nAnswer:"
         return MCExample([ctx] * len(choices), choices, int(doc["answer"]))
 
+    resumable = True
+
     def run(self, lm: EvalModel, *, shots: int | None, limit: int | None, seed: int,
-            progress: bool) -> list[TaskResult]:
+            progress: bool, partial: dict[str, Any] | None = None,
+            save: Callable[[], None] | None = None) -> list[TaskResult]:
         """Per-subject accuracy, the four category averages and the overall average (over questions).
 
         ``limit`` caps the questions of each subject. ``seed`` is unused: the demonstrations are
         the first k of the dev split, the same for every question of a subject (and so their
-        KV cache is computed once per batch).
+        KV cache is computed once per batch). Subjects are scored one after another; with
+        ``partial``, each finished subject's per-question metrics (and its truncation counts) are
+        stored there and ``save`` is called, and subjects already in it are not scored again: a
+        stopped run resumes after its last finished subject.
         """
         k = self.default_shots if shots is None else shots
+        partial = {} if partial is None else partial
         prompted: list[Prompted] = []
         owner: list[str] = []
         sizes: dict[str, int] = {}
-        for subject in mmlu_subjects():
+        per_example: list[dict[str, float]] = []
+        truncated = 0
+        subjects = mmlu_subjects()
+        for i, subject in enumerate(subjects):
             docs = load_split(f"{_MMLU_DATA}/{subject}/{self.split}")
             sizes[subject] = len(docs)
             dev = [self.to_example(d).demonstration() for d in load_split(f"{_MMLU_DATA}/{subject}/dev")]
@@ -428,15 +438,30 @@ class MMLU(EvalTask):
                 warn(f"{self.name}: {subject} has {len(dev)} dev examples; using {len(dev)} shots, not {k}",
                      once_key=f"mmlu-dev:{subject}")
             header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+            subject_prompted = []
             for doc in docs[:limit] if limit else docs:
                 ex = self.to_example(doc)
                 prefix, used = fit_prefix(lm, ex, header, dev[:k])
-                prompted.append(Prompted(ex, prefix, used))
-                owner.append(subject)
-        truncated_before = lm.truncated
-        per_example = score_examples(lm, prompted, uncond=False, progress=progress, desc=self.name)
+                subject_prompted.append(Prompted(ex, prefix, used))
+            if subject not in partial:
+                truncated_before = lm.truncated
+                scored = score_examples(lm, subject_prompted, uncond=False, progress=progress,
+                                        desc=f"{self.name} {i + 1}/{len(subjects)} {subject}")
+                names = list(scored[0]) if scored else []
+                partial[subject] = {"metrics": names, "values": [[m[n] for n in names] for m in scored],
+                                    "truncated": lm.truncated - truncated_before}
+                if save is not None:
+                    save()
+            saved = partial[subject]
+            if len(saved["values"]) != len(subject_prompted):
+                raise ValueError(f"{self.name}: saved progress for {subject} has {len(saved['values'])} "
+                                 f"questions, expected {len(subject_prompted)}; rerun with --overwrite")
+            per_example += [dict(zip(saved["metrics"], v)) for v in saved["values"]]
+            truncated += saved["truncated"]
+            prompted += subject_prompted
+            owner += [subject] * len(subject_prompted)
         base = {"source": self.source, "shots": k, "format": "letter" if self.letter else "cloze"}
-        base.update(_shortfall(self.name, prompted, k, lm.truncated - truncated_before, lm.max_length))
+        base.update(_shortfall(self.name, prompted, k, truncated, lm.max_length))
         rows = metric_rows(self.name, per_example, dict(base, split_size=sum(sizes.values()), average="questions"),
                            self.headline)
         for category, subjects in MMLU_CATEGORIES.items():
