@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from llamalab.model import Attention
 
 __all__ = ["ADAMW_IMPLS", "OneDNNLinear", "adamw_impl_kwargs", "compile_blocks", "onednn_linear_available", "onednn_mm_t",
-           "MatmulAttention", "sdpa_backend", "set_fp32_matmul_precision", "use_matmul_attention",
+           "MatmulAttention", "grouped_matmul_attention", "sdpa_backend", "set_fp32_matmul_precision", "use_matmul_attention",
            "use_onednn_linear"]
 
 ADAMW_IMPLS = ("default", "for-loop", "foreach", "fused")
@@ -141,19 +141,25 @@ class MatmulAttention(Attention):
         bf16 = q.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
         if self.kv_cache is not None or q.device.type != "cpu" or not bf16:
             return super().attend(q, k, v, mask)
-        bsz, nh, s, d = q.shape
-        nkv, t = k.shape[1], k.shape[2]
-        g = nh // nkv
-        # Query heads h = j * g + i share key/value head j (as SDPA's enable_gqa): stacking a
-        # group's g heads as rows makes one larger product per key/value head.
-        scores = torch.matmul(q.reshape(bsz, nkv, g * s, d), k.transpose(-1, -2)).float()
-        scores = scores.view(bsz, nkv, g, s, t) * (d ** -0.5)
-        if mask is None:
-            allowed = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
-        else:
-            allowed = mask.unsqueeze(1)  # (B or 1, 1, 1, S, T)
-        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(v.dtype)
-        return torch.matmul(probs.view(bsz, nkv, g * s, t), v).view(bsz, nh, s, d)
+        return grouped_matmul_attention(q, k, v, mask)
+
+
+def grouped_matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """What SDPA computes (causal when ``mask`` is None, GQA as ``enable_gqa``), as two batched
+    products with each key/value head's query heads stacked as rows and an fp32 softmax."""
+    bsz, nh, s, d = q.shape
+    nkv, t = k.shape[1], k.shape[2]
+    g = nh // nkv
+    # Query heads h = j * g + i share key/value head j (as SDPA's enable_gqa): stacking a
+    # group's g heads as rows makes one larger product per key/value head.
+    scores = torch.matmul(q.reshape(bsz, nkv, g * s, d), k.transpose(-1, -2)).float()
+    scores = scores.view(bsz, nkv, g, s, t) * (d ** -0.5)
+    if mask is None:
+        allowed = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(t - s)
+    else:
+        allowed = mask.unsqueeze(1)  # (B or 1, 1, 1, S, T)
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(v.dtype)
+    return torch.matmul(probs.view(bsz, nkv, g * s, t), v).view(bsz, nh, s, d)
 
 
 def use_matmul_attention(model: nn.Module) -> int:
