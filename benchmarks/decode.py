@@ -6,10 +6,12 @@ prompt. Figures: prefill tok/s for the prompt, decode tok/s over 128 greedy new 
 decode GB/s = bytes of weights read per token / seconds per token.
 
 llamalab is measured through the engine's loop (``setup_cache``; prefill with
-``input_pos=arange``; then one token per step from the static KV cache) on the model that
+``input_pos=arange`` and the output head at the last position only; then one token per step
+from the static KV cache) on the model that
 ``llamalab.generate.fast.optimize_for_decode`` returns, and also on the plain model
-("llamalab-plain", the path without the opt-in). transformers runs its own cached loop
-(``past_key_values``, argmax).
+("llamalab-plain", the path without the opt-in), and in bf16 with oneDNN's matrix products
+instead of llamalab's AVX512-BF16 kernel ("llamalab-onednn"). transformers runs its own cached loop
+(``past_key_values``, argmax), prefilling with ``logits_to_keep=1`` as its ``generate()`` does.
 
 Each implementation lives in its own process, loaded once; the parent asks them for one
 measurement each in turn (A B C A B C ...), because the shared machine's bandwidth drifts
@@ -51,7 +53,9 @@ if which.startswith("llamalab"):
     if which == "llamalab-plain":
         model = lm.model
     else:
-        model = optimize_for_decode(lm.model, compile=which == "llamalab+compile")
+        # llamalab-onednn: bf16 products in oneDNN's kernels instead of llamalab's AVX512-BF16 one.
+        model = optimize_for_decode(lm.model, compile=which == "llamalab+compile",
+                                    bf16_kernel=False if which == "llamalab-onednn" else None)
     params = {id(p): p for p in lm.model.parameters()}.values()  # the tied head counted once
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
 
@@ -61,8 +65,9 @@ if which.startswith("llamalab"):
         model.setup_cache(max_batch_size=1, max_seq_len=len(prompt) + new)
         try:
             t0 = time.perf_counter()
-            logits = model(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
-            nxt = int(logits[0, -1].argmax())
+            # Prefill as the engine does it: the output head at the last position only.
+            hidden = model.hidden_states(torch.tensor([prompt]), input_pos=torch.arange(len(prompt)))
+            nxt = int(model.output(hidden[:, -1]).float()[0].argmax())
             t1 = time.perf_counter()
             ids, pos = [nxt], len(prompt)
             for _ in range(new):
@@ -86,7 +91,8 @@ elif which == "transformers":
     @torch.inference_mode()
     def measure():
         t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+        # logits_to_keep=1: the last position's logits only, as transformers' generate() prefills.
+        out = model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
         nxt = int(out.logits[0, -1].argmax())
         t1 = time.perf_counter()
         ids, past = [nxt], out.past_key_values
@@ -182,6 +188,9 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip llamalab's plain (un-optimized) model")
     ap.add_argument("--no-compile", action="store_true",
                     help="skip llamalab+compile (optimize_for_decode(compile=True): ~20-80 s to compile)")
+    ap.add_argument("--no-onednn", action="store_true",
+                    help="skip llamalab-onednn (bf16: the fast path with oneDNN's products instead of the "
+                         "AVX512-BF16 kernel, for comparison)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -193,7 +202,8 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     for dtype in args.dtypes.split(","):
         peers = (["llamalab"] + ([] if args.no_compile else ["llamalab+compile"])
-                 + ([] if args.no_plain else ["llamalab-plain"]) + ["transformers"])
+                 + ([] if args.no_plain else ["llamalab-plain"])
+                 + ([] if args.no_onednn or dtype != "bf16" else ["llamalab-onednn"]) + ["transformers"])
         if dtype == "fp32" and importlib.util.find_spec("llama_cpp"):
             peers.append("llama.cpp")  # once: it runs the GGUF's own (quantized) weights
         children = {p: Child(p, path, dtype, prompt) for p in peers}

@@ -18,6 +18,7 @@ import torch
 
 from llamalab.config import ModelConfig
 from llamalab.generate.fast import DecodeModel, optimize_for_decode
+from llamalab.generate.gemv import bf16_gemv_available
 from llamalab.model import Transformer
 
 TOL = dict(atol=1e-5, rtol=0)
@@ -119,6 +120,61 @@ def test_bf16_tiny_close_to_plain() -> None:
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
 
 
+def teacher_forced_steps(model: Any, tokens: list[int], n_prompt: int) -> torch.Tensor:
+    """Logits of the one-token steps after a prefill of ``tokens[:n_prompt]``, fed ``tokens``."""
+    model.setup_cache(max_batch_size=1, max_seq_len=len(tokens))
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([tokens[:n_prompt]]), input_pos=torch.arange(n_prompt))
+            steps = [model(torch.tensor([[tokens[pos]]]), input_pos=torch.tensor([pos]))[0, -1]
+                     for pos in range(n_prompt, len(tokens))]
+    finally:
+        model.clear_cache()
+    return torch.stack(steps).double()
+
+
+def kernel_calls(fn: Any) -> int:
+    """How many times ``fn()`` ran the bf16 matrix-vector kernel (profiled, so compiled code counts)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "llamalab::gemv_bf16")
+
+
+bf16_kernel = pytest.mark.skipif(not bf16_gemv_available(), reason="no AVX512-BF16 kernel here (see test_gemv)")
+
+
+@bf16_kernel
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_decode_steps_run_the_kernel_as_close_to_fp64_as_onednn(compile: bool) -> None:
+    """bf16 one-token steps go through the AVX512-BF16 kernel (4 products a layer and the head,
+    not prefill), and their logits are as close to the same weights in fp64 as the oneDNN path's."""
+    model = tiny("gqa", torch.bfloat16)
+    exact = copy.deepcopy(model).double()
+    tokens = torch.randint(0, model.config.vocab_size, (30,)).tolist()
+    with torch.inference_mode():
+        ref = exact(torch.tensor([tokens]))[0, 20:29].double()  # predictions after positions 20..28
+    kernel = optimize_for_decode(model, compile=compile, bf16_kernel=True)
+    onednn = optimize_for_decode(copy.deepcopy(model), bf16_kernel=False)
+    steps = {}
+    if compile:  # compiling runs the graph's ops too: count the calls of a compiled model's later run
+        teacher_forced_steps(kernel, tokens, 20)
+    calls = kernel_calls(lambda: steps.setdefault("kernel", teacher_forced_steps(kernel, tokens, 20)))
+    assert calls == 10 * (4 * model.config.n_layers + 1)  # 10 steps; the 20-token prefill uses oneDNN
+    assert kernel_calls(lambda: steps.setdefault("onednn", teacher_forced_steps(onednn, tokens, 20))) == 0
+    err = {name: (s[:-1] - ref).abs().max().item() for name, s in steps.items()}
+    assert err["kernel"] <= 1.5 * err["onednn"] + 1e-3, err
+    if compile:
+        assert kernel._compiled_for  # the steps ran in the compiled graph
+
+
+def test_bf16_kernel_on_request_only_where_it_applies() -> None:
+    with pytest.raises(ValueError, match="bf16_kernel=True needs a bf16 model"):
+        optimize_for_decode(tiny("gqa"), bf16_kernel=True)  # fp32
+    assert optimize_for_decode(tiny("gqa", torch.bfloat16), bf16_kernel=False).layers[0].wqkv.packed is None
+
+
 def test_hidden_states_match_plain() -> None:
     model = tiny("tied")
     fast = optimize_for_decode(model)
@@ -217,3 +273,45 @@ def test_real_logits_close_to_plain(smollm: Any, prompt: list[int]) -> None:
     err_plain = (plain.double() - exact).abs().max().item()
     err_fast = (opt.double() - exact).abs().max().item()
     assert err_fast <= 3 * err_plain + 1e-5, (err_fast, err_plain)
+
+
+@real
+@bf16_kernel
+def test_real_bf16_kernel_steps_as_close_to_fp64_as_the_plain_model() -> None:
+    """SmolLM2 in bf16: one-token steps through the AVX512-BF16 kernel are as close to the same
+    bf16 weights computed in fp64 as the plain bf16 model's steps (logits reach ~29; both land
+    ~0.5 off, bf16's rounding of the activations)."""
+    import llamalab
+
+    lm = llamalab.load("smollm2-135m-instruct", dtype=torch.bfloat16)
+    tokens = lm.tokenizer.encode("The capital of France is Paris. The capital of Italy is Rome, and the "
+                                 "capital of Spain is Madrid. Germany's capital is Berlin")
+    n0 = len(tokens) - 10
+    with torch.inference_mode():
+        ref = copy.deepcopy(lm.model).double()(torch.tensor([tokens]))[0, n0:-1]
+    fast = optimize_for_decode(copy.deepcopy(lm.model), bf16_kernel=True)
+    err_fast = (teacher_forced_steps(fast, tokens, n0)[:-1] - ref).abs().max().item()
+    err_plain = (teacher_forced_steps(lm.model, tokens, n0)[:-1] - ref).abs().max().item()
+    assert err_fast <= 1.5 * err_plain, (err_fast, err_plain)
+
+
+@real
+@bf16_kernel
+def test_real_bf16_logits_in_fp32_break_a_near_tie_as_fp64_does() -> None:
+    """SmolLM2's chat prompt "What is the capital of France?": fp64 puts "The" 0.07 above "L".
+    Rounded to bf16 (0.125 apart at ~25) both logits would be 25.375 and greedy decoding would
+    pick "L" by index; the kernel's head returns its fp32 sums and picks "The", as fp64 does."""
+    import llamalab
+    from llamalab.generate.chat import encode_chat
+
+    lm = llamalab.load("smollm2-135m-instruct", dtype=torch.bfloat16)
+    ids = torch.tensor([encode_chat(lm.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])])
+    fast = optimize_for_decode(copy.deepcopy(lm.model), bf16_kernel=True)
+    with torch.inference_mode():
+        hidden = fast.hidden_states(ids)[:, -1]
+        logits = fast.output(hidden)
+        exact = copy.deepcopy(lm.model).double()(ids)[0, -1]
+    assert logits.dtype == torch.float32
+    top2 = exact.topk(2).indices.tolist()
+    assert (exact[top2[0]] - exact[top2[1]]).item() < 0.125  # a near tie at bf16's resolution
+    assert int(logits[0].argmax()) == top2[0] == lm.tokenizer.encode("The")[0]
