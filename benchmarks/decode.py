@@ -9,8 +9,8 @@ llamalab is measured through the engine's loop (``setup_cache``; prefill with
 ``input_pos=arange`` and the output head at the last position only; then one token per step
 from the static KV cache) on the model that
 ``llamalab.generate.fast.optimize_for_decode`` returns, and also on the plain model
-("llamalab-plain", the path without the opt-in), and in bf16 with oneDNN's matrix products
-instead of llamalab's AVX512-BF16 kernel ("llamalab-onednn"). transformers runs its own cached loop
+("llamalab-plain", the path without the opt-in), and with oneDNN's matrix-vector products
+instead of llamalab's kernel ("llamalab-onednn"). transformers runs its own cached loop
 (``past_key_values``, argmax), prefilling with ``logits_to_keep=1`` as its ``generate()`` does.
 
 Each implementation lives in its own process, loaded once; the parent asks them for one
@@ -53,9 +53,9 @@ if which.startswith("llamalab"):
     if which == "llamalab-plain":
         model = lm.model
     else:
-        # llamalab-onednn: bf16 products in oneDNN's kernels instead of llamalab's AVX512-BF16 one.
+        # llamalab-onednn: the decode steps' products in oneDNN's kernels instead of llamalab's.
         model = optimize_for_decode(lm.model, compile=which == "llamalab+compile",
-                                    bf16_kernel=False if which == "llamalab-onednn" else None)
+                                    gemv=False if which == "llamalab-onednn" else None)
     params = {id(p): p for p in lm.model.parameters()}.values()  # the tied head counted once
     weight_bytes = sum(p.numel() * p.element_size() for p in params)
 
@@ -189,8 +189,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true",
                     help="skip llamalab+compile (optimize_for_decode(compile=True): ~20-80 s to compile)")
     ap.add_argument("--no-onednn", action="store_true",
-                    help="skip llamalab-onednn (bf16: the fast path with oneDNN's products instead of the "
-                         "AVX512-BF16 kernel, for comparison)")
+                    help="skip llamalab-onednn (the fast path with oneDNN's matrix-vector products instead "
+                         "of llamalab's kernel, for comparison)")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
@@ -203,7 +203,7 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         peers = (["llamalab"] + ([] if args.no_compile else ["llamalab+compile"])
                  + ([] if args.no_plain else ["llamalab-plain"])
-                 + ([] if args.no_onednn or dtype != "bf16" else ["llamalab-onednn"]) + ["transformers"])
+                 + ([] if args.no_onednn else ["llamalab-onednn"]) + ["transformers"])
         if dtype == "fp32" and importlib.util.find_spec("llama_cpp"):
             peers.append("llama.cpp")  # once: it runs the GGUF's own (quantized) weights
         children = {p: Child(p, path, dtype, prompt) for p in peers}

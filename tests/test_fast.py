@@ -18,7 +18,7 @@ import torch
 
 from llamalab.config import ModelConfig
 from llamalab.generate.fast import DecodeModel, optimize_for_decode
-from llamalab.generate.gemv import bf16_gemv_available
+from llamalab.generate.gemv import gemv_available
 from llamalab.model import Transformer
 
 TOL = dict(atol=1e-5, rtol=0)
@@ -134,15 +134,15 @@ def teacher_forced_steps(model: Any, tokens: list[int], n_prompt: int) -> torch.
 
 
 def kernel_calls(fn: Any) -> int:
-    """How many times ``fn()`` ran the bf16 matrix-vector kernel (profiled, so compiled code counts)."""
+    """How many times ``fn()`` ran llamalab's matrix-vector kernel (profiled, so compiled code counts)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key == "llamalab::gemv_bf16")
+    return sum(e.count for e in prof.key_averages() if e.key == "llamalab::gemv")
 
 
-bf16_kernel = pytest.mark.skipif(not bf16_gemv_available(), reason="no AVX512-BF16 kernel here (see test_gemv)")
+bf16_kernel = pytest.mark.skipif(not gemv_available(torch.bfloat16), reason="no AVX512-BF16 kernel here (see test_gemv)")
 
 
 @bf16_kernel
@@ -155,8 +155,8 @@ def test_bf16_decode_steps_run_the_kernel_as_close_to_fp64_as_onednn(compile: bo
     tokens = torch.randint(0, model.config.vocab_size, (30,)).tolist()
     with torch.inference_mode():
         ref = exact(torch.tensor([tokens]))[0, 20:29].double()  # predictions after positions 20..28
-    kernel = optimize_for_decode(model, compile=compile, bf16_kernel=True)
-    onednn = optimize_for_decode(copy.deepcopy(model), bf16_kernel=False)
+    kernel = optimize_for_decode(model, compile=compile, gemv=True)
+    onednn = optimize_for_decode(copy.deepcopy(model), gemv=False)
     steps = {}
     if compile:  # compiling runs the graph's ops too: count the calls of a compiled model's later run
         teacher_forced_steps(kernel, tokens, 20)
@@ -169,10 +169,26 @@ def test_bf16_decode_steps_run_the_kernel_as_close_to_fp64_as_onednn(compile: bo
         assert kernel._compiled_for  # the steps ran in the compiled graph
 
 
-def test_bf16_kernel_on_request_only_where_it_applies() -> None:
-    with pytest.raises(ValueError, match="bf16_kernel=True needs a bf16 model"):
-        optimize_for_decode(tiny("gqa"), bf16_kernel=True)  # fp32
-    assert optimize_for_decode(tiny("gqa", torch.bfloat16), bf16_kernel=False).layers[0].wqkv.packed is None
+def test_kernel_on_request_only_where_it_applies() -> None:
+    with pytest.raises(ValueError, match="gemv=True: llamalab's matrix-vector kernel cannot run this model"):
+        optimize_for_decode(tiny("gqa", torch.float16), gemv=True)
+    assert optimize_for_decode(tiny("gqa", torch.bfloat16), gemv=False).layers[0].wqkv.rows is None
+
+
+@bf16_kernel
+def test_fp32_decode_steps_run_the_kernel_on_the_models_own_weights() -> None:
+    """fp32 one-token steps go through the kernel, reading the model's weights in place (no
+    copy), and match the plain model to 1e-5 like the rest of the fast path."""
+    model = tiny("gqa")
+    plain = copy.deepcopy(model)
+    fast = optimize_for_decode(model)
+    assert fast.gemv and fast.layers[0].wqkv.rows.data_ptr() == model.layers[0].attention.wq.weight.data_ptr()
+    assert fast.output.rows.data_ptr() == model.output.weight.data_ptr()
+    tokens = torch.randint(0, model.config.vocab_size, (30,)).tolist()
+    steps = {}
+    assert kernel_calls(lambda: steps.setdefault("fast", teacher_forced_steps(fast, tokens, 20))) == 10 * 9
+    steps["plain"] = teacher_forced_steps(plain, tokens, 20)
+    torch.testing.assert_close(steps["fast"], steps["plain"], atol=1e-5, rtol=0)
 
 
 def test_hidden_states_match_plain() -> None:
@@ -197,6 +213,8 @@ def test_compiled_step_matches_plain_and_compiles_once() -> None:
     ids_plain, steps_plain = greedy(plain, prompt, 10)
     ids_fast, steps_fast = greedy(fast, prompt, 10)
     assert fast._compiled_for  # the compiled graph ran
+    if fast.gemv:  # the compiled fp32 step runs Inductor's GEMM template, not llamalab's kernel
+        assert kernel_calls(lambda: greedy(fast, prompt, 10)) == 0
     assert ids_fast == ids_plain
     for a, b in zip(steps_fast, steps_plain):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
@@ -289,7 +307,7 @@ def test_real_bf16_kernel_steps_as_close_to_fp64_as_the_plain_model() -> None:
     n0 = len(tokens) - 10
     with torch.inference_mode():
         ref = copy.deepcopy(lm.model).double()(torch.tensor([tokens]))[0, n0:-1]
-    fast = optimize_for_decode(copy.deepcopy(lm.model), bf16_kernel=True)
+    fast = optimize_for_decode(copy.deepcopy(lm.model), gemv=True)
     err_fast = (teacher_forced_steps(fast, tokens, n0)[:-1] - ref).abs().max().item()
     err_plain = (teacher_forced_steps(lm.model, tokens, n0)[:-1] - ref).abs().max().item()
     assert err_fast <= 1.5 * err_plain, (err_fast, err_plain)
@@ -306,7 +324,7 @@ def test_real_bf16_logits_in_fp32_break_a_near_tie_as_fp64_does() -> None:
 
     lm = llamalab.load("smollm2-135m-instruct", dtype=torch.bfloat16)
     ids = torch.tensor([encode_chat(lm.tokenizer, [{"role": "user", "content": "What is the capital of France?"}])])
-    fast = optimize_for_decode(copy.deepcopy(lm.model), bf16_kernel=True)
+    fast = optimize_for_decode(copy.deepcopy(lm.model), gemv=True)
     with torch.inference_mode():
         hidden = fast.hidden_states(ids)[:, -1]
         logits = fast.output(hidden)

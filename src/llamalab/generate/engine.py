@@ -242,9 +242,9 @@ class Generator:
         (to a multiple of 64 or 128) and the padded rows have no text.
 
         ``fast``: on a CPU, run the model through :func:`llamalab.generate.fast.optimize_for_decode`
-        (oneDNN kernels, llamalab's AVX512-BF16 kernel for bf16 steps, fused steps: ~1.8x decode
-        speed at fp32, ~2.3-2.9x at bf16; fp32 logits equal to ~1e-6 relative).
-        ``compile``: also ``torch.compile`` its batch-1 one-token step (another ~2x decode
+        (llamalab's matrix-vector kernel for decode steps, oneDNN for prefill, fused steps:
+        ~2.4x the plain model's decode speed at fp32 and bf16; fp32 logits equal to ~1e-6 relative).
+        ``compile``: also ``torch.compile`` its batch-1 one-token step (another ~1.15x decode
         speed at fp32, ~1.2x at bf16, on CPU, after ~20-80 s of compiling at the first
         reply or at :meth:`warm_up`; see
         :func:`~llamalab.generate.fast.optimize_for_decode`). Worth it for a server or a long

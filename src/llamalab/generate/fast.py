@@ -17,28 +17,24 @@ buffers, which it borrows from the wrapped model), with these inference-only cha
   token, and oneDNN's matrix-vector kernel reads them about twice as fast on the reference
   CPU (AVX-512: MKL ~17-22 GB/s, oneDNN ~33-48 GB/s). fp32 weights are used in place (no copy);
   bf16 weights are reordered once into oneDNN's blocked layout (a copy: +2 bytes/param).
-- **bf16 decode steps on llamalab's AVX512-BF16 kernel** (:mod:`llamalab.generate.gemv`,
-  built on first use) where the CPU has the instructions: one packed copy of each weight
-  (+2 bytes/param, instead of oneDNN's reordered one) read front to back at 35-50 GB/s, where
-  oneDNN's bf16 kernels reach 22-38 GB/s on these small matrices. Calls of more than 4 rows
-  (prefill) then run in oneDNN on the model's own bf16 weights (~10% slower prefill than on
-  the reordered copy, which is no longer kept).
+- **Decode steps on llamalab's matrix-vector kernel** (:mod:`llamalab.generate.gemv`, built on
+  first use) where the CPU has AVX-512 (bf16: AVX512-BF16): calls of up to 4 rows read the
+  model's own weights, row-major, no copy, at 41-46 GB/s, where oneDNN reaches 22-38 GB/s
+  (bf16) and ~30 GB/s (fp32) on these small matrices. Prefill stays on oneDNN.
 - **Fewer, larger matrix products per layer**: q/k/v in one matrix and w1/w3 in another (the
   model's weights become views of the fused matrices, so fp32 needs no extra memory), the
   residual additions fused into the products as oneDNN post-ops (``x + W x'``), RoPE as one
   complex multiply on queries and keys together, ``F.rms_norm``.
 - **Attention reads only the filled part of the cache** at one-token steps (no mask to build).
 - Optionally ``compile=True``: ``torch.compile`` of the batch-1 one-token step with
-  Inductor's freezing, everything between the matrix products fused; the products in
-  Inductor's C++ GEMM template on weights it packs once (fp32: ~2x decode speed, about
-  llama.cpp's F32 figure) or in the bf16 kernel above (bf16: ~1.2x). Compiled once (cache
-  passed as arguments, two dynamic dimensions), then run without Dynamo's guard checks;
-  compiling takes ~20-80 s.
+  Inductor's freezing, everything between the matrix products fused; the products at fp32 in
+  Inductor's C++ GEMM template on weights it packs once (a copy), at bf16 in the kernel above
+  (or oneDNN where it cannot be built). Compiled once (cache passed as arguments, two dynamic dimensions), then
+  run without Dynamo's guard checks; compiling takes ~20-80 s.
 
 Measured on the 2-core AVX-512 development machine, SmolLM2-135M, 128-token prompt, 128 new
 tokens, medians, ratios to transformers in the same run (``benchmarks/decode.py``; the
-machine's bandwidth drifts, so compare ratios): decode fp32 ~1.85x, bf16 ~2.9x; with
-``compile=True`` fp32 ~3.9x, bf16 ~3.4x. See ``docs/inference-speed.md`` for the tables.
+machine's bandwidth drifts, so compare ratios): see ``docs/inference-speed.md`` for the tables.
 
 The result is not bit-identical to the plain model: oneDNN sums the dot products in another
 order than MKL, so fp32 logits differ by ~1e-5 (relative ~1e-6); bf16 rounds the fused
@@ -54,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llamalab.generate.gemv import MAX_ROWS, bf16_gemv_available, gemv_bf16, pack_bf16, unavailable_reason
+from llamalab.generate.gemv import MAX_ROWS, gemv, gemv_available, unavailable_reason
 from llamalab.model import Transformer
 
 __all__ = ["DecodeModel", "optimize_for_decode", "onednn_available"]
@@ -69,33 +65,36 @@ def onednn_available(device: torch.device) -> bool:
 class _Linear:
     """``y = x W^T`` (optionally ``swish`` (silu) after, or ``other + y`` / ``other * y``) on one weight.
 
-    Holds the weight as the kernels want it. bf16 with the AVX512-BF16 kernel
-    (:mod:`llamalab.generate.gemv`): its packed copy for calls of up to ``MAX_ROWS`` rows
-    (decode steps), oneDNN on the weight as it is for larger ones (prefill; no second copy).
-    Otherwise oneDNN: fp32 as is, bf16 reordered into its blocked layout. Without oneDNN (GPU,
-    other builds) plain ``F.linear``. ``float_out`` (the output head): where the bf16 kernel runs,
-    its fp32 sums come back unrounded: bf16 logits are 0.125 apart at ~25, and two close
-    candidates would tie (greedy decoding then picks by index).
+    Calls of up to ``MAX_ROWS`` rows (decode steps) go to llamalab's matrix-vector kernel
+    (:mod:`llamalab.generate.gemv`) on the weight as it is, where it runs (``use_gemv``). Other
+    calls (prefill) go to oneDNN, which holds the weight as it wants it: fp32 as is, bf16
+    reordered into its blocked layout (a copy). Without oneDNN (GPU, other builds) plain
+    ``F.linear``. ``float_out`` (the output head): where the kernel runs a bf16 model, its fp32
+    sums come back unrounded: bf16 logits are 0.125 apart at ~25, and two close candidates
+    would tie (greedy decoding then picks by index).
     """
 
     def __init__(self, weight: Tensor, use_onednn: bool, use_gemv: bool = False, float_out: bool = False) -> None:
         self.out_features = weight.shape[0]
-        self.float_out = float_out
         self.onednn = use_onednn
-        self.packed: Tensor | None = None
-        if use_gemv and weight.dtype == torch.bfloat16:
-            self.packed = pack_bf16(weight)
-            self.weight = weight.detach()
-        elif use_onednn and weight.dtype == torch.bfloat16:
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        self.float_out = float_out
+        weight = weight.detach()
+        # The kernel reads rows in place: a non-contiguous weight (none of the model's) would
+        # need a copy per call, so it gets one copy here instead.
+        self.rows: Tensor | None = (weight if weight.is_contiguous() else weight.contiguous()) if use_gemv else None
+        if use_onednn and weight.dtype == torch.bfloat16:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         else:
-            self.weight = weight.detach()
+            self.weight = weight
 
     def __call__(self, x: Tensor, post: str = "none", other: Tensor | None = None) -> Tensor:
-        if self.packed is not None and x.numel() <= MAX_ROWS * x.shape[-1]:
-            if post == "add":  # the residual added before the one rounding to bf16, as oneDNN's post-op
-                return gemv_bf16(x, self.packed, self.out_features, other, self.float_out)
-            return self._post(gemv_bf16(x, self.packed, self.out_features, float_out=self.float_out), post, other)
+        # In the compiled fp32 step Inductor's C++ GEMM template runs the products instead: it
+        # streams fp32 weights ~5-10% faster there (measured), and needs the linear ops to see.
+        compiled_fp32 = x.dtype == torch.float32 and torch.compiler.is_compiling()
+        if self.rows is not None and x.numel() <= MAX_ROWS * x.shape[-1] and not compiled_fp32:
+            if post == "add":  # the residual added before the one rounding, as oneDNN's post-op
+                return gemv(x, self.rows, other, self.float_out)
+            return self._post(gemv(x, self.rows, float_out=self.float_out), post, other)
         if not self.onednn:
             return self._post(F.linear(x, self.weight), post, other)
         x2 = x.reshape(-1, x.shape[-1])
@@ -184,11 +183,11 @@ def _step_inductor_options(dtype: torch.dtype) -> dict[str, Any]:
     linear op (``max_autotune`` with the "CPP" backend alone, so nothing is benchmarked at
     compile time): it packs each weight into column blocks at compile time and generates an
     AVX-512 kernel per shape, which streams fp32 weights at M=1 about twice as fast as oneDNN's
-    matrix-vector product on the reference CPU (decode 45 -> 70-97 tok/s, llama.cpp's F32
-    figure). The packed copy costs memory: SmolLM2-135M's resident size goes 1.1 -> 2.1 GB.
-    At bf16 the template is slower (55-64 vs ~90 tok/s, measured: its micro-kernel loads bf16
-    through a partial-vector path); the step calls llamalab's AVX512-BF16 kernel there (or
-    oneDNN's, where that kernel cannot be built), which freezing leaves as they are.
+    matrix-vector product on the reference CPU (decode 45 -> 70-97 tok/s), and 5-10% faster
+    than llamalab's kernel inside the graph (measured). The packed copy costs memory:
+    SmolLM2-135M's resident size goes 1.1 -> 2.1 GB. At bf16 the template is slower than
+    oneDNN (55-64 vs ~90 tok/s, measured: its micro-kernel loads bf16 through a partial-vector
+    path); the graph calls llamalab's kernel there (oneDNN's ops where it cannot be built).
     """
     options: dict[str, Any] = {"freezing": True}
     if dtype == torch.float32:
@@ -227,20 +226,20 @@ class DecodeModel(nn.Module):
     cache lives in the wrapped model (``setup_cache`` here sets it up there).
     """
 
-    def __init__(self, model: Transformer, *, compile: bool = False, bf16_kernel: bool | None = None) -> None:
+    def __init__(self, model: Transformer, *, compile: bool = False, gemv: bool | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = model.config
         device = model.tok_embeddings.weight.device
         self.onednn = onednn_available(device) and model.tok_embeddings.weight.dtype in (torch.float32,
                                                                                          torch.bfloat16)
-        # bf16 decode steps through the AVX512-BF16 matrix-vector kernel where it can be built
-        # (bf16_kernel=None), or on request only (True: an error where it cannot be had).
-        self.gemv = (bf16_kernel is not False and device.type == "cpu"
-                     and model.tok_embeddings.weight.dtype == torch.bfloat16 and bf16_gemv_available())
-        if bf16_kernel and not self.gemv:
-            raise ValueError("bf16_kernel=True needs a bf16 model on a CPU where the kernel builds"
-                             + (f" ({unavailable_reason()})" if unavailable_reason() else ""))
+        # Decode steps through llamalab's matrix-vector kernel where it can be built (gemv=None),
+        # or on request only (True: an error where it cannot be had).
+        dtype = model.tok_embeddings.weight.dtype
+        self.gemv = gemv is not False and device.type == "cpu" and gemv_available(dtype)
+        if gemv and not self.gemv:
+            why = unavailable_reason(dtype) if device.type == "cpu" else f"the model is on {device}"
+            raise ValueError(f"gemv=True: llamalab's matrix-vector kernel cannot run this model ({why})")
         with torch.no_grad():
             self.layers = [_Layer(block, self.onednn, self.gemv) for block in model.layers]
             self.output = _Linear(model.output.weight, self.onednn, self.gemv, float_out=True)
@@ -411,18 +410,16 @@ class DecodeModel(nn.Module):
 
 
 def optimize_for_decode(model: Transformer, *, compile: bool | None = None,
-                        bf16_kernel: bool | None = None) -> DecodeModel:
+                        gemv: bool | None = None) -> DecodeModel:
     """Wrap ``model`` (eval, inference only) for fast batch-1 decoding; see the module docstring.
 
     ``compile=None`` picks the measured default (off: on the 2-core CPU compiling the step
     takes ~20-80 s, which a reply of a few hundred tokens does not pay back; a server or a
-    long chat session does, ~2x at fp32 and ~1.2x at bf16). ``bf16_kernel=None`` runs bf16
-    decode steps on llamalab's AVX512-BF16 kernel where it can be built (True: or raise,
-    False: oneDNN's kernels).
-    The wrapper shares the model's weights (fp32) or holds one copy in the bf16 kernel's (or
-    oneDNN's) layout (bf16), and with
-    ``compile=True`` at fp32 also a packed copy (the C++ GEMM template's); it must be
-    rebuilt if the model's weights are replaced (with ``compile=True`` also if they are changed
-    in place: freezing folds them into the compiled graph).
+    long chat session does). ``gemv=None`` runs decode steps on llamalab's matrix-vector
+    kernel where it can be built (True: or raise, False: oneDNN's kernels).
+    The wrapper shares the model's weights; at bf16 it also holds oneDNN's reordered copy (for
+    prefill), and with ``compile=True`` at fp32 a packed copy (the C++ GEMM template's). It must be rebuilt if the model's weights are replaced (with
+    ``compile=True`` also if they are changed in place: freezing folds them into the compiled
+    graph).
     """
-    return DecodeModel(model.eval(), compile=bool(compile), bf16_kernel=bf16_kernel)
+    return DecodeModel(model.eval(), compile=bool(compile), gemv=gemv)

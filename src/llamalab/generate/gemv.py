@@ -1,16 +1,18 @@
-"""bf16 matrix-vector products for decoding on CPUs with AVX512-BF16 (``csrc/gemv_bf16.cpp``).
+"""Matrix-vector products for decoding on AVX-512 CPUs, bf16 and fp32 (``csrc/gemv.cpp``).
 
 A decode step multiplies each weight matrix by one vector (one row per sequence of the
 batch), so it runs at the speed the weights stream from memory. On the 2-core reference CPU
-oneDNN's bf16 kernels read SmolLM2-135M's matrices at 22-38 GB/s, a plain read reaches ~47 GB/s;
-this kernel reads a packed copy front to back at 35-50 GB/s (the model's 121 products per token:
-7.8 -> 6.2 ms, measured in one run). Built on first use with torch's C++ extension loader
-(``torch.utils.cpp_extension``, ~10 s, cached under ``TORCH_EXTENSIONS_DIR``), registered as
-``torch.ops.llamalab.gemv_bf16`` with a shape rule so that ``torch.compile`` can call it.
+oneDNN's kernels read SmolLM2-135M's matrices at 22-38 GB/s (bf16) and ~30 GB/s (fp32), a
+plain read reaches ~47 GB/s; this kernel reads the weights as they are (row-major, no copy)
+at 41-46 GB/s: the model's 121 products per token 7.7 -> 6.1 ms in bf16, 17.7 -> 11.8 ms in
+fp32 (measured in one run). bf16 needs AVX512-BF16, fp32 AVX-512.
 
-Where it cannot be had (not x86-64, a CPU without AVX512-BF16, no C++ compiler or ninja, or
-``LLAMALAB_BF16_GEMV=0`` in the environment) :func:`bf16_gemv_available` is False and callers
-keep oneDNN's kernels; :func:`unavailable_reason` says why.
+Built on first use with torch's C++ extension loader (``torch.utils.cpp_extension``, ~10 s,
+cached under ``TORCH_EXTENSIONS_DIR``), registered as ``torch.ops.llamalab.gemv`` with a
+shape rule so that ``torch.compile`` can call it. Where it cannot be had (not x86-64, a CPU
+without the instructions, no C++ compiler or ninja, or ``LLAMALAB_GEMV=0`` in the
+environment) :func:`gemv_available` is False and callers keep oneDNN's kernels;
+:func:`unavailable_reason` says why.
 """
 
 from __future__ import annotations
@@ -26,26 +28,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["bf16_gemv_available", "unavailable_reason", "pack_bf16", "gemv_bf16", "MAX_ROWS"]
+__all__ = ["gemv_available", "unavailable_reason", "gemv", "MAX_ROWS"]
 
 log = logging.getLogger(__name__)
 
-# Rows of x (sequences of a batched step) up to which the kernel is used: up to 4 rows share
-# one pass over the weights (one load, four products), and take the time of one row. Measured
-# against oneDNN on SmolLM2's shapes: 1-4 rows 15-40% faster, 8 even, 16 rows 1.6x slower.
+# Rows of x (sequences of a batched step) the kernel takes: the first row reads the weights from
+# memory, the others find each group of rows in L1/L2. Larger products (prefill) are GEMMs.
 MAX_ROWS = 4
 
-_SOURCE = Path(__file__).with_name("csrc") / "gemv_bf16.cpp"
-_NAME = "llamalab_gemv_bf16"
+_SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+_NAME = "llamalab_gemv"
 _lock = threading.Lock()
-_available: bool | None = None
-_reason = ""
+_built: str | None = None  # '' once loaded, else why not
 
 
 def _build() -> str:
     """Build and load the extension; '' on success, else why not."""
-    if os.environ.get("LLAMALAB_BF16_GEMV", "1") == "0":
-        return "disabled by LLAMALAB_BF16_GEMV=0"
+    if os.environ.get("LLAMALAB_GEMV", "1") == "0":
+        return "disabled by LLAMALAB_GEMV=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"the kernel is for x86-64, this machine is {platform.machine()}"
     try:
@@ -59,7 +59,7 @@ def _build() -> str:
             # forever; a real build takes seconds.
             (where / "lock").unlink(missing_ok=True)
         if fresh:
-            print("llamalab: building the bf16 decode kernel (once, ~10-30 s) ...", file=sys.stderr, flush=True)
+            print("llamalab: building the decode kernel (once, ~10-30 s) ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         # -fopenmp: the kernel splits rows over torch's intra-op threads with at::parallel_for,
         # which is an OpenMP region compiled into the caller.
@@ -71,47 +71,51 @@ def _build() -> str:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         first_error = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
         return f"building {_SOURCE.name} failed: {first_error or type(e).__name__}"
-    if not torch.ops.llamalab.gemv_bf16_supported():
-        return "this CPU lacks AVX512-BF16"
     try:
-        torch.library.register_fake("llamalab::gemv_bf16")(_gemv_shape)
+        torch.library.register_fake("llamalab::gemv")(_gemv_shape)
     except RuntimeError:  # registered already (the library was loaded before in this process)
         pass
     return ""
 
 
-def _gemv_shape(x: Tensor, packed: Tensor, n: int, other: Tensor | None = None, float_out: bool = False) -> Tensor:
-    """The output's shape and dtype, for tracing: x's leading dimensions, then ``n``."""
-    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32 if float_out else x.dtype)
+def _gemv_shape(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool = False) -> Tensor:
+    """The output's shape and dtype, for tracing: x's leading dimensions, then the weight's rows."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32 if float_out else x.dtype)
 
 
-def bf16_gemv_available() -> bool:
-    """True when the kernel is built, loaded and this CPU runs it (decided once per process)."""
-    global _available, _reason
-    if _available is None:
+def unavailable_reason(dtype: torch.dtype = torch.bfloat16) -> str:
+    """Why the kernel cannot run ``dtype`` weights here ('' when it can); builds it on first call."""
+    global _built
+    if _built is None:
         with _lock:
-            if _available is None:
-                _reason = _build()
-                _available = not _reason
-                if _reason:
-                    log.info("bf16 matrix-vector kernel unavailable (%s); using oneDNN", _reason)
-    return _available
+            if _built is None:
+                _built = _build()
+                if _built:
+                    log.info("matrix-vector kernel unavailable (%s); using oneDNN", _built)
+    if _built:
+        return _built
+    if dtype not in (torch.bfloat16, torch.float32):
+        return f"the kernel is for bf16 and fp32 weights, not {dtype}"
+    if not torch.ops.llamalab.gemv_supported(dtype == torch.bfloat16):
+        return "this CPU lacks " + ("AVX512-BF16" if dtype == torch.bfloat16 else "AVX-512")
+    return ""
 
 
-def unavailable_reason() -> str:
-    """Why :func:`bf16_gemv_available` is False ('' when it is True or not yet asked)."""
-    return _reason
+def gemv_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when the kernel is built, loaded, and this CPU runs it on ``dtype`` weights."""
+    return not unavailable_reason(dtype)
 
 
-def pack_bf16(weight: Tensor) -> Tensor:
-    """The kernel's copy of a bf16 ``(out, in)`` weight: 16 rows x 2 columns per 64 bytes."""
-    return torch.ops.llamalab.gemv_bf16_pack(weight.detach().contiguous())
+def gemv(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool = False) -> Tensor:
+    """``x W^T`` (plus ``other`` if given, rounded once) in ``x``'s dtype, ``x`` (..., in) of up to
+    :data:`MAX_ROWS` rows, ``weight`` the contiguous ``(out, in)`` matrix, bf16 or fp32 like ``x``.
 
-
-def gemv_bf16(x: Tensor, packed: Tensor, n: int, other: Tensor | None = None, float_out: bool = False) -> Tensor:
-    """``x W^T`` (plus ``other`` if given, rounded once) in bf16, for ``x`` (..., in) of few rows.
-
-    ``packed`` is :func:`pack_bf16` of ``W``, ``n`` its number of rows (outputs). ``float_out``:
-    the fp32 sums as they are, unrounded (for logits).
+    ``float_out`` (bf16): the fp32 sums as they are, unrounded (for logits).
     """
-    return torch.ops.llamalab.gemv_bf16(x, packed, n, other, float_out)
+    if _built != "":  # not loaded yet (the first call builds it), or it cannot be
+        if torch.compiler.is_compiling():  # a build cannot be traced
+            raise RuntimeError("llamalab gemv: call gemv_available() before compiling code that uses it")
+        reason = unavailable_reason(x.dtype)
+        if reason:
+            raise RuntimeError(f"llamalab gemv: {reason}")
+    return torch.ops.llamalab.gemv(x, weight, other, float_out)
