@@ -250,10 +250,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-format", choices=["template", "llama3", "llama2"], default=None,
                    help="chat format (default: the checkpoint's template, else Llama 3's or Llama 2's)")
     p.add_argument("--dtype", default="float32",
-                   help="float32 or bfloat16 (default float32; bfloat16 decodes ~2.2x faster on CPUs with AVX512-BF16)")
+                   help="float32 or bfloat16 (default float32; bfloat16 decodes ~1.5x faster on CPUs with AVX512-BF16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the one-token decode step: ~2x decode speed at float32 (~1.2x "
+                   help="torch.compile the one-token decode step: ~1.15x decode speed at float32 (~1.2x "
                         "at bfloat16) on CPU, after ~20-80 s of compiling (chat: before the first prompt; "
                         "worth it for long sessions)")
 
