@@ -29,8 +29,8 @@ buffers, which it borrows from the wrapped model), with these inference-only cha
 - Optionally ``compile=True``: ``torch.compile`` of the batch-1 one-token step with
   Inductor's freezing, everything between the matrix products fused; the products at fp32 in
   Inductor's C++ GEMM template on weights it packs once (a copy), at bf16 in the kernel above
-  (or oneDNN where it cannot be built). Compiled once (cache passed as arguments, two dynamic dimensions), then
-  run without Dynamo's guard checks; compiling takes ~20-80 s.
+  (or oneDNN where it cannot be built). Compiled once (cache passed as arguments, two dynamic
+  dimensions), then run without Dynamo's guard checks; compiling takes ~20-80 s.
 
 Measured on the 2-core AVX-512 development machine, SmolLM2-135M, 128-token prompt, 128 new
 tokens, medians, ratios to transformers in the same run (``benchmarks/decode.py``; the
@@ -418,8 +418,9 @@ def optimize_for_decode(model: Transformer, *, compile: bool | None = None,
     long chat session does). ``gemv=None`` runs decode steps on llamalab's matrix-vector
     kernel where it can be built (True: or raise, False: oneDNN's kernels).
     The wrapper shares the model's weights; at bf16 it also holds oneDNN's reordered copy (for
-    prefill), and with ``compile=True`` at fp32 a packed copy (the C++ GEMM template's). It must be rebuilt if the model's weights are replaced (with
-    ``compile=True`` also if they are changed in place: freezing folds them into the compiled
-    graph).
+    prefill), and with ``compile=True`` at fp32 a packed copy (the C++ GEMM template's). It
+    must be rebuilt if the model's weights are replaced (with ``compile=True`` also if they are
+    changed in place: freezing folds them into the compiled graph; at bf16 prefill reads the
+    reordered copy).
     """
     return DecodeModel(model.eval(), compile=bool(compile), gemv=gemv)
