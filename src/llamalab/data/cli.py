@@ -34,7 +34,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 def add_tokenize_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `tokenize` to the `llamalab` sub-commands; returns its parser."""
-    from .shards import DEFAULT_SHARD_TOKENS
+    from . import DEFAULT_SHARD_TOKENS  # not from .shards: that imports numpy
 
     p = subparsers.add_parser(
         "tokenize", help="tokenize .txt/.jsonl files into packed token shards",

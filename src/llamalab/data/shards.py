@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from llamalab.data import DEFAULT_SHARD_TOKENS  # defined there so that CLI help needs no numpy
 from llamalab.fsutil import fsync_path
 
 __all__ = [
@@ -60,7 +61,6 @@ __all__ = [
 
 FORMAT_NAME = "llamalab.tokens"
 FORMAT_VERSION = 1
-DEFAULT_SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MiB of uint16 per shard
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 _SUFFIXES = (".tokens", ".docs.npy", ".json")
 
