@@ -120,6 +120,25 @@ def test_bf16_tiny_close_to_plain() -> None:
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
 
 
+def test_bf16_prefill_widens_to_fp32_where_onednn_has_no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where oneDNN has no bf16 path (an AVX2-only CPU; forced here on any CPU), the bf16 weights
+    are kept as they are (no reordered copy) and prefill's products run in fp32 on widened
+    copies: as close to the same weights in fp64 as the plain bf16 model."""
+    from llamalab.generate import fast as fast_module
+
+    monkeypatch.setattr(fast_module, "onednn_bf16_available", lambda: False)
+    model = tiny("gqa", torch.bfloat16)
+    exact = copy.deepcopy(model).double()
+    fast = optimize_for_decode(model, gemv=False)
+    wqkv = fast.layers[0].wqkv
+    assert wqkv.widen and wqkv.weight.dtype == torch.bfloat16
+    assert wqkv.weight.data_ptr() == model.layers[0].attention.wq.weight.data_ptr()  # in place, no copy
+    tokens = torch.randint(0, model.config.vocab_size, (1, 17))
+    with torch.inference_mode():
+        got, plain, ref = fast(tokens).double(), model(tokens).double(), exact(tokens).double()
+    assert (got - ref).abs().max() <= 1.5 * (plain - ref).abs().max() + 1e-3
+
+
 def teacher_forced_steps(model: Any, tokens: list[int], n_prompt: int) -> torch.Tensor:
     """Logits of the one-token steps after a prefill of ``tokens[:n_prompt]``, fed ``tokens``."""
     model.setup_cache(max_batch_size=1, max_seq_len=len(tokens))
@@ -142,14 +161,15 @@ def kernel_calls(fn: Any) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "llamalab::gemv")
 
 
-bf16_kernel = pytest.mark.skipif(not gemv_available(torch.bfloat16), reason="no AVX512-BF16 kernel here (see test_gemv)")
+bf16_kernel = pytest.mark.skipif(not gemv_available(torch.bfloat16), reason="no matrix-vector kernel here (see test_gemv)")
 
 
 @bf16_kernel
 @pytest.mark.parametrize("compile", [False, True])
 def test_bf16_decode_steps_run_the_kernel_as_close_to_fp64_as_onednn(compile: bool) -> None:
-    """bf16 one-token steps go through the AVX512-BF16 kernel (4 products a layer and the head,
-    not prefill), and their logits are as close to the same weights in fp64 as the oneDNN path's."""
+    """bf16 one-token steps go through the matrix-vector kernel (4 products a layer and the head,
+    not prefill), and their logits are as close to the same weights in fp64 as the oneDNN path's
+    (on a CPU without oneDNN bf16: the products widened to fp32)."""
     model = tiny("gqa", torch.bfloat16)
     exact = copy.deepcopy(model).double()
     tokens = torch.randint(0, model.config.vocab_size, (30,)).tolist()
@@ -296,7 +316,7 @@ def test_real_logits_close_to_plain(smollm: Any, prompt: list[int]) -> None:
 @real
 @bf16_kernel
 def test_real_bf16_kernel_steps_as_close_to_fp64_as_the_plain_model() -> None:
-    """SmolLM2 in bf16: one-token steps through the AVX512-BF16 kernel are as close to the same
+    """SmolLM2 in bf16: one-token steps through the matrix-vector kernel are as close to the same
     bf16 weights computed in fp64 as the plain bf16 model's steps (logits reach ~29; both land
     ~0.5 off, bf16's rounding of the activations)."""
     import llamalab

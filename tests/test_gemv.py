@@ -1,16 +1,21 @@
-"""llamalab's matrix-vector kernel (``llamalab.generate.gemv``) against fp64 arithmetic.
+"""llamalab's matrix-vector kernel (``llamalab.generate.gemv``) against fp64 arithmetic, on
+every instruction-set path this CPU has (AVX2, AVX-512, AVX512-BF16), each forced in turn.
 
 bf16: the reference is the product of the same bf16 values computed in fp64 and rounded once
 to bf16; the kernel (exact bf16 products, fp32 sums, one rounding) must give that value, or
 one bf16 step off where the fp32 sum lands next to a rounding boundary. fp32: within the
 standard bound of an fp32 sum of k terms (k * 2^-24 * sum |x w|). Shapes cover the edge paths:
-rows not a multiple of the 8 walked together, columns not a multiple of a 64-byte step, 1-4
-rows of x, a fused residual.
+rows not a multiple of the 8 walked together, columns not a multiple of a vector step (8, 16
+or 32 columns by path), 1-4 rows of x, a fused residual.
 """
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +24,25 @@ import torch
 from llamalab.generate import gemv
 
 
-def _cpu_flags() -> str:
+def _cpu_flags() -> set[str]:
     try:
-        return Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return ""
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
 
 
-AVX512 = platform.machine() == "x86_64" and all(f in _cpu_flags() for f in ("avx512f", "avx512bw", "avx512vl"))
-AVX512_BF16 = AVX512 and "avx512_bf16" in _cpu_flags()
+FLAGS = _cpu_flags() if platform.machine() in ("x86_64", "AMD64") else set()
+# The paths the kernel must offer here, read from /proc/cpuinfo (not from the kernel itself).
+EXPECTED_ISAS = [name for name, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "avx512bw", "avx512vl"}),
+                                          ("avx512bf16", {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}))
+                 if needs <= FLAGS]
+ALL_ISAS = ["avx2", "avx512", "avx512bf16"]
 
 # On a CPU that has the instructions the kernel must build (a skipped test would hide a broken
 # build): only elsewhere is it skipped.
-needs_kernel = pytest.mark.skipif(not AVX512_BF16, reason="the CPU lacks AVX512-BF16")
+needs_kernel = pytest.mark.skipif(not EXPECTED_ISAS, reason="the CPU has neither AVX2+FMA nor AVX-512")
 
 
 @needs_kernel
@@ -39,6 +50,49 @@ def test_kernel_builds_where_the_cpu_has_the_instructions() -> None:
     assert gemv.gemv_available(torch.bfloat16), gemv.unavailable_reason(torch.bfloat16)
     assert gemv.gemv_available(torch.float32), gemv.unavailable_reason(torch.float32)
     assert not gemv.gemv_available(torch.float16)
+    assert gemv.available_isas() == EXPECTED_ISAS
+    if os.environ.get("LLAMALAB_GEMV_ISA", "auto") == "auto":
+        assert gemv.isa() == EXPECTED_ISAS[-1]  # the best path by default
+
+
+@pytest.fixture(params=ALL_ISAS)
+def path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each path in turn, forced; a path this CPU lacks is skipped (the others still run)."""
+    if request.param not in EXPECTED_ISAS:
+        pytest.skip(f"the CPU lacks the instructions of the {request.param} path")
+    with gemv.use_isa(request.param):
+        assert gemv.isa() == request.param
+        yield request.param
+
+
+@needs_kernel
+def test_a_path_the_cpu_lacks_is_a_clear_error() -> None:
+    missing = [name for name in ALL_ISAS if name not in EXPECTED_ISAS]
+    with pytest.raises(RuntimeError, match="unknown path 'avx9'"):
+        with gemv.use_isa("avx9"):
+            pass
+    if missing:
+        with pytest.raises(RuntimeError, match=f"the {missing[0]} path needs instructions this CPU lacks"):
+            with gemv.use_isa(missing[0]):
+                pass
+    assert gemv.isa() == EXPECTED_ISAS[-1] or os.environ.get("LLAMALAB_GEMV_ISA")  # restored
+
+
+@needs_kernel
+@pytest.mark.parametrize("forced", ["avx2", "avx512bf16", "bogus"])
+def test_environment_variable_forces_the_path(forced: str) -> None:
+    """``LLAMALAB_GEMV_ISA`` picks the path in a new process; one the CPU lacks leaves the kernel
+    unavailable with the reason (callers then take oneDNN's kernels), never a crash."""
+    code = ("import torch; from llamalab.generate import gemv; "
+            "print(gemv.isa()); print(gemv.gemv_available(torch.float32))")
+    env = {**os.environ, "LLAMALAB_GEMV_ISA": forced}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    isa, available = out.stdout.splitlines()
+    if forced in EXPECTED_ISAS:
+        assert (isa, available) == (forced, "True")
+    else:
+        assert available == "False" and isa.startswith(f"none: LLAMALAB_GEMV_ISA={forced}: gemv: ")
 
 
 def _next_bf16_step(y: torch.Tensor) -> torch.Tensor:
@@ -47,14 +101,14 @@ def _next_bf16_step(y: torch.Tensor) -> torch.Tensor:
     return (bits.to(torch.int16).view(torch.bfloat16).double() - y.double()).abs()
 
 
-SHAPES = [(960, 576, 1), (576, 1536, 1), (37, 51, 1), (37, 51, 3), (100, 64, 4), (33, 2, 1), (16, 8, 4),
+SHAPES = [(24, 48, 2), (9, 33, 1), (8, 17, 3), (960, 576, 1), (576, 1536, 1), (37, 51, 1), (37, 51, 3), (100, 64, 4), (33, 2, 1), (16, 8, 4),
           (5, 3, 2), (300, 130, 4), (7, 1, 1)]
 
 
 @needs_kernel
 @pytest.mark.parametrize("n,k,m", SHAPES)
 @pytest.mark.parametrize("residual", [False, True])
-def test_bf16_equals_fp64_product_rounded_once(n: int, k: int, m: int, residual: bool) -> None:
+def test_bf16_equals_fp64_product_rounded_once(path: str, n: int, k: int, m: int, residual: bool) -> None:
     torch.manual_seed(n * 1000 + k + m)
     w = torch.randn(n, k).bfloat16()
     x = torch.randn(m, k).bfloat16()
@@ -78,7 +132,7 @@ def _fp32_sum_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize("n,k,m", SHAPES)
 @pytest.mark.parametrize("residual", [False, True])
-def test_fp32_within_the_bound_of_an_fp32_sum(n: int, k: int, m: int, residual: bool) -> None:
+def test_fp32_within_the_bound_of_an_fp32_sum(path: str, n: int, k: int, m: int, residual: bool) -> None:
     torch.manual_seed(n * 1000 + k + m + 1)
     w, x = torch.randn(n, k), torch.randn(m, k)
     other = torch.randn(m, n) if residual else None
@@ -90,7 +144,7 @@ def test_fp32_within_the_bound_of_an_fp32_sum(n: int, k: int, m: int, residual: 
 
 
 @needs_kernel
-def test_bf16_float_out_keeps_the_fp32_sums() -> None:
+def test_bf16_float_out_keeps_the_fp32_sums(path: str) -> None:
     """``float_out``: fp32 results within fp32 summation error of the fp64 product (no bf16 rounding)."""
     torch.manual_seed(3)
     w = torch.randn(200, 576).bfloat16()
@@ -104,7 +158,7 @@ def test_bf16_float_out_keeps_the_fp32_sums() -> None:
 
 
 @needs_kernel
-def test_leading_dimensions_and_non_contiguous_input() -> None:
+def test_leading_dimensions_and_non_contiguous_input(path: str) -> None:
     torch.manual_seed(1)
     w = torch.randn(48, 40).bfloat16()
     x = torch.randn(2, 1, 80).bfloat16()[..., ::2]  # (2, 1, 40), strided

@@ -16,11 +16,15 @@ buffers, which it borrows from the wrapped model), with these inference-only cha
   of torch's default fp32 path (MKL GEMV). At batch 1 decode streams the weights once per
   token, and oneDNN's matrix-vector kernel reads them about twice as fast on the reference
   CPU (AVX-512: MKL ~17-22 GB/s, oneDNN ~33-48 GB/s). fp32 weights are used in place (no copy);
-  bf16 weights are reordered once into oneDNN's blocked layout (a copy: +2 bytes/param).
+  bf16 weights are reordered once into oneDNN's blocked layout (a copy: +2 bytes/param) where
+  oneDNN has a bf16 path (AVX-512BW/VL/DQ, AVX512-BF16, AMX); elsewhere (AVX2-only CPUs) they
+  stay as they are and prefill's products widen them to fp32 per call (torch's own bf16 GEMM
+  there is scalar code, ~50x slower than fp32).
 - **Decode steps on llamalab's matrix-vector kernel** (:mod:`llamalab.generate.gemv`, built on
-  first use) where the CPU has AVX-512 (bf16: AVX512-BF16): calls of up to 4 rows read the
-  model's own weights, row-major, no copy, at 41-46 GB/s, where oneDNN reaches 22-38 GB/s
-  (bf16) and ~30 GB/s (fp32) on these small matrices. Prefill stays on oneDNN.
+  first use; AVX2+FMA, AVX-512 and AVX512-BF16 paths chosen at run time): calls of up to 4
+  rows read the model's own weights, row-major, no copy (bf16 widened to fp32 in registers
+  where the CPU has no bf16 dot product), at 41-46 GB/s on the AVX-512 machine, where oneDNN
+  reaches 22-38 GB/s (bf16) and ~30 GB/s (fp32) on these small matrices. Prefill stays on oneDNN.
 - **Fewer, larger matrix products per layer**: q/k/v in one matrix and w1/w3 in another (the
   model's weights become views of the fused matrices, so fp32 needs no extra memory), the
   residual additions fused into the products as oneDNN post-ops (``x + W x'``), RoPE as one
@@ -53,13 +57,19 @@ from torch import Tensor, nn
 from llamalab.generate.gemv import MAX_ROWS, gemv, gemv_available, unavailable_reason
 from llamalab.model import Transformer
 
-__all__ = ["DecodeModel", "optimize_for_decode", "onednn_available"]
+__all__ = ["DecodeModel", "optimize_for_decode", "onednn_available", "onednn_bf16_available"]
 
 
 def onednn_available(device: torch.device) -> bool:
     """oneDNN's fused linear op exists in this torch build and the model is on the CPU."""
     return (device.type == "cpu" and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def onednn_bf16_available() -> bool:
+    """oneDNN runs bf16 matrix products on this CPU (its reorder of bf16 weights refuses otherwise)."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and check is not None and check())
 
 
 class _Linear:
@@ -82,7 +92,11 @@ class _Linear:
         # The kernel reads rows in place: a non-contiguous weight (none of the model's) would
         # need a copy per call, so it gets one copy here instead.
         self.rows: Tensor | None = (weight if weight.is_contiguous() else weight.contiguous()) if use_gemv else None
-        if use_onednn and weight.dtype == torch.bfloat16:
+        # bf16 products where the CPU has no bf16 matrix path (oneDNN's needs AVX512-BW/VL/DQ,
+        # AVX512-BF16, AMX or AVX-NE-CONVERT; torch's own falls back to scalar code, ~50x slower
+        # than fp32 on an AVX2 CPU): the weight widened to fp32 per call, the product in fp32.
+        self.widen = weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not onednn_bf16_available()
+        if use_onednn and weight.dtype == torch.bfloat16 and not self.widen:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         else:
             self.weight = weight
@@ -95,14 +109,20 @@ class _Linear:
             if post == "add":  # the residual added before the one rounding, as oneDNN's post-op
                 return gemv(x, self.rows, other, self.float_out)
             return self._post(gemv(x, self.rows, float_out=self.float_out), post, other)
+        if self.widen:  # fp32 arithmetic, the one rounding to bf16 at the end
+            return self._product(x.float(), self.weight.float(), post,
+                                 None if other is None else other.float()).to(x.dtype)
+        return self._product(x, self.weight, post, other)
+
+    def _product(self, x: Tensor, weight: Tensor, post: str, other: Tensor | None) -> Tensor:
+        """``x W^T`` and the post-op, through oneDNN where it serves, else ``F.linear``."""
         if not self.onednn:
-            return self._post(F.linear(x, self.weight), post, other)
+            return self._post(F.linear(x, weight), post, other)
         x2 = x.reshape(-1, x.shape[-1])
         if post in ("add", "mul"):
-            y = torch.ops.mkldnn._linear_pointwise.binary(x2, other.reshape(-1, self.out_features),
-                                                          self.weight, None, post)
+            y = torch.ops.mkldnn._linear_pointwise.binary(x2, other.reshape(-1, self.out_features), weight, None, post)
         else:
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, None, post, [], "")
+            y = torch.ops.mkldnn._linear_pointwise(x2, weight, None, post, [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     @staticmethod

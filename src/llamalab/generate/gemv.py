@@ -1,17 +1,28 @@
-"""Matrix-vector products for decoding on AVX-512 CPUs, bf16 and fp32 (``csrc/gemv.cpp``).
+"""Matrix-vector products for decoding on x86-64 CPUs, fp32 and bf16 (``csrc/gemv.cpp``).
 
 A decode step multiplies each weight matrix by one vector (one row per sequence of the
-batch), so it runs at the speed the weights stream from memory. On the 2-core reference CPU
-oneDNN's kernels read SmolLM2-135M's matrices at 22-38 GB/s (bf16) and ~30 GB/s (fp32), a
-plain read reaches ~47 GB/s; this kernel reads the weights as they are (row-major, no copy)
-at 41-46 GB/s: the model's 121 products per token 7.7 -> 6.1 ms in bf16, 17.7 -> 11.8 ms in
-fp32 (measured in one run). bf16 needs AVX512-BF16, fp32 AVX-512.
+batch), so it runs at the speed the weights stream from memory. This kernel reads the weights
+as they are (row-major, no copy), 8 rows at a time, one vector load per row and step. On the
+2-core AVX-512 reference CPU it reads SmolLM2-135M's matrices at 41-46 GB/s where oneDNN
+reaches 22-38 GB/s (bf16) and ~30 GB/s (fp32): the model's 121 products per token 7.7 ->
+6.1 ms in bf16, 17.7 -> 11.8 ms in fp32 (measured in one run).
 
-Built on first use with torch's C++ extension loader (``torch.utils.cpp_extension``, ~10 s,
+One path per instruction set, chosen at run time by what the CPU reports (:func:`isa`):
+
+- ``avx512bf16``: bf16 weights by VDPBF16PS, fp32 by 16-lane FMAs;
+- ``avx512``: fp32 as above, bf16 weights widened to fp32 in registers;
+- ``avx2`` (AVX2 + FMA): 8-lane FMAs, bf16 weights widened to fp32 in registers (a shift and
+  a mask per 32 bytes: a bf16 value is the top half of an fp32), as llama.cpp widens F16
+  with F16C.
+
+``LLAMALAB_GEMV_ISA=avx2|avx512|avx512bf16`` (or :func:`use_isa`) forces a path the CPU has,
+so that tests exercise every path the machine supports; a path it lacks is an error.
+
+Built on first use with torch's C++ extension loader (``torch.utils.cpp_extension``, ~10-30 s,
 cached under ``TORCH_EXTENSIONS_DIR``), registered as ``torch.ops.llamalab.gemv`` with a
 shape rule so that ``torch.compile`` can call it. Where it cannot be had (not x86-64, a CPU
-without the instructions, no C++ compiler or ninja, or ``LLAMALAB_GEMV=0`` in the
-environment) :func:`gemv_available` is False and callers keep oneDNN's kernels;
+with neither AVX2+FMA nor AVX-512, no C++ compiler or ninja, or ``LLAMALAB_GEMV=0`` in the
+environment) :func:`gemv_available` is False and callers keep oneDNN's (or torch's) kernels;
 :func:`unavailable_reason` says why.
 """
 
@@ -23,12 +34,14 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["gemv_available", "unavailable_reason", "gemv", "MAX_ROWS"]
+__all__ = ["gemv_available", "unavailable_reason", "gemv", "isa", "available_isas", "use_isa", "MAX_ROWS"]
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +88,13 @@ def _build() -> str:
         torch.library.register_fake("llamalab::gemv")(_gemv_shape)
     except RuntimeError:  # registered already (the library was loaded before in this process)
         pass
+    forced = os.environ.get("LLAMALAB_GEMV_ISA", "auto").strip().lower() or "auto"
+    try:
+        torch.ops.llamalab.gemv_set_isa(forced)
+    except RuntimeError as e:  # a path the CPU lacks, or a misspelt name
+        return f"LLAMALAB_GEMV_ISA={forced}: {str(e).splitlines()[0]}"
+    if torch.ops.llamalab.gemv_isa() == "none":
+        return "this CPU has neither AVX2+FMA nor AVX-512"
     return ""
 
 
@@ -96,14 +116,42 @@ def unavailable_reason(dtype: torch.dtype = torch.bfloat16) -> str:
         return _built
     if dtype not in (torch.bfloat16, torch.float32):
         return f"the kernel is for bf16 and fp32 weights, not {dtype}"
-    if not torch.ops.llamalab.gemv_supported(dtype == torch.bfloat16):
-        return "this CPU lacks " + ("AVX512-BF16" if dtype == torch.bfloat16 else "AVX-512")
     return ""
 
 
 def gemv_available(dtype: torch.dtype = torch.bfloat16) -> bool:
     """True when the kernel is built, loaded, and this CPU runs it on ``dtype`` weights."""
     return not unavailable_reason(dtype)
+
+
+def isa() -> str:
+    """The kernel's path in use ("avx2", "avx512", "avx512bf16"), or "none: <why>" where it cannot run."""
+    reason = unavailable_reason(torch.float32)
+    return f"none: {reason}" if reason else torch.ops.llamalab.gemv_isa()
+
+
+def available_isas() -> list[str]:
+    """The paths this CPU can run, best last ([] where the kernel cannot be built)."""
+    if unavailable_reason(torch.float32):
+        return []
+    return list(torch.ops.llamalab.gemv_isas())
+
+
+@contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run the kernel on path ``name`` (one of :func:`available_isas`, or "auto") inside the block.
+
+    Process-wide (the path is one setting of the loaded library): for tests and benchmarks.
+    """
+    if _built != "":
+        reason = unavailable_reason(torch.float32)
+        if reason:
+            raise RuntimeError(f"llamalab gemv: {reason}")
+    previous = torch.ops.llamalab.gemv_set_isa(name)
+    try:
+        yield
+    finally:
+        torch.ops.llamalab.gemv_set_isa(previous)
 
 
 def gemv(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool = False) -> Tensor:
