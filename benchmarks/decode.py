@@ -230,7 +230,12 @@ def main() -> None:
                                  "decode_gb_s": wb * decode / 1e9, "tokens_same_as_transformers": same,
                                  "runs": [{k: v for k, v in m.items() if k != "ids"} for m in rs]}
 
-    print(f"\nSmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), batch 1, {THREADS} threads, "
+    from llamalab.precision import cpu_flags, cpu_name
+
+    isa = " ".join(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
+                   if f in cpu_flags())
+    print(f"\nCPU: {cpu_name()} ({isa or 'no x86 vector flags'})")
+    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), batch 1, {THREADS} threads, "
           f"{PROMPT_LEN}-token prompt, {NEW_TOKENS} greedy new tokens; medians of {args.rounds} interleaved rounds")
     print(f"{'dtype':<6}{'impl':<16}{'prefill tok/s':>14}{'decode tok/s':>13}{'decode GB/s':>12}"
           f"{'prefill / tf':>13}{'decode / tf':>12}{'same ids':>10}{'warm-up s':>10}")
@@ -241,8 +246,13 @@ def main() -> None:
                   f"{m['decode_gb_s']:>12.1f}{m['prefill_tok_s'] / tf['prefill_tok_s']:>13.2f}"
                   f"{m['decode_tok_s'] / tf['decode_tok_s']:>12.2f}"
                   f"{m['tokens_same_as_transformers']:>6}/{NEW_TOKENS + 1}{m['warmup_s']:>10.1f}")
+    if "fp32" in results and "bf16" in results:
+        for p in results["bf16"]:
+            if p in results["fp32"]:
+                print(f"{p}: bf16 / fp32 decode {results['bf16'][p]['decode_tok_s'] / results['fp32'][p]['decode_tok_s']:.2f}x,"
+                      f" prefill {results['bf16'][p]['prefill_tok_s'] / results['fp32'][p]['prefill_tok_s']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "cpu_flags": isa, **results}, indent=2))
 
 
 if __name__ == "__main__":

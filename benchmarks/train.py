@@ -191,6 +191,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--force-bf16", action="store_true",
+                    help="run the bf16 rows even on a CPU without native bf16 (torch emulates it there: ~50x slower)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -200,12 +202,21 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "src"))
     from llamalab.train.metrics import PEAK_FLOPS, flops_per_token, mfu
 
+    from llamalab.precision import cpu_flags, cpu_name, native_bf16
+
+    isa = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
+    print(f"CPU: {cpu_name()} ({isa or 'no x86 vector flags'})", file=sys.stderr)
+    dtypes = args.dtypes.split(",")
+    if "bf16" in dtypes and not native_bf16("cpu") and not args.force_bf16:
+        dtypes.remove("bf16")
+        print("bf16 rows skipped: this CPU has no native bf16 (no AVX512-BF16 or AMX), torch emulates its "
+              "matrix products (~50x slower than fp32); --force-bf16 runs them anyway", file=sys.stderr)
     impls = args.impls.split(",")
     rows = []
     for shape in args.shapes.split(","):
         config = model_config(shape)
         fpt = flops_per_token(config, SEQ)
-        for dtype in args.dtypes.split(","):
+        for dtype in dtypes:
             runs: dict[str, list[dict]] = {i: [] for i in impls}
             for r in range(args.rounds):
                 order = impls if r % 2 == 0 else impls[::-1]
@@ -234,7 +245,7 @@ def main() -> None:
                     "first_step_extra_s": first - step_s,
                 })
 
-    print(f"\nbatch {BATCH}x{SEQ}, {THREADS} threads, AdamW; medians of {args.rounds} fresh processes x "
+    print(f"\nCPU: {cpu_name()} ({isa}); batch {BATCH}x{SEQ}, {THREADS} threads, AdamW; medians of {args.rounds} fresh processes x "
           f"{args.steps} steps (after {args.warmup} warmup). MFU = tok/s * (6N + 12 L d S) / peak.")
     head = f"{'shape':<6}{'dtype':<6}{'impl':<30}{'tok/s':>9}{'vs HF':>8}{'MFU':>8}  {'peak':<20}{'MFU@bf16':>9}{'best':>8}{'1st-step extra s':>18}"
     print(head)

@@ -379,7 +379,7 @@ def test_serve_parser() -> None:
     p = add_serve_parser(sub)
     assert "llamalab serve --model smollm2-135m-instruct --port 8000" in p.epilog
     args = parser.parse_args(["serve"])
-    assert (args.model, args.host, args.port, args.dtype) == (NAME, "127.0.0.1", 8000, "float32")
+    assert (args.model, args.host, args.port, args.dtype) == (NAME, "127.0.0.1", 8000, "auto")
     args = parser.parse_args(["serve", "--model", "x", "--port", "9001", "--dtype", "bfloat16"])
     assert (args.model, args.port, args.dtype, args.func.__name__) == ("x", 9001, "bfloat16", "cmd_serve")
     with pytest.raises(SystemExit):

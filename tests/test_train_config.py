@@ -99,7 +99,7 @@ def test_overrides(tmp_path: Path) -> None:
     ("optim.lr=fast", "override 'optim.lr=fast': optim.lr: expected a number, got 'fast' (str)"),
     ("train.seq_len=128.5", "train.seq_len: expected an integer, got 128.5"),
     ("train.compile=1", "train.compile: expected true or false, got 1"),
-    ("train.precision=fp16", "train.precision: expected one of 'fp32', 'bf16', got 'fp16'"),
+    ("train.precision=fp16", "train.precision: expected one of 'auto', 'fp32', 'bf16', got 'fp16'"),
     ("model.overrides.dimm=3", "unknown key 'model.overrides.dimm' (did you mean 'dim'?"),
     ("model.overrides.dim=big", "model.overrides.dim: expected an integer, got 'big'"),
     ("model.preset=llama9", "model.preset: unknown preset 'llama9'"),

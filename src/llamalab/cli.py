@@ -32,20 +32,46 @@ class CLIError(Exception):
 
 
 def _dtype(name: str):  # noqa: ANN202 - torch imported lazily to keep --help fast
+    """A ``--dtype`` value as a torch dtype; ``auto``: bfloat16 where the CPU (or GPU) computes it
+    natively, else float32 (llamalab.precision)."""
     import torch
+
+    from llamalab.precision import resolve_dtype
 
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
+    if name == "auto":
+        return resolve_dtype("auto")
     if name not in table:
-        raise CLIError(f"--dtype {name!r}: expected one of {', '.join(table)}")
+        raise CLIError(f"--dtype {name!r}: expected auto or one of {', '.join(table)}")
     return table[name]
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    """Print a checkpoint's format, config, parameter count and memory needs."""
-    from llamalab.checkpoint import describe
+def dtype_name(name: str) -> str:
+    """The concrete ``--dtype`` a value means here (``auto`` resolved), for logs and result files."""
+    return str(_dtype(name)).removeprefix("torch.")
 
-    info = describe(args.source)
+
+def hardware_line() -> str:
+    """One line saying which CPU, precision and decode kernel this process uses (``--verbose``)."""
+    from llamalab.precision import describe_hardware
+
+    hw = describe_hardware()
+    return (f"llamalab: {hw['cpu']}; features {hw['cpu_features']}; precision auto = {hw['precision_auto']}; "
+            f"decode kernel {hw['decode_kernel']}; oneDNN bf16 {hw['onednn_bf16']}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a checkpoint's format, config, parameter count and memory needs; without one, the machine's
+    CPU, what precision ``auto`` picks and which decode kernel path runs."""
+    if args.source is None:
+        from llamalab.precision import describe_hardware
+
+        info = describe_hardware()
+    else:
+        from llamalab.checkpoint import describe
+
+        info = describe(args.source)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -85,6 +111,8 @@ def _load_for_generation(args: argparse.Namespace):  # noqa: ANN202 - torch impo
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.verbose:
+        print(hardware_line(), file=sys.stderr)
     t0 = time.perf_counter()
     lm = llamalab.load(args.model, dtype=_dtype(args.dtype))
     tok = lm.tokenizer
@@ -249,9 +277,14 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (chat)")
     p.add_argument("--chat-format", choices=["template", "llama3", "llama2"], default=None,
                    help="chat format (default: the checkpoint's template, else Llama 3's or Llama 2's)")
-    p.add_argument("--dtype", default="float32",
-                   help="float32 or bfloat16 (default float32; bfloat16 decodes ~1.5x faster on CPUs with AVX512-BF16)")
+    p.add_argument("--dtype", default="auto",
+                   help="auto, float32 or bfloat16 (default auto: bfloat16 where the CPU computes it natively "
+                        "(AVX512-BF16, AMX) or on a GPU, else float32). bfloat16 weights decode ~1.5x faster "
+                        "than float32 on any x86-64 CPU (half the bytes; widened to fp32 in registers without "
+                        "AVX512-BF16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--verbose", action="store_true",
+                   help="also print the CPU, the precision auto picks and the decode kernel in use")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step: ~1.15x decode speed at float32 (~1.2x "
                         "at bfloat16) on CPU, after ~20-80 s of compiling (chat: before the first prompt; "
@@ -307,10 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
-    p = sub.add_parser("info", help="describe a checkpoint", formatter_class=fmt,
-                       description="Format, config, parameter count and memory needs of a checkpoint.",
-                       epilog="example:\n  llamalab info smollm2-135m-instruct\n  llamalab info ./Llama-2-7b --json")
-    p.add_argument("source", help="path (Meta dir, HF dir, .gguf, native dir) or registered name")
+    p = sub.add_parser("info", help="describe a checkpoint, or this machine", formatter_class=fmt,
+                       description="Format, config, parameter count and memory needs of a checkpoint; without "
+                                   "one, this machine: CPU and vector extensions, the precision `auto` picks, "
+                                   "the decode kernel's path.",
+                       epilog="example:\n  llamalab info smollm2-135m-instruct\n  llamalab info ./Llama-2-7b --json\n"
+                              "  llamalab info")
+    p.add_argument("source", nargs="?", default=None,
+                   help="path (Meta dir, HF dir, .gguf, native dir) or registered name (none: this machine)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 

@@ -101,7 +101,7 @@ class TrainSection:
     global_batch_tokens: int = 4_194_304
     seq_len: int = 2048
     micro_batch_size: int = 1
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where native (llamalab/precision.py)
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     compile: bool = False
     fused_loss: bool = True  # output head + cross-entropy in chunks, no full logits (train/loss.py; 1 process)

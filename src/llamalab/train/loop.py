@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from llamalab.config import ModelConfig
 from llamalab.data import DataError, MixtureLoader, eval_batches, find_shards, read_shard
 from llamalab.model import Transformer
+from llamalab.precision import resolve_precision
 from llamalab.train.config import ConfigError, StageSettings, TrainConfig
 from llamalab.train.metrics import PEAK_FLOPS, MetricsWriter, flops_per_token, mfu, read_metrics
 from llamalab.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -209,7 +210,7 @@ def _make_loader(cfg: TrainConfig, data: _Data, stage: StageSettings, rank: int,
 # ---------------------------------------------------------------- small helpers
 
 
-def _peak(cfg: TrainConfig, device: torch.device) -> tuple[str | None, float | None]:
+def _peak(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[str | None, float | None]:
     name = cfg.train.peak_flops
     if name == "auto":
         if device.type == "cuda":
@@ -217,7 +218,7 @@ def _peak(cfg: TrainConfig, device: torch.device) -> tuple[str | None, float | N
             name = "h100-sxm-bf16" if ("H100" in gpu or "H200" in gpu) else "a100-bf16" if "A100" in gpu else None
         else:
             fp32 = "cpu-dev-fp32-onednn" if cfg.train.onednn_linear and not dist.is_initialized() else "cpu-dev-fp32-mkl"
-            name = "cpu-dev-bf16" if cfg.train.precision == "bf16" else fp32
+            name = "cpu-dev-bf16" if precision == "bf16" else fp32
     return name, (PEAK_FLOPS[name] if name else None)
 
 
@@ -436,6 +437,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
 
     if t.reuse_freed_memory and device.type == "cpu":
         reuse_freed_memory()
+    # "auto": bf16 where the device multiplies it natively, else fp32 (an AVX2-only CPU emulates
+    # bf16 matrix products ~50x slower than fp32); the config keeps "auto", so a resumed run
+    # picks again on the machine it resumes on.
+    precision = resolve_precision(t.precision, device, what="training")
 
     # -- the model: built, parallelized, initialised with the run's seed
     torch.manual_seed(cfg.seed)
@@ -446,7 +451,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         with torch.device("meta"):
             model = Transformer(model_cfg)
         parallelize(model, mesh, dp_shard=True, tp=t.tensor_parallel > 1,
-                    mixed_precision="bf16" if t.precision == "bf16" else "fp32",
+                    mixed_precision="bf16" if precision == "bf16" else "fp32",
                     activation_checkpointing=t.activation_checkpointing, compile=t.compile)
         model.to_empty(device=device)
         torch.manual_seed(cfg.seed)
@@ -464,7 +469,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     model.train()
     dp_rank, dp_size = data_parallel_rank_and_size(mesh)
     # bf16: autocast in one process; with FSDP2 its mixed-precision policy casts the parameters instead.
-    use_autocast = t.precision == "bf16" and not distributed
+    use_autocast = precision == "bf16" and not distributed
 
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
@@ -495,11 +500,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     n_params = sum(p.numel() for p in model.parameters())
     if distributed:
         n_params = model_cfg.num_params()
-    peak_name, peak = _peak(cfg, device)
+    peak_name, peak = _peak(cfg, device, precision)
     metrics = MetricsWriter(run_dir, resume_step=step, tensorboard=t.tensorboard) if main else None
     bar = _progress_bar(progress and main, t.total_steps, step)
     say(f"pretrain: {model_cfg.n_layers} layers, dim {model_cfg.dim}, {n_params / 1e6:.1f}M parameters, "
-        f"{world_size} process(es) on {device.type}, {t.precision}; run_dir {run_dir}"
+        f"{world_size} process(es) on {device.type}, {precision}"
+        + (f" (precision auto: {'native bf16' if precision == 'bf16' else 'no native bf16 here'})"
+           if t.precision == "auto" else "") + f"; run_dir {run_dir}"
         + (f"; resuming from {resume_from} (step {step})" if resume_from is not None else ""))
     if data.unigram is not None:
         say(f"pretrain: validation unigram entropy (the no-context baseline) {data.unigram:.3f} nats")
