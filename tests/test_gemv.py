@@ -201,3 +201,50 @@ def test_compiled_graph_calls_the_kernel() -> None:
     got, want = compiled(x, h), f(x, h)
     assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def _rms_normed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp64 (the LLaMA formula: x / sqrt(mean(x^2) + eps) * weight)."""
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,m", [(96, 576, 1), (37, 51, 3), (40, 48, 4)])
+@pytest.mark.parametrize("fused", ["norm", "swiglu"])
+def test_fused_norm_and_swiglu_against_fp64(path: str, dtype: torch.dtype, n: int, k: int, m: int,
+                                            fused: str) -> None:
+    """``norm=``: the product of RMSNorm(x) * weight; ``swiglu=``: of silu(gate) * up (x's two
+    halves). Against the same formula in fp64: within the bound of the fp32 arithmetic, plus,
+    in bf16, the rounding of the prepared input (the AVX512-BF16 path rounds it to bf16) and of
+    the output. Unnormalised input is ~sqrt(mean(x^2)) = 3 times off, far outside the bound."""
+    torch.manual_seed(n + k + m)
+    w = torch.randn(n, k).to(dtype)
+    if fused == "norm":
+        x = (3 * torch.randn(m, k)).to(dtype)
+        nw = (1 + 0.1 * torch.randn(k)).to(dtype)
+        y = gemv.gemv(x, w, norm=nw, eps=1e-5)
+        ref_x = _rms_normed(x, nw, 1e-5)
+    else:
+        x = torch.randn(m, 2 * k).to(dtype)
+        y = gemv.gemv(x, w, swiglu=True)
+        gate, up = x.double().chunk(2, dim=-1)
+        ref_x = torch.nn.functional.silu(gate) * up
+    exact = ref_x @ w.double().T
+    scale = ref_x.abs() @ w.double().abs().T
+    if dtype == torch.float32:
+        bound = 4 * (k + 1) * 2.0 ** -24 * scale
+    else:
+        bound = 2.0 ** -9 * scale + 2.0 ** -8 * exact.abs() + 1e-6
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert torch.all((y.double() - exact).abs() <= bound)
+
+
+@needs_kernel
+def test_fused_input_errors() -> None:
+    w = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="swiglu: twice the columns"):
+        gemv.gemv(torch.randn(1, 16), w, swiglu=True)
+    with pytest.raises(RuntimeError, match="`norm` must be a CPU vector of 16 weights"):
+        gemv.gemv(torch.randn(1, 16), w, norm=torch.ones(15))

@@ -98,7 +98,8 @@ def _build() -> str:
     return ""
 
 
-def _gemv_shape(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool = False) -> Tensor:
+def _gemv_shape(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool = False,
+                norm: Tensor | None = None, eps: float = 1e-5, swiglu: bool = False) -> Tensor:
     """The output's shape and dtype, for tracing: x's leading dimensions, then the weight's rows."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32 if float_out else x.dtype)
 
@@ -154,11 +155,15 @@ def use_isa(name: str) -> Iterator[None]:
         torch.ops.llamalab.gemv_set_isa(previous)
 
 
-def gemv(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool = False) -> Tensor:
+def gemv(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool = False, *,
+         norm: Tensor | None = None, eps: float = 1e-5, swiglu: bool = False) -> Tensor:
     """``x W^T`` (plus ``other`` if given, rounded once) in ``x``'s dtype, ``x`` (..., in) of up to
     :data:`MAX_ROWS` rows, ``weight`` the contiguous ``(out, in)`` matrix, bf16 or fp32 like ``x``.
 
-    ``float_out`` (bf16): the fp32 sums as they are, unrounded (for logits).
+    ``float_out`` (bf16): the fp32 sums as they are, unrounded (for logits). ``norm``: multiply
+    ``RMSNorm(x) * norm`` instead of ``x`` (``eps`` as the model's). ``swiglu``: ``x`` holds the
+    feed-forward's gate and up halves (2 x in features); multiply ``silu(gate) * up``. Both are
+    computed in fp32 inside the call (the unfused path rounds them to the model's dtype).
     """
     if _built != "":  # not loaded yet (the first call builds it), or it cannot be
         if torch.compiler.is_compiling():  # a build cannot be traced
@@ -166,4 +171,4 @@ def gemv(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool
         reason = unavailable_reason(x.dtype)
         if reason:
             raise RuntimeError(f"llamalab gemv: {reason}")
-    return torch.ops.llamalab.gemv(x, weight, other, float_out)
+    return torch.ops.llamalab.gemv(x, weight, other, float_out, norm, eps, swiglu)

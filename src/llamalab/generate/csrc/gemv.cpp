@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -51,6 +52,12 @@ namespace {
 
 constexpr int64_t kRowsAtOnce = 8;  // rows of W walked together: 8 accumulators, 8 load streams
 constexpr int64_t kMaxRowsOfX = 4;  // rows of x (sequences of a batched step) the op accepts
+// The widening paths issue ~5 instructions per 32 bytes of weights where fp32 issues one, so far
+// fewer loads fit in the out-of-order window and the reads no longer keep enough cache lines in
+// flight: on the AVX2 EPYC (2 threads) they streamed 10-12 GB/s where fp32 reaches 16-18. A
+// software prefetch 8 KB ahead in each row stream (it retires at once, not waiting for the data)
+// brings them to ~15 GB/s (measured, interleaved; 2-32 KB tried).
+constexpr int64_t kPrefetchBytes = 8192;
 
 enum Isa : int { kNone = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 const char* const kIsaNames[] = {"none", "avx2", "avx512", "avx512bf16"};
@@ -114,6 +121,8 @@ LLAMALAB_AVX2 void dot_bf16_avx2(const c10::BFloat16* w, const float* xp, int64_
   for (int64_t c = 0; c < full; c += 16) {
     const __m256 xe = _mm256_loadu_ps(xp + c), xo = _mm256_loadu_ps(xp + c + 8);
     for (int r = 0; r < R; ++r) {
+      if ((c & 31) == 0)  // once per 64-byte line
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * k + c) + kPrefetchBytes, _MM_HINT_T0);
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * k + c));
       acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), xe, acc[r]);
       acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(wv, odd)), xo, acc[r]);
@@ -142,6 +151,7 @@ LLAMALAB_AVX512 void dot_bf16_avx512(const c10::BFloat16* w, const float* xp, in
   for (int64_t c = 0; c < full; c += 32) {
     const __m512 xe = _mm512_loadu_ps(xp + c), xo = _mm512_loadu_ps(xp + c + 16);
     for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * k + c) + kPrefetchBytes, _MM_HINT_T0);
       const __m512i wv = _mm512_loadu_si512(w + r * k + c);
       acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wv, 16)), xe, acc[r]);
       acc[r] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wv, odd)), xo, acc[r]);
@@ -213,29 +223,61 @@ Path<c10::BFloat16> bf16_path(Isa isa) {
   return p;
 }
 
-// x (m_rows, k) widened to fp32 and, per block of `block` columns of the vector loop, laid out as
-// the block's even elements then its odd ones; the scalar tail is not read from it.
-std::vector<float> even_odd(const c10::BFloat16* x, int64_t m_rows, int64_t k, int64_t full, int64_t block) {
+// The rows of x as the product reads them, in fp32 (m_rows, k): x itself, or SwiGLU of x's two
+// halves (silu(x[:k]) * x[k:], the feed-forward's gate and up projections), or RMSNorm of x times
+// `norm` (the pre-normalisation before a layer's products). Done here, once per call, it spares
+// the decode step ~10 small tensor ops per layer and rounding between them: what it feeds the
+// products is the fp32 value, which the unfused path rounds to the model's dtype first.
+template <typename T>
+std::vector<float> prepare(const T* x, int64_t m_rows, int64_t k, const float* norm, double eps, bool swiglu) {
   std::vector<float> out(static_cast<size_t>(m_rows * k));
+  for (int64_t m = 0; m < m_rows; ++m) {
+    float* om = out.data() + m * k;
+    if (swiglu) {
+      const T* gate = x + m * 2 * k;
+      const T* up = gate + k;
+      for (int64_t c = 0; c < k; ++c) {
+        const float g = static_cast<float>(gate[c]);
+        om[c] = g / (1.0f + std::exp(-g)) * static_cast<float>(up[c]);
+      }
+      continue;
+    }
+    const T* xm = x + m * k;
+    for (int64_t c = 0; c < k; ++c) om[c] = static_cast<float>(xm[c]);
+    if (norm != nullptr) {
+      float squares = 0.0f;
+      for (int64_t c = 0; c < k; ++c) squares += om[c] * om[c];
+      const float scale = 1.0f / std::sqrt(squares / static_cast<float>(k) + static_cast<float>(eps));
+      for (int64_t c = 0; c < k; ++c) om[c] = om[c] * scale * norm[c];
+    }
+  }
+  return out;
+}
+
+// `xf` (m_rows, k) as the widening paths read it: per block of `block` columns of the vector loop,
+// the block's even elements then its odd ones (the scalar tail reads `xf` itself).
+std::vector<float> even_odd(const std::vector<float>& xf, int64_t m_rows, int64_t k, int64_t full, int64_t block) {
+  std::vector<float> out(xf.size());
   const int64_t half = block / 2;
   for (int64_t m = 0; m < m_rows; ++m) {
-    const c10::BFloat16* xm = x + m * k;
+    const float* xm = xf.data() + m * k;
     float* om = out.data() + m * k;
     for (int64_t c = 0; c < full; c += block)
       for (int64_t i = 0; i < half; ++i) {
-        om[c + i] = static_cast<float>(xm[c + 2 * i]);
-        om[c + half + i] = static_cast<float>(xm[c + 2 * i + 1]);
+        om[c + i] = xm[c + 2 * i];
+        om[c + half + i] = xm[c + 2 * i + 1];
       }
   }
   return out;
 }
 
-// Rows [n0, n1) of W against every row of x: y[m, n] = W[n] . x[m] (+ other[m, n]).
+// Rows [n0, n1) of W against every row of x: y[m, n] = W[n] . x[m] (+ other[m, n]); `xk` is x in
+// the layout the path reads, `xf` in fp32 (for the scalar tail).
 template <typename T>
-void gemv_rows(const Path<T>& path, const T* w, const T* x, const void* xk, const T* other, void* y,
+void gemv_rows(const Path<T>& path, const T* w, const float* xf, const void* xk, const T* other, void* y,
                bool float_out, int64_t m_rows, int64_t n, int64_t k, int64_t n0, int64_t n1) {
   const int64_t full = k / path.step * path.step;
-  const int64_t x_elem = path.layout.widen ? int64_t(sizeof(float)) : int64_t(sizeof(T));
+  const int64_t x_elem = (path.layout.widen || std::is_same_v<T, float>) ? int64_t(sizeof(float)) : int64_t(sizeof(T));
   float sums[kRowsAtOnce];
   for (int64_t r0 = n0; r0 < n1; r0 += kRowsAtOnce) {
     const int64_t rows = std::min(kRowsAtOnce, n1 - r0);
@@ -249,9 +291,9 @@ void gemv_rows(const Path<T>& path, const T* w, const T* x, const void* xk, cons
       }
       for (int64_t r = 0; r < rows; ++r) {
         const T* wr = w + (r0 + r) * k;
-        const T* xr = x + m * k;
+        const float* xr = xf + m * k;
         float v = sums[r];
-        for (int64_t c = full; c < k; ++c) v += static_cast<float>(wr[c]) * static_cast<float>(xr[c]);
+        for (int64_t c = full; c < k; ++c) v += static_cast<float>(wr[c]) * xr[c];
         const int64_t at = m * n + r0 + r;
         if (other != nullptr) v += static_cast<float>(other[at]);
         if (std::is_same_v<T, c10::BFloat16> && !float_out)
@@ -264,30 +306,34 @@ void gemv_rows(const Path<T>& path, const T* w, const T* x, const void* xk, cons
 }
 
 template <typename T>
-void run(const Path<T>& path, const at::Tensor& weight, const at::Tensor& x2, const at::Tensor& o, at::Tensor& y,
-         bool float_out) {
+void run(const Path<T>& path, const at::Tensor& weight, const at::Tensor& x2, const at::Tensor& o,
+         const float* norm, double eps, bool swiglu, at::Tensor& y, bool float_out) {
   const int64_t n = weight.size(0), k = weight.size(1), m_rows = x2.size(0);
   const T* w = static_cast<const T*>(weight.data_ptr());
-  const T* xp = static_cast<const T*>(x2.data_ptr());
   const T* op = o.defined() ? static_cast<const T*>(o.data_ptr()) : nullptr;
   void* yp = y.data_ptr();
+  const std::vector<float> xf = prepare(static_cast<const T*>(x2.data_ptr()), m_rows, k, norm, eps, swiglu);
+  const int64_t full = k / path.step * path.step;
   std::vector<float> widened;
-  const void* xk = xp;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (path.layout.widen) {
-      widened = even_odd(xp, m_rows, k, k / path.step * path.step, path.layout.block);
-      xk = widened.data();
-    }
+  std::vector<c10::BFloat16> rounded;
+  const void* xk = xf.data();
+  if (path.layout.widen) {
+    widened = even_odd(xf, m_rows, k, full, path.layout.block);
+    xk = widened.data();
+  } else if (std::is_same_v<T, c10::BFloat16>) {  // VDPBF16PS takes bf16 pairs
+    rounded.assign(xf.begin(), xf.end());
+    xk = rounded.data();
   }
   // Groups of 8 rows; 16 groups (~74 KB of bf16 weights at K = 576) are the least worth a thread.
   const int64_t groups = (n + kRowsAtOnce - 1) / kRowsAtOnce;
   at::parallel_for(0, groups, 16, [&](int64_t g0, int64_t g1) {
-    gemv_rows<T>(path, w, xp, xk, op, yp, float_out, m_rows, n, k, g0 * kRowsAtOnce, std::min(n, g1 * kRowsAtOnce));
+    gemv_rows<T>(path, w, xf.data(), xk, op, yp, float_out, m_rows, n, k, g0 * kRowsAtOnce,
+                 std::min(n, g1 * kRowsAtOnce));
   });
 }
 
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& other,
-                bool float_out) {
+                bool float_out, const std::optional<at::Tensor>& norm, double eps, bool swiglu) {
   const bool bf16 = weight.scalar_type() == at::kBFloat16;
   TORCH_CHECK(weight.dim() == 2 && (bf16 || weight.scalar_type() == at::kFloat) && weight.device().is_cpu() &&
                   weight.is_contiguous(),
@@ -298,11 +344,20 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.device().is_cpu() && x.dim() >= 1,
               "gemv: expected ", weight.scalar_type(), " CPU input, got ", x.scalar_type(), " on ", x.device());
   const int64_t n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(x.size(-1) == k, "gemv: input of ", x.size(-1), " features for a weight of ", k, " columns");
-  const at::Tensor x2 = x.reshape({-1, k}).contiguous();
+  TORCH_CHECK(!(swiglu && norm.has_value()), "gemv: swiglu and norm do not go together");
+  const int64_t kx = swiglu ? 2 * k : k;
+  TORCH_CHECK(x.size(-1) == kx, "gemv: input of ", x.size(-1), " features for a weight of ", k, " columns",
+              swiglu ? " (swiglu: twice the columns, gate then up)" : "");
+  const at::Tensor x2 = x.reshape({-1, kx}).contiguous();
   const int64_t m_rows = x2.size(0);
   TORCH_CHECK(m_rows <= kMaxRowsOfX, "gemv: ", m_rows, " rows of input; the kernel takes up to ", kMaxRowsOfX,
               " (a decode step), larger products belong to a GEMM");
+  at::Tensor nw;
+  if (norm.has_value()) {
+    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == k && norm->device().is_cpu(),
+                "gemv: `norm` must be a CPU vector of ", k, " weights, got ", norm->sizes());
+    nw = norm->to(at::kFloat).contiguous();
+  }
   std::vector<int64_t> shape = x.sizes().vec();
   shape.back() = n;
   at::Tensor o;
@@ -312,11 +367,12 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::option
     o = other->reshape({m_rows, n}).contiguous();
   }
   at::Tensor y = at::empty({m_rows, n}, x2.options().dtype(bf16 && !float_out ? at::kBFloat16 : at::kFloat));
+  const float* np = nw.defined() ? nw.data_ptr<float>() : nullptr;
   if (m_rows > 0 && n > 0) {
     if (bf16)
-      run<c10::BFloat16>(bf16_path(isa), weight, x2, o, y, float_out);
+      run<c10::BFloat16>(bf16_path(isa), weight, x2, o, np, eps, swiglu, y, float_out);
     else
-      run<float>(f32_path(isa), weight, x2, o, y, float_out);
+      run<float>(f32_path(isa), weight, x2, o, np, eps, swiglu, y, float_out);
   }
   return y.view(shape);
 }
@@ -354,7 +410,8 @@ TORCH_LIBRARY(llamalab, m) {
   m.def("gemv_isas() -> str[]", &isas);
   m.def("gemv_isa() -> str", &get_isa);
   m.def("gemv_set_isa(str name) -> str", &set_isa);
-  m.def("gemv(Tensor x, Tensor weight, Tensor? other=None, bool float_out=False) -> Tensor");
+  m.def("gemv(Tensor x, Tensor weight, Tensor? other=None, bool float_out=False, Tensor? norm=None, "
+        "float eps=1e-5, bool swiglu=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llamalab, CPU, m) { m.impl("gemv", &gemv); }
