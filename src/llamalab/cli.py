@@ -32,33 +32,10 @@ class CLIError(Exception):
 
 
 def _dtype(name: str):  # noqa: ANN202 - torch imported lazily to keep --help fast
-    """A ``--dtype`` value as a torch dtype; ``auto``: bfloat16 where the CPU (or GPU) computes it
-    natively, else float32 (llamalab.precision)."""
-    import torch
+    """A ``--dtype`` value as a torch dtype (:func:`llamalab.precision.parse_dtype`)."""
+    from llamalab.precision import parse_dtype
 
-    from llamalab.precision import resolve_dtype
-
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name == "auto":
-        return resolve_dtype("auto")
-    if name not in table:
-        raise CLIError(f"--dtype {name!r}: expected auto or one of {', '.join(table)}")
-    return table[name]
-
-
-def dtype_name(name: str) -> str:
-    """The concrete ``--dtype`` a value means here (``auto`` resolved), for logs and result files."""
-    return str(_dtype(name)).removeprefix("torch.")
-
-
-def hardware_line() -> str:
-    """One line saying which CPU, precision and decode kernel this process uses (``--verbose``)."""
-    from llamalab.precision import describe_hardware
-
-    hw = describe_hardware()
-    return (f"llamalab: {hw['cpu']}; features {hw['cpu_features']}; precision auto = {hw['precision_auto']}; "
-            f"decode kernel {hw['decode_kernel']}; oneDNN bf16 {hw['onednn_bf16']}")
+    return parse_dtype(name)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -112,6 +89,8 @@ def _load_for_generation(args: argparse.Namespace):  # noqa: ANN202 - torch impo
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.verbose:
+        from llamalab.precision import hardware_line
+
         print(hardware_line(), file=sys.stderr)
     t0 = time.perf_counter()
     lm = llamalab.load(args.model, dtype=_dtype(args.dtype))

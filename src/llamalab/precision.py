@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PRECISIONS", "cpu_name", "cpu_flags", "native_bf16", "resolve_precision", "resolve_dtype",
-           "describe_hardware"]
+__all__ = ["PRECISIONS", "cpu_name", "cpu_flags", "native_bf16", "resolve_precision", "resolve_dtype", "parse_dtype",
+           "dtype_name", "describe_hardware", "hardware_line"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,33 @@ def resolve_dtype(name: str, device: "torch.device | str" = "cpu", *, what: str 
     if str(name).lower() in ("float16", "fp16", "half"):
         return torch.float16
     return torch.bfloat16 if resolve_precision(name, device, what=what) == "bf16" else torch.float32
+
+
+def parse_dtype(name: str) -> "torch.dtype":
+    """A ``--dtype`` flag's value as a torch dtype: ``auto`` (bf16 where the device computes it
+    natively, else fp32), ``float32``/``fp32``, ``bfloat16``/``bf16``, ``float16``/``fp16``;
+    anything else is a ValueError naming the choices."""
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name == "auto":
+        return resolve_dtype("auto")
+    if name not in table:
+        raise ValueError(f"--dtype {name!r}: expected auto or one of {', '.join(table)}")
+    return table[name]
+
+
+def dtype_name(name: str) -> str:
+    """The concrete dtype a ``--dtype`` value means here (``auto`` resolved), for logs and result files."""
+    return str(parse_dtype(name)).removeprefix("torch.")
+
+
+def hardware_line() -> str:
+    """One line saying which CPU, precision and decode kernel this process uses (``--verbose``)."""
+    hw = describe_hardware()
+    return (f"llamalab: {hw['cpu']}; features {hw['cpu_features']}; precision auto = {hw['precision_auto']}; "
+            f"decode kernel {hw['decode_kernel']}; oneDNN bf16 {hw['onednn_bf16']}")
 
 
 def describe_hardware(device: "torch.device | str" = "cpu") -> dict[str, str]:

@@ -39,14 +39,14 @@ def _task_list(text: str) -> list[str]:
 def _load_model(args: argparse.Namespace) -> Any:
     import torch
 
-    from llamalab.cli import _dtype, dtype_name
+    from llamalab.precision import dtype_name, parse_dtype
     from llamalab.eval.lm import EvalModel
 
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = dtype_name(args.dtype)  # auto resolved: the results file names what was run
     t0 = time.perf_counter()
-    lm = EvalModel.load(args.model, dtype=_dtype(args.dtype), batch_size=args.batch_size, max_length=args.max_length)
+    lm = EvalModel.load(args.model, dtype=parse_dtype(args.dtype), batch_size=args.batch_size, max_length=args.max_length)
     print(f"llamalab eval: loaded {args.model} in {time.perf_counter() - t0:.1f} s "
           f"(context {lm.max_length} tokens, {args.dtype}, batch {args.batch_size})", file=sys.stderr)
     return lm

@@ -56,9 +56,9 @@ class LlamalabLM(LM):
         if unused:
             warn(f"lm-eval model llamalab: ignoring unknown model_args {sorted(unused)}")
         if eval_model is None:
-            from llamalab.cli import _dtype
+            from llamalab.precision import parse_dtype
 
-            eval_model = EvalModel.load(pretrained, dtype=_dtype(str(dtype)), batch_size=_as_int("batch_size", batch_size, 16),
+            eval_model = EvalModel.load(pretrained, dtype=parse_dtype(str(dtype)), batch_size=_as_int("batch_size", batch_size, 16),
                                         max_length=_as_int("max_length", max_length, 0) or None,
                                         device=device or "cpu")
         self.lm = eval_model

@@ -89,10 +89,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     name = args.name or model_id(args.model)
     t0 = time.perf_counter()
-    from llamalab.cli import _dtype, hardware_line
+    from llamalab.precision import hardware_line, parse_dtype
 
     print(hardware_line(), file=sys.stderr)
-    lm = llamalab.load(args.model, dtype=_dtype(args.dtype))
+    lm = llamalab.load(args.model, dtype=parse_dtype(args.dtype))
     generator = None
     if args.compile and lm.tokenizer is not None:  # (without one, create_app says so)
         from llamalab.generate import Generator
