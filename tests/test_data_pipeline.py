@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from processes import kill_process_group
 
 from llamalab.data.pipeline.commoncrawl import MinLengthFilter
 from llamalab.data.pipeline.config import config_from_dict, load_config
@@ -143,7 +144,6 @@ def _many_pages(root: Path, files: int = 4, per_file: int = 3000) -> None:
 
 def test_resume_after_sigkill_gives_the_same_output(tmp_path):
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -163,14 +163,17 @@ def test_resume_after_sigkill_gives_the_same_output(tmp_path):
     assert subprocess.run(cmd + [str(configs["clean"])], env=env, capture_output=True).returncode == 0
 
     completions = tmp_path / "killed" / "logs" / "web" / "process" / "completions"
+    # its own session: the SIGKILL goes to the whole group, the run's multiprocessing manager
+    # included (killing the CLI process alone left the manager running, orphaned)
     proc = subprocess.Popen(cmd + [str(configs["killed"])], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (completions.is_dir() and any(completions.iterdir())):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a task completed"
-        time.sleep(0.002)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (completions.is_dir() and any(completions.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a task completed"
+            time.sleep(0.002)
+    finally:
+        kill_process_group(proc)
     done = sorted(p.name for p in completions.iterdir())
     assert 1 <= len(done) < 4, done  # killed mid-way: some tasks finished, others not
     assert not (tmp_path / "killed" / "web" / "output").exists()
