@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from llamalab.config import ModelConfig
 from llamalab.data import DataError, MixtureLoader, eval_batches, find_shards, read_shard
 from llamalab.model import Transformer
-from llamalab.precision import resolve_precision
+from llamalab.precision import cpu_flags, resolve_precision
 from llamalab.train.config import ConfigError, StageSettings, TrainConfig
 from llamalab.train.metrics import PEAK_FLOPS, MetricsWriter, flops_per_token, mfu, read_metrics
 from llamalab.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -218,6 +218,8 @@ def _peak(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[str |
             name = "h100-sxm-bf16" if ("H100" in gpu or "H200" in gpu) else "a100-bf16" if "A100" in gpu else None
         else:
             fp32 = "cpu-dev-fp32-onednn" if cfg.train.onednn_linear and not dist.is_initialized() else "cpu-dev-fp32-mkl"
+            if "avx512f" not in cpu_flags():  # the peaks above are the AVX-512 machine's
+                fp32 = "cpu-avx2-fp32"
             name = "cpu-dev-bf16" if precision == "bf16" else fp32
     return name, (PEAK_FLOPS[name] if name else None)
 
