@@ -157,6 +157,7 @@ rope_theta = 50000.0
     assert manifest["config"]["rope_theta"] == 50000.0
 
 
+@pytest.mark.slow  # three 150-step runs, two of them CLI processes: ~22 s on 2 cores
 def test_resume_after_sigkill_is_bit_identical(data: Path, tmp_path: Path) -> None:
     # 150 steps of 16 sequences cross the epoch boundary (~143 steps of the fixture's shards)
     steps = ["train.total_steps=150", "checkpoint.every=4", "eval.every=25"]
