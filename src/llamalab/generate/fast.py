@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llamalab.generate.gemv import MAX_ROWS, gemv, gemv_available, unavailable_reason
+from llamalab.generate.gemv import MAX_ROWS, decode_attention, gemv, gemv_available, unavailable_reason
 from llamalab.model import Transformer
 
 __all__ = ["DecodeModel", "optimize_for_decode", "onednn_available", "onednn_bf16_available"]
@@ -409,9 +409,23 @@ class DecodeModel(nn.Module):
              caches: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         bsz, seqlen = tokens.shape
         nh, nkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        h = self.model.tok_embeddings(tokens)
+        # An eager one-token step on the kernel: each layer's attention (RoPE, the cache write,
+        # softmax over the slots) in one call instead of ~25 small ops.
+        pos = end - 1 if end is not None else -1
+        if (self.gemv and caches is None and seqlen == 1 and mask is None and positions.dim() == 1
+                and bsz <= MAX_ROWS and self.layers and self.layers[0].attention.kv_cache is not None
+                and not torch.compiler.is_compiling()):
+            rope = self.model.rope[pos].float()  # (D/2, 2) of the one position
+            for layer in self.layers:
+                cache = layer.attention.kv_cache
+                qkv = layer.wqkv(h, norm=layer.attention_norm)
+                out = decode_attention(qkv, rope, cache.k, cache.v, pos, nh, nkv)
+                h = layer.wo(out, "add", h)
+                h = layer.w2(layer.w13(h, norm=layer.ffn_norm), "add", h, swiglu=True)
+            return _rms_norm(h, self.model.norm)
         rope = self.model.rope[positions].float()  # (S, D/2, 2) or (B, S, D/2, 2)
         rope = (rope if rope.dim() == 4 else rope.unsqueeze(0)).unsqueeze(2)
-        h = self.model.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers):
             qkv = layer.wqkv(h, norm=layer.attention_norm)
             qk = qkv[..., : (nh + nkv) * hd].reshape(bsz, seqlen, nh + nkv, hd // 2, 2)

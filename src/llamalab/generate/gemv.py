@@ -34,6 +34,7 @@ import platform
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["gemv_available", "unavailable_reason", "gemv", "isa", "available_isas", "use_isa", "MAX_ROWS"]
+__all__ = ["gemv_available", "unavailable_reason", "gemv", "decode_attention", "isa", "available_isas", "use_isa", "MAX_ROWS"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 MAX_ROWS = 4
 
 _SOURCE = Path(__file__).with_name("csrc") / "gemv.cpp"
+# The decode step's attention (rotary embedding, cache write, one-query attention) in one call.
+_ATTENTION_SOURCE = _SOURCE.with_name("attention.cpp")
+_HEADER = _SOURCE.with_name("x86_simd.h")  # included by both
 _NAME = "llamalab_gemv"
 _lock = threading.Lock()
 _built: str | None = None  # '' once loaded, else why not
@@ -76,7 +80,11 @@ def _build() -> str:
         t0 = time.perf_counter()
         # -fopenmp: the kernel splits rows over torch's intra-op threads with at::parallel_for,
         # which is an OpenMP region compiled into the caller.
-        cpp_extension.load(name=_NAME, sources=[str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+        # torch's loader rebuilds when the sources or the flags change, not a header: the
+        # header's checksum goes into the flags.
+        header = f"-DLLAMALAB_HEADER_CRC={zlib.crc32(_HEADER.read_bytes())}"
+        cpp_extension.load(name=_NAME, sources=[str(_SOURCE), str(_ATTENTION_SOURCE)],
+                           extra_cflags=["-O3", "-fopenmp", header],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
         if fresh:
             print(f"llamalab: built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -84,10 +92,11 @@ def _build() -> str:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         first_error = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
         return f"building {_SOURCE.name} failed: {first_error or type(e).__name__}"
-    try:
-        torch.library.register_fake("llamalab::gemv")(_gemv_shape)
-    except RuntimeError:  # registered already (the library was loaded before in this process)
-        pass
+    for op, rule in (("llamalab::gemv", _gemv_shape), ("llamalab::decode_attention", _attention_shape)):
+        try:
+            torch.library.register_fake(op)(rule)
+        except RuntimeError:  # registered already (the library was loaded before in this process)
+            pass
     forced = os.environ.get("LLAMALAB_GEMV_ISA", "auto").strip().lower() or "auto"
     try:
         torch.ops.llamalab.gemv_set_isa(forced)
@@ -102,6 +111,12 @@ def _gemv_shape(x: Tensor, weight: Tensor, other: Tensor | None = None, float_ou
                 norm: Tensor | None = None, eps: float = 1e-5, swiglu: bool = False) -> Tensor:
     """The output's shape and dtype, for tracing: x's leading dimensions, then the weight's rows."""
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32 if float_out else x.dtype)
+
+
+def _attention_shape(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int,
+                     n_heads: int, n_kv_heads: int) -> Tensor:
+    """The output's shape and dtype, for tracing: qkv's leading dimensions, then the query heads."""
+    return qkv.new_empty((*qkv.shape[:-1], n_heads * k_cache.shape[-1]))
 
 
 def unavailable_reason(dtype: torch.dtype = torch.bfloat16) -> str:
@@ -172,3 +187,23 @@ def gemv(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool
         if reason:
             raise RuntimeError(f"llamalab gemv: {reason}")
     return torch.ops.llamalab.gemv(x, weight, other, float_out, norm, eps, swiglu)
+
+
+def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int,
+                     n_heads: int, n_kv_heads: int) -> Tensor:
+    """One decode step's attention of a layer, in one call (``csrc/attention.cpp``).
+
+    ``qkv`` (B, [1,] (n_heads + 2 n_kv_heads) head_dim): the new token's query, key and value
+    heads as the fused q/k/v product gives them; ``rope`` (head_dim/2, 2): the (cos, sin) pairs of
+    position ``pos``; ``k_cache, v_cache`` (B_max, n_kv_heads, T, head_dim), contiguous, the
+    model's dtype. Rotates the query and key, writes key and value into slot ``pos`` of batch rows
+    ``[0, B)``, and returns every query head's attention over slots ``[0, pos]`` (B, [1,]
+    n_heads head_dim), computed in fp32 and rounded once to the model's dtype.
+    """
+    if _built != "":
+        if torch.compiler.is_compiling():
+            raise RuntimeError("llamalab decode_attention: call gemv_available() before compiling code that uses it")
+        reason = unavailable_reason(qkv.dtype)
+        if reason:
+            raise RuntimeError(f"llamalab decode_attention: {reason}")
+    return torch.ops.llamalab.decode_attention(qkv, rope, k_cache, v_cache, pos, n_heads, n_kv_heads)

@@ -40,13 +40,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define LLAMALAB_X86 1
-#define LLAMALAB_AVX2 __attribute__((target("avx2,fma")))
-#define LLAMALAB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
-#define LLAMALAB_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-#endif
+#include "x86_simd.h"
 
 namespace {
 
@@ -93,12 +87,7 @@ struct XLayout {
 
 #ifdef LLAMALAB_X86
 // ---- AVX2 + FMA --------------------------------------------------------------------------
-LLAMALAB_AVX2 inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using llamalab_simd::hsum256;
 
 // fp32: sums[r] = W[r, :full] . x[:full], 8 columns a step.
 template <int R>
@@ -112,23 +101,36 @@ LLAMALAB_AVX2 void dot_f32_avx2(const float* w, const float* x, int64_t k, int64
   for (int r = 0; r < R; ++r) sums[r] = hsum256(acc[r]);
 }
 
-// bf16 weights widened in registers, 16 columns a step; `xp` is x in the even/odd layout.
+// bf16 weights widened in registers, 16 columns a step; `xp` is x in the even/odd layout. Even and
+// odd halves go to separate accumulators (two FMA chains per row, not one twice as long); 4 rows a
+// pass, so that 8 accumulators, 2 x vectors and the mask fit the 16 registers. Walking 8 rows as
+// two passes of 4 measured 5-10% faster than 8 rows at once with one chain each (AVX2 EPYC).
 template <int R>
-LLAMALAB_AVX2 void dot_bf16_avx2(const c10::BFloat16* w, const float* xp, int64_t k, int64_t full, float* sums) {
+LLAMALAB_AVX2 void dot_bf16_avx2_pass(const c10::BFloat16* w, const float* xp, int64_t k, int64_t full, float* sums) {
   const __m256i odd = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 even_acc[R], odd_acc[R];
+  for (int r = 0; r < R; ++r) even_acc[r] = odd_acc[r] = _mm256_setzero_ps();
   for (int64_t c = 0; c < full; c += 16) {
     const __m256 xe = _mm256_loadu_ps(xp + c), xo = _mm256_loadu_ps(xp + c + 8);
     for (int r = 0; r < R; ++r) {
       if ((c & 31) == 0)  // once per 64-byte line
         _mm_prefetch(reinterpret_cast<const char*>(w + r * k + c) + kPrefetchBytes, _MM_HINT_T0);
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * k + c));
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), xe, acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(wv, odd)), xo, acc[r]);
+      even_acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(wv, 16)), xe, even_acc[r]);
+      odd_acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(wv, odd)), xo, odd_acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) sums[r] = hsum256(acc[r]);
+  for (int r = 0; r < R; ++r) sums[r] = hsum256(_mm256_add_ps(even_acc[r], odd_acc[r]));
+}
+
+template <int R>
+LLAMALAB_AVX2 void dot_bf16_avx2(const c10::BFloat16* w, const float* xp, int64_t k, int64_t full, float* sums) {
+  if constexpr (R > 4) {
+    dot_bf16_avx2_pass<4>(w, xp, k, full, sums);
+    dot_bf16_avx2<R - 4>(w + 4 * k, xp, k, full, sums + 4);
+  } else {
+    dot_bf16_avx2_pass<R>(w, xp, k, full, sums);
+  }
 }
 
 // ---- AVX-512 -----------------------------------------------------------------------------

@@ -1,0 +1,282 @@
+// One decode step's attention for each layer, in one call: rotary embedding of the new token's
+// query and key, the key and value written into the KV cache, and the query heads' attention over
+// the cache slots [0, pos] (grouped-query: query head h reads key/value head h / (n_heads /
+// n_kv_heads)).
+//
+// Why one call: in eager PyTorch the same step is ~25 small tensor ops per layer (the rotation as
+// a complex multiply, dtype conversions of q, k and v, two cache writes, two batched products, a
+// softmax, reshapes), each costing a few microseconds of dispatch for well under a microsecond of
+// arithmetic. With SmolLM2-135M's 30 layers that was ~5-7 ms of a 28 ms bf16 step on the 2-core
+// AVX2 EPYC, the part of the step that halving the weights' bytes does not shrink.
+//
+// Numerics follow the eager path of `generate/fast.py`: the rotation in fp32, its result rounded to
+// the cache's dtype (the key as stored, the query as the eager path's `type_as`), scores, softmax and
+// the weighted sum of values in fp32, the output rounded once to the model's dtype.
+//
+// Vector code: AVX2 + FMA for head_dim a multiple of 8 (every x86-64 CPU the decode kernel runs on
+// has it, AVX-512 ones included: this is ~1% of a step's arithmetic, not worth a second path):
+// scores four slots at a time (independent FMA chains), exp by a polynomial 8 lanes at a time, the
+// weighted sum of values in registers. Scalar code elsewhere (and for other head sizes).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "x86_simd.h"
+
+namespace {
+
+// Work (multiply-adds) below which splitting the heads over threads costs more than it saves.
+constexpr int64_t kMinWorkPerThread = 16384;
+
+template <typename T>
+inline float widen(T v) {
+  return static_cast<float>(v);
+}
+
+template <typename T>
+float dot_scalar(const float* q, const T* k, int64_t d) {
+  float s = 0.0f;
+  for (int64_t c = 0; c < d; ++c) s += q[c] * widen(k[c]);
+  return s;
+}
+
+template <typename T>
+void axpy_scalar(float a, const T* v, float* out, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) out[c] += a * widen(v[c]);
+}
+
+#ifdef LLAMALAB_X86
+LLAMALAB_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// Eight bf16 values as fp32: zero-extended to 32 bits, shifted into the top half.
+LLAMALAB_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Four dot products q . k[t], t = 0..3 (rows `stride` apart), d a multiple of 8: four independent
+// FMA chains (one chain per score would wait on the FMA latency), reduced together.
+using llamalab_simd::hsum256;
+
+template <typename T>
+LLAMALAB_AVX2 __m128 dot4_avx2(const float* q, const T* k, int64_t stride, int64_t d) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t c = 0; c < d; c += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + c);
+    a0 = _mm256_fmadd_ps(qv, load8(k + c), a0);
+    a1 = _mm256_fmadd_ps(qv, load8(k + stride + c), a1);
+    a2 = _mm256_fmadd_ps(qv, load8(k + 2 * stride + c), a2);
+    a3 = _mm256_fmadd_ps(qv, load8(k + 3 * stride + c), a3);
+  }
+  // hadd within 128-bit halves: [a0 a1 a2 a3 partial sums | the same of the upper lanes]
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// exp(x) for x <= 0 (scores minus their maximum), 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by
+// its Taylor polynomial to degree 7 (relative error < 2e-8 there), 2^n put into the exponent
+// bits. Below -87 the result is flushed to 0 (e^-87 ~ 1.6e-38, under fp32's normal range).
+LLAMALAB_AVX2 inline __m256 exp_avx2(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln2 split in two so that n * ln2 is subtracted without losing r's low bits
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
+}
+
+// softmax(q . K[0..end) * scale) . V[0..end) for one query head, d a multiple of 8.
+template <typename T>
+LLAMALAB_AVX2 void attend_avx2(const float* q, const T* k, const T* v, int64_t end, int64_t d, float scale,
+                                    std::vector<float>& scores, float* out) {
+  scores.resize(static_cast<size_t>(end + 8));
+  int64_t t = 0;
+  for (; t + 4 <= end; t += 4) _mm_storeu_ps(scores.data() + t, _mm_mul_ps(dot4_avx2<T>(q, k + t * d, d, d),
+                                                                          _mm_set1_ps(scale)));
+  for (; t < end; ++t) scores[t] = dot_scalar<T>(q, k + t * d, d) * scale;
+  float top = -std::numeric_limits<float>::infinity();
+  for (t = 0; t < end; ++t) top = std::max(top, scores[t]);
+  const __m256 topv = _mm256_set1_ps(top);
+  __m256 sums = _mm256_setzero_ps();
+  for (t = 0; t + 8 <= end; t += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + t), topv));
+    _mm256_storeu_ps(scores.data() + t, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float total = hsum256(sums);
+  for (; t < end; ++t) {
+    scores[t] = std::exp(scores[t] - top);
+    total += scores[t];
+  }
+  const float inv = 1.0f / total;
+  // 64 columns (8 registers of sums) at a time over every slot: the sums stay in registers.
+  for (int64_t c0 = 0; c0 < d; c0 += 64) {
+    const int64_t blocks = std::min<int64_t>(8, (d - c0) / 8);
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (t = 0; t < end; ++t) {
+      const __m256 p = _mm256_set1_ps(scores[t]);
+      const T* vt = v + t * d + c0;
+      for (int j = 0; j < blocks; ++j) acc[j] = _mm256_fmadd_ps(p, load8(vt + 8 * j), acc[j]);
+    }
+    const __m256 iv = _mm256_set1_ps(inv);
+    for (int j = 0; j < blocks; ++j) _mm256_storeu_ps(out + c0 + 8 * j, _mm256_mul_ps(acc[j], iv));
+  }
+}
+#endif
+
+bool cpu_has_avx2() {
+#ifdef LLAMALAB_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// softmax(q . K[0..end) * scale) . V[0..end) for one query head, into `out` (d fp32 values).
+template <typename T>
+void attend(const float* q, const T* k, const T* v, int64_t end, int64_t d, float scale, bool avx2,
+            std::vector<float>& scores, float* out) {
+#ifdef LLAMALAB_X86
+  if (avx2 && d % 8 == 0) return attend_avx2<T>(q, k, v, end, d, scale, scores, out);
+#else
+  (void)avx2;
+#endif
+  scores.resize(static_cast<size_t>(end));
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < end; ++t) {
+    scores[t] = dot_scalar<T>(q, k + t * d, d) * scale;
+    top = std::max(top, scores[t]);
+  }
+  float total = 0.0f;
+  for (int64_t t = 0; t < end; ++t) {
+    scores[t] = std::exp(scores[t] - top);
+    total += scores[t];
+  }
+  std::fill(out, out + d, 0.0f);
+  const float inv = 1.0f / total;
+  for (int64_t t = 0; t < end; ++t) axpy_scalar<T>(scores[t] * inv, v + t * d, out, d);
+}
+
+template <typename T>
+void step(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
+          int64_t nh, int64_t nkv, at::Tensor& y) {
+  const int64_t bsz = qkv.size(0), d = k_cache.size(3), slots = k_cache.size(2), half = d / 2;
+  const int64_t width = (nh + 2 * nkv) * d;
+  const T* in = static_cast<const T*>(qkv.data_ptr());
+  const float* rp = rope.data_ptr<float>();  // (d/2, 2): cos, sin
+  T* kc = static_cast<T*>(k_cache.data_ptr());
+  T* vc = static_cast<T*>(v_cache.data_ptr());
+  T* yp = static_cast<T*>(y.data_ptr());
+  // The rotated queries in fp32 after their rounding to T, (B, nh, d).
+  std::vector<float> q(static_cast<size_t>(bsz * nh * d));
+  for (int64_t b = 0; b < bsz; ++b) {
+    const T* row = in + b * width;
+    for (int64_t h = 0; h < nh + nkv; ++h) {
+      const T* x = row + h * d;
+      const bool is_key = h >= nh;
+      T* key = is_key ? kc + ((b * nkv + (h - nh)) * slots + pos) * d : nullptr;
+      float* qh = is_key ? nullptr : q.data() + (b * nh + h) * d;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x0 = widen(x[2 * i]), x1 = widen(x[2 * i + 1]);
+        const float c = rp[2 * i], s = rp[2 * i + 1];
+        const T r0 = static_cast<T>(x0 * c - x1 * s), r1 = static_cast<T>(x0 * s + x1 * c);
+        if (is_key) {
+          key[2 * i] = r0;
+          key[2 * i + 1] = r1;
+        } else {
+          qh[2 * i] = widen(r0);
+          qh[2 * i + 1] = widen(r1);
+        }
+      }
+    }
+    for (int64_t g = 0; g < nkv; ++g) {
+      const T* x = row + (nh + nkv + g) * d;
+      std::copy(x, x + d, vc + ((b * nkv + g) * slots + pos) * d);
+    }
+  }
+  const int64_t end = pos + 1, group = nh / nkv, heads = bsz * nh;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const bool avx2 = cpu_has_avx2();
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 2 * end * d));
+  at::parallel_for(0, heads, grain, [&](int64_t h0, int64_t h1) {
+    std::vector<float> scores, out(static_cast<size_t>(d));
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / nh, h = bh % nh, g = h / group;
+      const int64_t base = (b * nkv + g) * slots * d;
+      attend<T>(q.data() + bh * d, kc + base, vc + base, end, d, scale, avx2, scores, out.data());
+      T* dst = yp + b * nh * d + h * d;
+      for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(out[c]);
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& k_cache, at::Tensor& v_cache,
+                            int64_t pos, int64_t n_heads, int64_t n_kv_heads) {
+  TORCH_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "decode_attention: ", n_heads,
+              " query heads do not split into groups of ", n_kv_heads, " key/value heads");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == n_kv_heads,
+              "decode_attention: expected key and value caches (B, ", n_kv_heads, ", T, head_dim), got ",
+              k_cache.sizes(), " and ", v_cache.sizes());
+  const at::ScalarType dt = k_cache.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && v_cache.scalar_type() == dt &&
+                  qkv.scalar_type() == dt && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
+                  qkv.device().is_cpu(),
+              "decode_attention: expected fp32 or bf16 CPU tensors of one dtype, got qkv ", qkv.scalar_type(),
+              ", caches ", k_cache.scalar_type(), "/", v_cache.scalar_type());
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: the caches must be contiguous");
+  const int64_t d = k_cache.size(3);
+  TORCH_CHECK(d % 2 == 0, "decode_attention: head_dim ", d, " is odd (rotary embeddings rotate pairs)");
+  const int64_t width = (n_heads + 2 * n_kv_heads) * d;
+  TORCH_CHECK(qkv.dim() >= 2 && qkv.size(-1) == width && qkv.numel() == qkv.size(0) * width,
+              "decode_attention: expected qkv (B, [1,] ", width, ") = one token's q, k, v per row, got ",
+              qkv.sizes());
+  const int64_t bsz = qkv.size(0);
+  TORCH_CHECK(bsz <= k_cache.size(0), "decode_attention: ", bsz, " rows for a cache of ", k_cache.size(0));
+  TORCH_CHECK(pos >= 0 && pos < k_cache.size(2), "decode_attention: position ", pos, " outside the cache's ",
+              k_cache.size(2), " slots");
+  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.numel() == d && rope.device().is_cpu(),
+              "decode_attention: expected the position's rotary table, ", d / 2, " (cos, sin) fp32 pairs, got ",
+              rope.sizes(), " ", rope.scalar_type());
+  const at::Tensor x = qkv.contiguous();
+  const at::Tensor r = rope.contiguous();
+  std::vector<int64_t> shape = qkv.sizes().vec();
+  shape.back() = n_heads * d;
+  at::Tensor y = at::empty(shape, qkv.options());
+  if (dt == at::kBFloat16)
+    step<c10::BFloat16>(x, r, k_cache, v_cache, pos, n_heads, n_kv_heads, y);
+  else
+    step<float>(x, r, k_cache, v_cache, pos, n_heads, n_kv_heads, y);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(llamalab, m) {
+  m.def("decode_attention(Tensor qkv, Tensor rope, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, "
+        "int n_heads, int n_kv_heads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llamalab, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -1,0 +1,122 @@
+"""The decode step's fused attention (``llamalab.generate.gemv.decode_attention``,
+``csrc/attention.cpp``) against the same step computed from the formula in fp64.
+
+The reference: RoPE as a complex multiply of each (even, odd) pair by ``cos + i sin``, the
+rotated query and key rounded to the cache's dtype (what the eager step stores and reads),
+softmax(q K^T / sqrt(d)) V over slots ``[0, pos]`` with query head ``h`` reading key/value head
+``h // (n_heads / n_kv_heads)``, in fp64, rounded once to the model's dtype. Slots after ``pos``
+hold garbage the op must not read; slots before it hold earlier steps' keys and values.
+Shapes cover the vector path (head_dim a multiple of 8: 16, 64, 96 = a 64-column block and a
+32-column one; slot counts not a multiple of 4 or 8) and the scalar one (head_dim 12).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamalab.generate import gemv
+
+needs_kernel = pytest.mark.skipif(not gemv.gemv_available(torch.float32), reason="the decode kernel cannot be built here")
+
+
+def _rope(pos: int, d: int, theta: float = 10000.0) -> torch.Tensor:
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = pos * freqs
+    return torch.stack([angle.cos(), angle.sin()], dim=-1).float()  # (d/2, 2)
+
+
+def _reference(qkv: torch.Tensor, rope: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int,
+               nh: int, nkv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, key cache, value cache) after the step, from the formula."""
+    dtype, d = k_cache.dtype, k_cache.shape[-1]
+    bsz = qkv.shape[0]
+    x = qkv.reshape(bsz, nh + 2 * nkv, d).double()
+    qk = x[:, : nh + nkv].reshape(bsz, nh + nkv, d // 2, 2)
+    z = torch.view_as_complex(qk.contiguous()) * torch.view_as_complex(rope.double().contiguous())
+    qk = torch.view_as_real(z).flatten(-2).to(dtype)  # the rotation rounded to the cache's dtype
+    q, k, v = qk[:, :nh].double(), qk[:, nh:], x[:, nh + nkv:].to(dtype)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    kc[:bsz, :, pos] = k
+    vc[:bsz, :, pos] = v
+    keys = kc[:bsz, :, : pos + 1].double().repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, d)
+    values = vc[:bsz, :, : pos + 1].double().repeat_interleave(nh // nkv, dim=1)
+    scores = torch.einsum("bhd,bhtd->bht", q, keys) / d ** 0.5
+    out = torch.einsum("bht,bhtd->bhd", scores.softmax(-1), values)
+    return out.reshape(bsz, 1, nh * d).to(dtype), kc, vc
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv,d,bsz,pos", [(9, 3, 64, 1, 0), (9, 3, 64, 1, 200), (4, 4, 16, 2, 7),
+                                              (8, 2, 12, 3, 30), (6, 1, 64, 4, 63),
+                                              (4, 2, 96, 1, 37)])
+def test_matches_the_formula_in_fp64(dtype: torch.dtype, nh: int, nkv: int, d: int, bsz: int, pos: int) -> None:
+    g = torch.Generator().manual_seed(pos * 31 + nh)
+    slots, rows = 64 if pos < 64 else 256, 4
+    qkv = torch.randn(bsz, 1, (nh + 2 * nkv) * d, generator=g).to(dtype)
+    k_cache = torch.randn(rows, nkv, slots, d, generator=g).to(dtype)
+    v_cache = torch.randn(rows, nkv, slots, d, generator=g).to(dtype)
+    rope = _rope(pos, d)
+    want, want_k, want_v = _reference(qkv, rope, k_cache, v_cache, pos, nh, nkv)
+    got = gemv.decode_attention(qkv, rope, k_cache, v_cache, pos, nh, nkv)
+    assert got.shape == (bsz, 1, nh * d) and got.dtype == dtype
+    # The cache write: the rotated key rounded as the reference rounds it, the value as given; at
+    # bf16 a rotation that lands next to a rounding boundary may round the other way (fp32 vs fp64).
+    kt = dict(atol=0, rtol=0) if dtype == torch.float32 else dict(atol=1e-6, rtol=2 ** -7)
+    torch.testing.assert_close(k_cache, want_k, **(dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else kt))
+    torch.testing.assert_close(v_cache, want_v, atol=0, rtol=0)
+    # fp32: an fp32 softmax-weighted sum; bf16: one rounding (plus the key's, as above).
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.double(), want.double(), **tol)
+
+
+@needs_kernel
+def test_reads_no_slot_after_the_position() -> None:
+    nh, nkv, d, pos = 4, 2, 32, 5
+    qkv = torch.randn(1, (nh + 2 * nkv) * d)
+    k_cache, v_cache = torch.randn(1, nkv, 16, d), torch.randn(1, nkv, 16, d)
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    k2[:, :, pos + 1:] = float("nan")
+    v2[:, :, pos + 1:] = float("inf")
+    rope = _rope(pos, d)
+    a = gemv.decode_attention(qkv, rope, k_cache, v_cache, pos, nh, nkv)
+    b = gemv.decode_attention(qkv, rope, k2, v2, pos, nh, nkv)
+    assert torch.isfinite(b).all()
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@needs_kernel
+def test_bad_input_is_a_clear_error() -> None:
+    nh, nkv, d = 4, 2, 8
+    qkv = torch.randn(1, (nh + 2 * nkv) * d)
+    kc, vc = torch.zeros(1, nkv, 8, d), torch.zeros(1, nkv, 8, d)
+    rope = _rope(0, d)
+    with pytest.raises(RuntimeError, match="outside the cache's 8 slots"):
+        gemv.decode_attention(qkv, rope, kc, vc, 8, nh, nkv)
+    with pytest.raises(RuntimeError, match="do not split into groups"):
+        gemv.decode_attention(qkv, rope, kc, vc, 0, 5, nkv)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        gemv.decode_attention(qkv.bfloat16(), rope, kc, vc, 0, nh, nkv)
+    with pytest.raises(RuntimeError, match="one token's q, k, v per row"):
+        gemv.decode_attention(qkv[:, :-1], rope, kc, vc, 0, nh, nkv)
+    with pytest.raises(RuntimeError, match="rotary table"):
+        gemv.decode_attention(qkv, rope[:-1], kc, vc, 0, nh, nkv)
+    with pytest.raises(RuntimeError, match="2 rows for a cache of 1"):
+        gemv.decode_attention(torch.cat([qkv, qkv]), rope, kc, vc, 0, nh, nkv)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peaked_scores(dtype: torch.dtype) -> None:
+    """Scores hundreds apart: the softmax's exponentials span their whole range, most underflow."""
+    nh, nkv, d, pos = 4, 2, 64, 100
+    g = torch.Generator().manual_seed(5)
+    qkv = (torch.randn(1, 1, (nh + 2 * nkv) * d, generator=g) * 8).to(dtype)
+    k_cache = (torch.randn(1, nkv, 128, d, generator=g) * 8).to(dtype)
+    v_cache = torch.randn(1, nkv, 128, d, generator=g).to(dtype)
+    rope = _rope(pos, d)
+    want, _, _ = _reference(qkv, rope, k_cache, v_cache, pos, nh, nkv)
+    got = gemv.decode_attention(qkv, rope, k_cache, v_cache, pos, nh, nkv)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.double(), want.double(), **tol)
