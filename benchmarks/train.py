@@ -17,7 +17,8 @@ reports medians over ``--rounds``. tok/s = 2048 / the median timed step of a pro
 median resists a step slowed by another process; "best" = 2048 / the fastest step seen). MFU = tok/s *
 ``train.metrics.flops_per_token`` (6 N + 12 n_layers dim seq_len, PaLM) / peak, with the
 peak of the precision the matmuls run in: bf16 860 GFLOP/s; fp32 MKL 200 GFLOP/s
-(torch's default fp32 GEMM) or fp32 oneDNN 440 GFLOP/s (the ``onednn`` lever)
+(torch's default fp32 GEMM) or fp32 oneDNN 440 GFLOP/s (the ``onednn`` lever); on a CPU
+without AVX-512, fp32 divides by ``cpu-avx2-fp32`` (170 GFLOP/s, the AVX2 EPYC's MKL)
 (``train.metrics.PEAK_FLOPS``). The peak used is printed in each row.
 
 Implementations (``--impls``): ``transformers``, ``llamalab``, and llamalab with levers from
@@ -68,6 +69,10 @@ def peak_name(dtype: str, levers: list[str]) -> str:
     """Which PEAK_FLOPS entry an MFU figure divides by."""
     if dtype == "bf16" or "fp32-bf16" in levers:
         return "cpu-dev-bf16"
+    from llamalab.precision import cpu_flags
+
+    if "avx512f" not in cpu_flags():  # the cpu-dev peaks are the AVX-512 machine's
+        return "cpu-avx2-fp32"
     return "cpu-dev-fp32-onednn" if "onednn" in levers else "cpu-dev-fp32-mkl"
 
 

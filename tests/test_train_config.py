@@ -92,6 +92,8 @@ def test_overrides(tmp_path: Path) -> None:
     assert cfg.optim.betas == (0.9, 0.99) and cfg.model_config().dim == 128 and cfg.stages[0].seq_len == 512
     assert cfg.data.sources["web"].weight == 2.0 and cfg.data.sources["books"].shards == "books/*.bin"
     assert cfg.train.compile is True
+    assert load_config(write(tmp_path)).train.onednn_linear == "auto"  # the default
+    assert load_config(write(tmp_path), ["train.onednn_linear=false"]).train.onednn_linear is False
 
 
 @pytest.mark.parametrize("override, message", [
@@ -100,6 +102,7 @@ def test_overrides(tmp_path: Path) -> None:
     ("train.seq_len=128.5", "train.seq_len: expected an integer, got 128.5"),
     ("train.compile=1", "train.compile: expected true or false, got 1"),
     ("train.precision=fp16", "train.precision: expected one of 'auto', 'fp32', 'bf16', got 'fp16'"),
+    ("train.onednn_linear=yes", "train.onednn_linear: expected true or false or one of 'auto', got 'yes'"),
     ("model.overrides.dimm=3", "unknown key 'model.overrides.dimm' (did you mean 'dim'?"),
     ("model.overrides.dim=big", "model.overrides.dim: expected an integer, got 'big'"),
     ("model.preset=llama9", "model.preset: unknown preset 'llama9'"),

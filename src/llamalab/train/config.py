@@ -106,7 +106,9 @@ class TrainSection:
     compile: bool = False
     fused_loss: bool = True  # output head + cross-entropy in chunks, no full logits (train/loss.py; 1 process)
     reuse_freed_memory: bool = True  # CPU: glibc keeps freed memory, no page faults every step (allocator.py)
-    onednn_linear: bool = True  # CPU, 1 process: fp32 matrix products in oneDNN, ~2x MKL's speed (train/speed.py)
+    # CPU, 1 process: fp32 matrix products in oneDNN instead of MKL (train/speed.py). "auto": where
+    # that is faster, CPUs with AVX-512 (~2x there; ~0.5x on an AVX2-only CPU, measured).
+    onednn_linear: bool | Literal["auto"] = "auto"
     matmul_attention: bool = True  # CPU, bf16: attention as two batched products, not the flash kernel (train/speed.py)
     tensor_parallel: int = 1  # processes per tensor-parallel group; the rest of the world is FSDP (data parallel)
     log_every: int = 10

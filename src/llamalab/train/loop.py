@@ -54,7 +54,7 @@ from llamalab.train.metrics import PEAK_FLOPS, MetricsWriter, flops_per_token, m
 from llamalab.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from llamalab.allocator import reuse_freed_memory
 from llamalab.train.loss import linear_cross_entropy
-from llamalab.train.speed import onednn_mm_t, use_matmul_attention, use_onednn_linear
+from llamalab.train.speed import onednn_mm_t, resolve_onednn_linear, use_matmul_attention, use_onednn_linear
 from llamalab.train.parallelize import (
     all_reduce_mean,
     build_mesh,
@@ -217,7 +217,8 @@ def _peak(cfg: TrainConfig, device: torch.device, precision: str) -> tuple[str |
             gpu = torch.cuda.get_device_name(device)
             name = "h100-sxm-bf16" if ("H100" in gpu or "H200" in gpu) else "a100-bf16" if "A100" in gpu else None
         else:
-            fp32 = "cpu-dev-fp32-onednn" if cfg.train.onednn_linear and not dist.is_initialized() else "cpu-dev-fp32-mkl"
+            onednn = resolve_onednn_linear(cfg.train.onednn_linear, device) and not dist.is_initialized()
+            fp32 = "cpu-dev-fp32-onednn" if onednn else "cpu-dev-fp32-mkl"
             if "avx512f" not in cpu_flags():  # the peaks above are the AVX-512 machine's
                 fp32 = "cpu-avx2-fp32"
             name = "cpu-dev-bf16" if precision == "bf16" else fp32
@@ -508,7 +509,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     say(f"pretrain: {model_cfg.n_layers} layers, dim {model_cfg.dim}, {n_params / 1e6:.1f}M parameters, "
         f"{world_size} process(es) on {device.type}, {precision}"
         + (f" (precision auto: {'native bf16' if precision == 'bf16' else 'no native bf16 here'})"
-           if t.precision == "auto" else "") + f"; run_dir {run_dir}"
+           if t.precision == "auto" else "")
+        + (f", fp32 GEMMs in {'oneDNN' if resolve_onednn_linear(t.onednn_linear, device) and not distributed else 'MKL'}"
+           if precision == "fp32" and device.type == "cpu" else "")
+        + f"; run_dir {run_dir}"
         + (f"; resuming from {resume_from} (step {step})" if resume_from is not None else ""))
     if data.unigram is not None:
         say(f"pretrain: validation unigram entropy (the no-context baseline) {data.unigram:.3f} nats")
@@ -524,7 +528,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     # not see: sharded runs keep the plain head and F.cross_entropy.
     fused_loss = t.fused_loss and not distributed
     mm_t = None
-    if t.onednn_linear and not distributed and device.type == "cpu" and use_onednn_linear(model):
+    if resolve_onednn_linear(t.onednn_linear, device) and not distributed and use_onednn_linear(model):
         mm_t = onednn_mm_t  # the fused loss's head products in oneDNN too
     if t.matmul_attention and device.type == "cpu":
         use_matmul_attention(model)  # (it keeps SDPA itself in fp32)

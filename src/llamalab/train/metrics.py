@@ -38,7 +38,7 @@ PEAK_FLOPS: dict[str, float] = {
     "cpu-dev-fp32-mkl": 200e9,      # the 2-core development machine, measured (shared/MACHINE-FACTS.md)
     "cpu-dev-fp32-onednn": 440e9,   # same machine, fp32 matmul through oneDNN
     "cpu-dev-bf16": 860e9,          # same machine, bf16 matmul (oneDNN, avx512_bf16)
-    "cpu-avx2-fp32": 90e9,          # the 2-core AVX2-only EPYC, fp32 matmul 2048^3, measured 74-106 GFLOP/s
+    "cpu-avx2-fp32": 170e9,         # the 2-core AVX2-only EPYC, fp32 MKL matmul, quiet machine: 1024^3 172, 2048^3 156, 4096x288x768 164 GFLOP/s (74-106 when shared)
     "a100-bf16": 312e12,            # NVIDIA datasheet, dense
     "h100-sxm-bf16": 989e12,        # NVIDIA datasheet, dense (H200: the same compute)
 }

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from llamalab.model import Attention
 
 __all__ = ["ADAMW_IMPLS", "OneDNNLinear", "adamw_impl_kwargs", "compile_blocks", "onednn_linear_available", "onednn_mm_t",
+           "resolve_onednn_linear",
            "MatmulAttention", "grouped_matmul_attention", "sdpa_backend", "set_fp32_matmul_precision", "use_matmul_attention",
            "use_onednn_linear"]
 
@@ -60,6 +61,24 @@ def adamw_impl_kwargs(impl: str) -> dict[str, Any]:
 def onednn_linear_available() -> bool:
     """This torch build has oneDNN's fused linear op."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def resolve_onednn_linear(setting: bool | str, device: torch.device | str = "cpu") -> bool:
+    """Whether ``train.onednn_linear = setting`` routes fp32 GEMMs through oneDNN on ``device``.
+
+    ``"auto"``: on CPUs with AVX-512, where oneDNN's fp32 GEMMs run ~2x MKL's (420-460 against
+    ~200 GFLOP/s on the Zen 5 reference machine); not on AVX2-only CPUs, where the same lever
+    trained the 15M shape at 0.49x (556 against 1128 tok/s, AMD EPYC, ``benchmarks/train.py``).
+    """
+    if torch.device(device).type != "cpu" or not onednn_linear_available():
+        return False
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"onednn_linear {setting!r}: expected true, false or 'auto'")
+    from llamalab.precision import cpu_flags
+
+    return "avx512f" in cpu_flags()
 
 
 @torch.library.custom_op("llamalab::onednn_mm_t", mutates_args=())
