@@ -14,6 +14,7 @@ Three formats, chosen from what the tokenizer carries:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jinja2
@@ -40,11 +41,17 @@ def render_chat_template(template: str, messages: list[Message], *, add_generati
     ``raise_exception`` helper templates call to reject bad conversations. ``variables`` carries
     ``bos_token`` / ``eos_token`` and any other names the template uses.
     """
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> jinja2.Template:
+    """``template`` compiled once: compiling costs ~4.6 ms against ~0.06 ms to render (SmolLM2's
+    template), and fine-tuning data renders each conversation several times."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **variables)
+    return env.from_string(template)
 
 
 def chat_format(tokenizer: Any) -> str:
