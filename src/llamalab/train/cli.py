@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_plot_parser", "add_pretrain_parser", "cmd_plot", "cmd_pretrain"]
+__all__ = ["add_plot_parser", "add_pretrain_parser", "add_run_arguments", "cmd_plot", "cmd_pretrain"]
 
 PLOT_EPILOG = """\
 example:
@@ -65,12 +65,18 @@ def add_pretrain_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Train a model on tokenized shards (llamalab tokenize) with the LLaMA recipe: AdamW, warmup + "
                     "cosine, clipping 1.0, gradient accumulation to the global batch; checkpoints, auto-resume, "
                     "metrics.jsonl and a final native checkpoint in run_dir/final. See docs/training.md.")
-    p.add_argument("--config", required=True, metavar="FILE", help="the run file (configs/pretrain/*.toml)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-3")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_run_arguments(p, "configs/pretrain/*.toml", "optim.lr=1e-3")
     p.set_defaults(func=cmd_pretrain)
     return p
+
+
+def add_run_arguments(p: argparse.ArgumentParser, configs: str, example: str) -> None:
+    """The arguments every command that runs the training loop takes: ``--config FILE``,
+    ``KEY=VALUE`` overrides, ``--no-progress`` and ``--json``."""
+    p.add_argument("--config", required=True, metavar="FILE", help=f"the run file ({configs})")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"config overrides, e.g. {example}")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

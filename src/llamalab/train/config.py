@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import tomllib
 import types
 import typing
@@ -47,7 +48,8 @@ from typing import Any, Literal
 
 from llamalab.config import PRESETS, ModelConfig, get_preset
 
-__all__ = ["CheckpointSection", "ConfigError", "DataSection", "DataSource", "EvalSection", "ModelSection",
+__all__ = ["CheckpointSection", "ConfigError", "DPOSection", "DataSection", "DataSource", "EvalSection",
+           "FinetuneSection", "LoraSection", "ModelSection",
            "OptimSection", "Stage", "StageSettings", "TrainConfig", "TrainSection", "grad_accum_steps",
            "load_config"]
 
@@ -65,10 +67,78 @@ class ModelSection:
 
     preset: str = "llama1-7b"
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Start from these weights (a path in any checkpoint format, or a registered name such as
+    # "smollm2-135m-instruct"): fine-tuning. The checkpoint's config replaces the preset's.
+    checkpoint: str | None = None
 
     def build(self) -> ModelConfig:
         """The ModelConfig this section describes."""
+        if self.checkpoint:
+            return _checkpoint_config(self.checkpoint).replace(**self.overrides)
         return get_preset(self.preset, **self.overrides)
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_config(source: str) -> ModelConfig:
+    from llamalab.checkpoint import read_checkpoint
+    from llamalab.checkpoint.base import CheckpointError
+
+    try:
+        return read_checkpoint(source).config
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.checkpoint={source!r}: no such file or directory ({e.filename or e}); download "
+                          f"the checkpoint or set model.checkpoint=PATH (a Meta, HF, GGUF or llamalab checkpoint)") from None
+    except CheckpointError as e:
+        raise ConfigError(f"model.checkpoint={source!r}: {e}") from None
+
+
+@dataclass
+class FinetuneSection:
+    """Post-training (``llamalab finetune``): the method, its JSONL data and how it is rendered.
+
+    ``train_data``/``val_data``: JSONL files or globs (conversations for SFT, preference pairs for
+    DPO; formats in docs/finetune.md). Without ``val_data``, ``val_fraction`` of the training
+    records (seeded) is held out. Steps: ``epochs`` passes over the training rows at
+    ``train.global_batch_tokens / train.seq_len`` sequences a step (``max_steps`` > 0 caps them).
+    """
+
+    method: Literal["sft", "dpo"] = "sft"
+    train_data: list[str] = field(default_factory=list)
+    val_data: list[str] = field(default_factory=list)
+    val_fraction: float = 0.0
+    chat_format: Literal["auto", "template", "llama3", "llama2"] = "auto"  # auto: the tokenizer's own
+    train_on: Literal["assistant", "last", "all"] = "assistant"  # which turns carry SFT loss
+    packing: bool = True  # SFT: several samples per sequence, document-masked, positions restarting
+    epochs: float = 2.0
+    max_steps: int = 0
+    lora: bool = False  # train LoRA adapters ([lora]) instead of every weight
+    shuffle: bool = True
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters (finetune/lora.py): rank, alpha, dropout and the linears they go on (Meta names)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wv", "wo", "w1", "w2", "w3"])
+
+
+@dataclass
+class DPOSection:
+    """Llama 3's DPO (§4.1.4): beta 0.1, NLL of the chosen response weighted 0.2, formatting tokens masked.
+
+    ``reference``: where pi_ref's log-probs come from. "cached": computed once with the starting
+    weights before training and kept in run_dir (a full fine-tune holds no second model);
+    "adapters-off": the same model with its LoRA adapters disabled, per batch; "auto": the
+    latter with LoRA, else the former.
+    """
+
+    beta: float = 0.1
+    nll_weight: float = 0.2
+    mask_formatting: bool = True
+    reference: Literal["auto", "cached", "adapters-off"] = "auto"
 
 
 @dataclass
@@ -156,6 +226,7 @@ class EvalSection:
 
     every: int = 1000
     batches: int = 20
+    at_start: bool = False  # also evaluate the starting weights, logged as step 0 (fine-tuning: the base's figures)
 
 
 @dataclass
@@ -197,6 +268,9 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     stages: list[Stage] = field(default_factory=list)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON-serialisable) dict; :meth:`from_dict` reads it back."""
@@ -258,6 +332,8 @@ class TrainConfig:
         """Check what types alone cannot; raises ConfigError("key: problem")."""
         try:
             model = self.model_config()
+        except ConfigError:
+            raise
         except KeyError as e:
             raise ConfigError(f"model.preset: {e.args[0]}") from None
         except (TypeError, ValueError) as e:
@@ -307,6 +383,27 @@ class TrainConfig:
                 value = getattr(s, key)
                 if value is not None and value <= 0:
                     raise ConfigError(f"stages[{i}].{key}={value}: must be > 0")
+        f = self.finetune
+        if not 0.0 <= f.val_fraction < 1.0:
+            raise ConfigError(f"finetune.val_fraction={f.val_fraction}: must be in [0, 1)")
+        if not f.epochs > 0:
+            raise ConfigError(f"finetune.epochs={f.epochs}: must be > 0")
+        if f.max_steps < 0:
+            raise ConfigError(f"finetune.max_steps={f.max_steps}: must be >= 0")
+        if not self.dpo.beta > 0:
+            raise ConfigError(f"dpo.beta={self.dpo.beta}: must be > 0")
+        if self.dpo.nll_weight < 0:
+            raise ConfigError(f"dpo.nll_weight={self.dpo.nll_weight}: must be >= 0")
+        if self.dpo.reference == "adapters-off" and not f.lora:
+            raise ConfigError("dpo.reference='adapters-off' needs finetune.lora = true (a full fine-tune has no "
+                              "adapters to switch off; use 'cached')")
+        if f.lora:
+            from llamalab.finetune.lora import LoRAConfig
+
+            try:
+                LoRAConfig(**dataclasses.asdict(self.lora)).validate()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         dp = self.data_parallel_size(world_size)
         for name, n in (("n_heads", model.n_heads), ("n_kv_heads", model.n_kv_heads),
                         ("ffn hidden size", model.ffn_hidden_dim)):

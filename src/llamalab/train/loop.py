@@ -44,12 +44,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from llamalab.config import ModelConfig
 from llamalab.data import DataError, MixtureLoader, eval_batches, find_shards, read_shard
 from llamalab.model import Transformer
 from llamalab.precision import cpu_flags, resolve_precision
 from llamalab.train.config import ConfigError, StageSettings, TrainConfig
+from llamalab.train.objective import Objective, StepBatches
 from llamalab.train.metrics import PEAK_FLOPS, MetricsWriter, flops_per_token, mfu, read_metrics
 from llamalab.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from llamalab.allocator import reuse_freed_memory
@@ -79,7 +81,8 @@ from llamalab.train.state import (
     save_checkpoint,
 )
 
-__all__ = ["TrainingError", "resolve_shards", "train", "unigram_entropy"]
+__all__ = ["PretrainObjective", "TrainingError", "export_native", "format_summary", "resolve_shards", "run", "train",
+           "unigram_entropy"]
 
 
 class TrainingError(RuntimeError):
@@ -254,13 +257,13 @@ class _NoBar:
         pass
 
 
-def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
+def _progress_bar(enabled: bool, total: int, initial: int, label: str = "pretrain") -> Any:
     if enabled:
         try:
             from tqdm import tqdm
 
             return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
-                        desc="pretrain")
+                        desc=label)
         except ImportError:
             pass
     return _NoBar(enabled)
@@ -299,10 +302,11 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 # ---------------------------------------------------------------- checkpoints (1 or N processes)
 
 
-def _save(run_dir: Path, step: int, model: Transformer, optimizer: Any, scheduler: Any, loader: MixtureLoader,
+def _save(run_dir: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any, objective: Objective,
           extra: dict[str, Any], keep_last: int, distributed: bool) -> Path:
     if not distributed:
-        return save_checkpoint(run_dir, step, model, optimizer, scheduler, loader.state_dict(), extra, keep_last)
+        return save_checkpoint(run_dir, step, model, optimizer, scheduler, objective.data_state(), extra, keep_last,
+                               weights=objective.checkpoint_weights(model))
     # N processes: DCP shards of model and optimizer, one RNG file per rank, then rank 0 seals it.
     import json
 
@@ -317,7 +321,7 @@ def _save(run_dir: Path, step: int, model: Transformer, optimizer: Any, schedule
     torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        torch.save({"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "step": step},
+        torch.save({"scheduler": scheduler.state_dict(), "loader": objective.data_state(), "step": step},
                    tmp / "trainer.pt")
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "time": time.time(), "extra": extra}, indent=2))
         if dst.exists():
@@ -330,13 +334,13 @@ def _save(run_dir: Path, step: int, model: Transformer, optimizer: Any, schedule
     return dst
 
 
-def _load(path: Path, model: Transformer, optimizer: Any, scheduler: Any,
+def _load(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, objective: Objective,
           distributed: bool) -> tuple[int, dict[str, Any], dict[str, Any]]:
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         if distributed:
             raise TrainingError(f"{path}: a single-process checkpoint; resuming it on several processes is not "
                                 f"supported (resume with one process, or start a new run_dir)")
-        return load_checkpoint(path, model, optimizer, scheduler)
+        return load_checkpoint(path, model, optimizer, scheduler, apply_weights=objective.load_weights)
     import json
 
     load_sharded(path / "dcp", model, optimizer)
@@ -350,29 +354,32 @@ def _load(path: Path, model: Transformer, optimizer: Any, scheduler: Any,
     return int(meta["step"]), trainer["loader"], meta["extra"]
 
 
-def _export_final(run_dir: Path, model: Transformer, tokenizer_path: Path | None, distributed: bool) -> Path | None:
-    """``run_dir/final``: a native checkpoint (weights, config, tokenizer) for generate/convert/eval."""
+def export_native(run_dir: Path, model: nn.Module, tokenizer: Any, distributed: bool, *,
+                  name: str = "final", source_format: str = "llamalab-train") -> Path | None:
+    """``run_dir/NAME``: a native checkpoint (fp32 weights, config, tokenizer) for generate/convert/eval.
+
+    ``tokenizer``: a loaded tokenizer, a path to one, or None. With FSDP every rank gathers and
+    rank 0 writes (the others return None)."""
     from llamalab.checkpoint import write_checkpoint
     from llamalab.checkpoint.base import Checkpoint
 
     state = export_full_state_dict(model) if distributed else model.state_dict()
     if distributed and dist.get_rank() != 0:
         return None
-    tokenizer = None
-    if tokenizer_path is not None:
+    if isinstance(tokenizer, (str, os.PathLike)):
         from llamalab.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    ckpt = Checkpoint(config=model.config, state_dict=state, tokenizer=tokenizer, format="llamalab-train",
+    ckpt = Checkpoint(config=model.config, state_dict=state, tokenizer=tokenizer, format=source_format,
                       path=run_dir)
-    dst = run_dir / "final"
+    dst = run_dir / name
     if dst.exists():
         shutil.rmtree(dst)
     return write_checkpoint(ckpt, dst, to="native")
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- pretraining as an objective
 
 
 def _set_rope_theta(model: Transformer, theta: float, device: torch.device) -> bool:
@@ -411,6 +418,117 @@ def _evaluate(model: Transformer, data: _Data, stage: StageSettings, cfg: TrainC
     return float(total / count)
 
 
+class PretrainObjective(Objective):
+    """Next-token prediction on a seeded mixture of token shards, in Llama 3-style stages."""
+
+    name = "pretrain"
+
+    def __init__(self, cfg: TrainConfig, world_size: int = 1) -> None:
+        self.cfg = cfg
+        self.model_cfg = cfg.model_config()
+        self.data = _preflight(cfg, self.model_cfg)  # raises before any compute
+        self.distributed = world_size > 1
+        self._loader_state: dict[str, Any] | None = None
+        self._saved_stage = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.total_steps
+
+    def build_model(self, device: torch.device, precision: str, mesh: Any) -> nn.Module:
+        cfg, t = self.cfg, self.cfg.train
+        if mesh is not None:
+            with torch.device("meta"):
+                model = Transformer(self.model_cfg)
+            parallelize(model, mesh, dp_shard=True, tp=t.tensor_parallel > 1,
+                        mixed_precision="bf16" if precision == "bf16" else "fp32",
+                        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+            model.to_empty(device=device)
+            torch.manual_seed(cfg.seed)
+            with full_tensor_init():  # the very weights of the 1-process run, whatever the layout
+                model.init_weights()
+            model.init_buffers(device)
+            return model
+        with torch.device(device):
+            model = Transformer(self.model_cfg)
+        torch.manual_seed(cfg.seed)  # as above: the weights do not depend on what construction drew
+        model.init_weights()
+        if t.activation_checkpointing != "none" or t.compile:
+            parallelize(model, None, dp_shard=False, activation_checkpointing=t.activation_checkpointing,
+                        compile=t.compile)
+        return model
+
+    def load_data_state(self, state: dict[str, Any] | None, extra: dict[str, Any]) -> None:
+        self._loader_state = state
+        self._saved_stage = int(extra.get("stage", 0))
+
+    def start(self, model: nn.Module, device: torch.device, tokens_seen: int, dp_rank: int, dp_size: int,
+              extra: dict[str, Any], autocast: Any = None) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        self.device, self.dp_rank, self.dp_size = device, dp_rank, dp_size
+        self.stage = cfg.stage_at(tokens_seen)
+        self.loader = _make_loader(cfg, self.data, self.stage, dp_rank, dp_size)
+        if self._loader_state is not None and self._saved_stage == self.stage.index:
+            self.loader.load_state_dict(self._loader_state)
+        _set_rope_theta(model, self.stage.rope_theta, device)
+        self.model = model
+        # The fused head + loss calls the model's trunk directly, which FSDP's hooks on forward() would
+        # not see: sharded runs keep the plain head and F.cross_entropy.
+        self.fused_loss = t.fused_loss and not self.distributed
+        self.mm_t = onednn_mm_t if getattr(model, "_onednn_linear", False) else None
+
+    def step_batches(self, tokens_seen: int, say: Any) -> StepBatches:
+        new_stage = self.cfg.stage_at(tokens_seen)
+        if new_stage.index != self.stage.index:
+            self.stage = st = new_stage
+            self.loader = _make_loader(self.cfg, self.data, st, self.dp_rank, self.dp_size)
+            _set_rope_theta(self.model, st.rope_theta, self.device)
+            say(f"pretrain: stage {st.index} from {tokens_seen:,} tokens: batch {st.global_batch_tokens:,} tokens, "
+                f"seq_len {st.seq_len}, rope_theta {st.rope_theta:g}, mixture {st.mixture}")
+        accum = self.stage.grad_accum_steps(self.dp_size)
+        items = [(next(self.loader), 1.0 / accum) for _ in range(accum)]
+        return StepBatches(items, self.stage.global_batch_tokens, self.stage.seq_len)
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        tokens, doc_ids = batch
+        tokens = tokens.to(self.device, non_blocking=True)
+        docs = doc_ids[:, :-1].to(self.device, non_blocking=True) if self.cfg.train.document_mask else None
+        if self.fused_loss:
+            return linear_cross_entropy(model.hidden_states(tokens[:, :-1], doc_ids=docs), model.output.weight,
+                                        tokens[:, 1:], mm_t=self.mm_t), {}
+        logits = model(tokens[:, :-1], doc_ids=docs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()), {}
+
+    def evaluate(self, model: nn.Module, autocast: Any) -> dict[str, float] | None:
+        if self.data.val is None:
+            return None
+        return {"val_loss": _evaluate(model, self.data, self.stage, self.cfg, self.device, autocast,
+                                      self.dp_rank, self.dp_size)}
+
+    def data_state(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def checkpoint_extra(self, model: nn.Module) -> dict[str, Any]:
+        return {"stage": self.stage.index, "rope_theta": model.config.rope_theta}
+
+    def flops_per_token(self, model: nn.Module, seq_len: int) -> float | None:
+        return flops_per_token(model.config, seq_len)
+
+    def describe(self) -> list[str]:
+        if self.data.unigram is None:
+            return []
+        return [f"pretrain: validation unigram entropy (the no-context baseline) {self.data.unigram:.3f} nats"]
+
+    def export(self, run_dir: Path, model: nn.Module, distributed: bool) -> Path | None:
+        return export_native(run_dir, model, self.data.tokenizer_path, distributed)
+
+    def summary(self) -> dict[str, Any]:
+        return {"unigram_entropy": self.data.unigram}
+
+
+# ---------------------------------------------------------------- the loop
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the pretraining run ``cfg`` to ``train.total_steps``; return a summary dict.
 
@@ -418,15 +536,22 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     when ``train.max_nonfinite_steps`` non-finite steps in a row stop the run (the last
     checkpoint is left as it was). A SIGTERM saves a checkpoint and returns (status "preempted").
     """
+    _rank, world_size, _local = init_distributed()
+    cfg.validate(world_size)
+    return run(cfg, PretrainObjective(cfg, world_size), progress=progress)
+
+
+def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dict[str, Any]:
+    """The training loop shared by every objective: run (or resume) ``cfg`` for
+    ``objective.total_steps`` optimizer steps; return a summary dict (see :func:`train`)."""
     wall0 = time.perf_counter()
     rank, world_size, local_rank = init_distributed()
     distributed = world_size > 1
     main = rank == 0
-    cfg.validate(world_size)
-    model_cfg = cfg.model_config()
-    data = _preflight(cfg, model_cfg)
     run_dir = Path(cfg.run_dir)
     t = cfg.train
+    label = objective.name
+    total_steps = objective.total_steps
 
     def say(msg: str) -> None:
         if main:
@@ -445,30 +570,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     # picks again on the machine it resumes on.
     precision = resolve_precision(t.precision, device, what="training")
 
-    # -- the model: built, parallelized, initialised with the run's seed
+    # -- the model: built (parallelized, initialised or loaded) by the objective
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    mesh = None
-    if distributed:
-        mesh = build_mesh(world_size, tp=t.tensor_parallel)
-        with torch.device("meta"):
-            model = Transformer(model_cfg)
-        parallelize(model, mesh, dp_shard=True, tp=t.tensor_parallel > 1,
-                    mixed_precision="bf16" if precision == "bf16" else "fp32",
-                    activation_checkpointing=t.activation_checkpointing, compile=t.compile)
-        model.to_empty(device=device)
-        torch.manual_seed(cfg.seed)
-        with full_tensor_init():  # the very weights of the 1-process run, whatever the layout
-            model.init_weights()
-        model.init_buffers(device)
-    else:
-        with torch.device(device):
-            model = Transformer(model_cfg)
-        torch.manual_seed(cfg.seed)  # as above: the weights do not depend on what construction drew
-        model.init_weights()
-        if t.activation_checkpointing != "none" or t.compile:
-            parallelize(model, None, dp_shard=False, activation_checkpointing=t.activation_checkpointing,
-                        compile=t.compile)
+    mesh = build_mesh(world_size, tp=t.tensor_parallel) if distributed else None
+    model = objective.build_model(device, precision, mesh)
     model.train()
     dp_rank, dp_size = data_parallel_rank_and_size(mesh)
     # bf16: autocast in one process; with FSDP2 its mixed-precision policy casts the parameters instead.
@@ -480,13 +586,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
     o = cfg.optim
     optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps, o.fused,
                                 decay_embeddings=o.decay_embeddings)
-    scheduler = build_scheduler(optimizer, warmup_steps=o.warmup_steps, total_steps=t.total_steps,
+    scheduler = build_scheduler(optimizer, warmup_steps=o.warmup_steps, total_steps=total_steps,
                                 min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, anneal_steps=o.anneal_steps)
 
     # -- resume
     step, tokens_seen, skipped, in_a_row = 0, 0, 0, 0
-    loader_state: dict[str, Any] | None = None
-    saved_stage = 0
+    extra: dict[str, Any] = {}
     if main:
         for stale in (run_dir / "checkpoints").glob(".step-*"):  # left by a crash mid-save
             shutil.rmtree(stale, ignore_errors=True)
@@ -494,104 +599,96 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
         dist.barrier()
     resume_from = latest_checkpoint(run_dir)
     if resume_from is not None:
-        step, loader_state, extra = _load(resume_from, model, optimizer, scheduler, distributed)
+        step, loader_state, extra = _load(resume_from, model, optimizer, scheduler, objective, distributed)
         tokens_seen = int(extra.get("tokens_seen", 0))
         skipped = int(extra.get("skipped_nonfinite", 0))
-        saved_stage = int(extra.get("stage", 0))
+        objective.load_data_state(loader_state, extra)
     start_step = step
 
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in model.parameters())
     if distributed:
-        n_params = model_cfg.num_params()
+        n_params = n_trainable = model.config.num_params()
     peak_name, peak = _peak(cfg, device, precision)
     metrics = MetricsWriter(run_dir, resume_step=step, tensorboard=t.tensorboard) if main else None
-    bar = _progress_bar(progress and main, t.total_steps, step)
-    say(f"pretrain: {model_cfg.n_layers} layers, dim {model_cfg.dim}, {n_params / 1e6:.1f}M parameters, "
-        f"{world_size} process(es) on {device.type}, {precision}"
+    bar = _progress_bar(progress and main, total_steps, step, label)
+    onednn = resolve_onednn_linear(t.onednn_linear, device) and not distributed
+    say(f"{label}: {model.config.n_layers} layers, dim {model.config.dim}, {n_params / 1e6:.1f}M parameters"
+        + (f" ({n_trainable / 1e6:.2f}M trained)" if n_trainable != n_params else "")
+        + f", {world_size} process(es) on {device.type}, {precision}"
         + (f" (precision auto: {'native bf16' if precision == 'bf16' else 'no native bf16 here'})"
            if t.precision == "auto" else "")
-        + (f", fp32 GEMMs in {'oneDNN' if resolve_onednn_linear(t.onednn_linear, device) and not distributed else 'MKL'}"
-           if precision == "fp32" and device.type == "cpu" else "")
+        + (f", fp32 GEMMs in {'oneDNN' if onednn else 'MKL'}" if precision == "fp32" and device.type == "cpu" else "")
         + f"; run_dir {run_dir}"
         + (f"; resuming from {resume_from} (step {step})" if resume_from is not None else ""))
-    if data.unigram is not None:
-        say(f"pretrain: validation unigram entropy (the no-context baseline) {data.unigram:.3f} nats")
+    for line in objective.describe():
+        say(line)
 
-    stage = cfg.stage_at(tokens_seen)
-    loader = _make_loader(cfg, data, stage, dp_rank, dp_size)
-    if loader_state is not None and saved_stage == stage.index:
-        loader.load_state_dict(loader_state)
-    _set_rope_theta(model, stage.rope_theta, device)
-    accum = stage.grad_accum_steps(dp_size)
-
-    # The fused head + loss calls the model's trunk directly, which FSDP's hooks on forward() would
-    # not see: sharded runs keep the plain head and F.cross_entropy.
-    fused_loss = t.fused_loss and not distributed
-    mm_t = None
-    if resolve_onednn_linear(t.onednn_linear, device) and not distributed and use_onednn_linear(model):
-        mm_t = onednn_mm_t  # the fused loss's head products in oneDNN too
+    if onednn and use_onednn_linear(model):
+        model._onednn_linear = True  # the fused loss's head products in oneDNN too
     if t.matmul_attention and device.type == "cpu":
         use_matmul_attention(model)  # (it keeps SDPA itself in fp32)
+    objective.start(model, device, tokens_seen, dp_rank, dp_size, extra, autocast)
     inject = set(t.inject_nonfinite_at)
     last_saved = step if resume_from is not None else -1
     last_loss = last_val = float("nan")
+    last_eval: dict[str, float] = {}
     if main:  # the figures a resumed (or already complete) run starts from
         for rec in read_metrics(run_dir):
             if isinstance(rec.get("loss"), float):
                 last_loss = rec["loss"]
             if isinstance(rec.get("val_loss"), float):
                 last_val = rec["val_loss"]
+                last_eval = {k: v for k, v in rec.items() if k.startswith("val_") and isinstance(v, float)}
+    start_eval: dict[str, float] | None = None
+    if cfg.eval.at_start and cfg.eval.batches and step == 0:
+        start_eval = objective.evaluate(model, autocast)
+        if start_eval and metrics is not None:
+            metrics.log(0, **start_eval)
+            say(f"{label}: before training: " + ", ".join(f"{k} {v:.4f}" for k, v in start_eval.items()))
+    elif cfg.eval.at_start and main:
+        start_eval = next((r for r in read_metrics(run_dir) if r.get("step") == 0), None)
+        if start_eval is not None:
+            start_eval = {k: v for k, v in start_eval.items() if k.startswith("val_")}
     session_tokens, session_time = 0, 0.0
-    status = "completed" if step < t.total_steps else "already complete"
-    extra_of = lambda: {"tokens_seen": tokens_seen, "stage": stage.index, "skipped_nonfinite": skipped,  # noqa: E731
-                        "rope_theta": model.config.rope_theta, "config": cfg.to_dict()}
+    seq_len = t.seq_len
+    status = "completed" if step < total_steps else "already complete"
+    extra_of = lambda: {"tokens_seen": tokens_seen, "skipped_nonfinite": skipped,  # noqa: E731
+                        **objective.checkpoint_extra(model), "config": cfg.to_dict()}
     try:
         with _SigtermFlag() as sigterm:
-            while step < t.total_steps:
+            while step < total_steps:
                 if _any_rank(sigterm.raised, device):
-                    path = _save(run_dir, step, model, optimizer, scheduler, loader, extra_of(),
+                    path = _save(run_dir, step, model, optimizer, scheduler, objective, extra_of(),
                                  cfg.checkpoint.keep_last, distributed) if last_saved != step else \
                         checkpoint_dir(run_dir, step)
-                    say(f"pretrain: SIGTERM: saved checkpoint {path} (step {step}); exiting. Run the same "
+                    say(f"{label}: SIGTERM: saved checkpoint {path} (step {step}); exiting. Run the same "
                         f"command to resume.")
                     status = "preempted"
                     break
-                new_stage = cfg.stage_at(tokens_seen)
-                if new_stage.index != stage.index:
-                    stage = new_stage
-                    loader = _make_loader(cfg, data, stage, dp_rank, dp_size)
-                    _set_rope_theta(model, stage.rope_theta, device)
-                    accum = stage.grad_accum_steps(dp_size)
-                    say(f"pretrain: stage {stage.index} from {tokens_seen:,} tokens: batch "
-                        f"{stage.global_batch_tokens:,} tokens, seq_len {stage.seq_len}, "
-                        f"rope_theta {stage.rope_theta:g}, mixture {stage.mixture}")
 
                 t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
+                plan = objective.step_batches(tokens_seen, say)
+                seq_len = plan.seq_len
                 loss_sum = torch.zeros((), device=device)
-                for micro in range(accum):
-                    tokens, doc_ids = next(loader)
-                    tokens = tokens.to(device, non_blocking=True)
-                    docs = doc_ids[:, :-1].to(device, non_blocking=True) if t.document_mask else None
+                stat_sums: dict[str, Tensor] = {}
+                for micro, (batch, weight) in enumerate(plan.items):
                     if distributed:
-                        model.set_requires_gradient_sync(micro == accum - 1)
+                        model.set_requires_gradient_sync(micro == len(plan.items) - 1)
                     with autocast():
-                        if fused_loss:
-                            loss = linear_cross_entropy(model.hidden_states(tokens[:, :-1], doc_ids=docs),
-                                                        model.output.weight, tokens[:, 1:], mm_t=mm_t)
-                        else:
-                            logits = model(tokens[:, :-1], doc_ids=docs)
-                    if not fused_loss:
-                        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+                        loss, stats = objective.loss(model, batch)
                     if step + 1 in inject:
                         loss = loss * float("nan")
-                    (loss / accum).backward()
-                    loss_sum += loss.detach()
-                train_loss = all_reduce_mean(loss_sum / accum)
+                    (loss * weight).backward()
+                    loss_sum += loss.detach().float() * weight
+                    for k, v in stats.items():
+                        stat_sums[k] = stat_sums.get(k, 0.0) + v.detach().float() * weight
+                train_loss = all_reduce_mean(loss_sum)
                 if distributed:
                     grad_norm = clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
                 else:
-                    grad_norm = clip_grad_norm(model, o.grad_clip)
+                    grad_norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], o.grad_clip)
                 finite = bool(torch.isfinite(train_loss) and torch.isfinite(grad_norm))
                 if finite:
                     optimizer.step()
@@ -602,33 +699,38 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                tokens_seen += stage.global_batch_tokens
+                tokens_seen += plan.tokens
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.perf_counter() - t0
-                session_tokens += stage.global_batch_tokens
+                session_tokens += plan.tokens
                 session_time += dt
-                tok_s = stage.global_batch_tokens / dt
-                step_mfu = mfu(tok_s, flops_per_token(model.config, stage.seq_len), peak * world_size) if peak else None
+                tok_s = plan.tokens / dt
+                fpt = objective.flops_per_token(model, plan.seq_len)
+                step_mfu = mfu(tok_s, fpt, peak * world_size) if (peak and fpt) else None
                 last_loss = float(train_loss) if finite else last_loss
 
-                val_loss = None
-                if data.val is not None and cfg.eval.every and cfg.eval.batches and \
-                        (step % cfg.eval.every == 0 or step == t.total_steps):
-                    val_loss = last_val = _evaluate(model, data, stage, cfg, device, autocast, dp_rank, dp_size)
+                val = None
+                if cfg.eval.every and cfg.eval.batches and (step % cfg.eval.every == 0 or step == total_steps):
+                    val = objective.evaluate(model, autocast)
+                    if val:
+                        last_eval = val
+                        last_val = val.get("val_loss", last_val)
 
                 if metrics is not None:
                     record: dict[str, Any] = {
                         "loss": float(train_loss), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
-                        "mfu": step_mfu, "tokens_seen": tokens_seen, "stage": stage.index,
+                        "mfu": step_mfu, "tokens_seen": tokens_seen, **objective.checkpoint_extra(model),
                         "skipped_nonfinite": skipped, "rss_mb": round(_rss_mb(), 1)}
+                    record.pop("rope_theta", None)
+                    record.update({k: float(v) for k, v in stat_sums.items()})
                     if device.type == "cuda":
                         record["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-                    if val_loss is not None:
-                        record["val_loss"] = val_loss
+                    if val:
+                        record.update(val)
                     metrics.log(step, **record)
                 bar.update(1)
-                if step % t.log_every == 0 or step == t.total_steps or val_loss is not None:
+                if step % t.log_every == 0 or step == total_steps or val:
                     text = f"loss {last_loss:.3f}"
                     if not math.isnan(last_val):
                         text += f" val {last_val:.3f}"
@@ -638,7 +740,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                     bar.set_postfix_str(text)
 
                 if not finite:
-                    say(f"pretrain: step {step}: non-finite loss ({float(train_loss)}) or gradient norm "
+                    say(f"{label}: step {step}: non-finite loss ({float(train_loss)}) or gradient norm "
                         f"({float(grad_norm)}); update skipped ({in_a_row} in a row, {skipped} in all)")
                     if t.max_nonfinite_steps and in_a_row >= t.max_nonfinite_steps:
                         last = latest_checkpoint(run_dir)
@@ -647,19 +749,19 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
                             f"in a row (train.max_nonfinite_steps = {t.max_nonfinite_steps}); the last good checkpoint "
                             f"is {last if last is not None else 'none (nothing saved yet)'}, left intact; lower "
                             f"optim.lr or check the data, then run again to resume from it")
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < t.total_steps \
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps \
                         and in_a_row == 0:
-                    _save(run_dir, step, model, optimizer, scheduler, loader, extra_of(), cfg.checkpoint.keep_last,
+                    _save(run_dir, step, model, optimizer, scheduler, objective, extra_of(), cfg.checkpoint.keep_last,
                           distributed)
                     last_saved = step
 
             final = None
             if status != "preempted":
                 if last_saved != step and (resume_from is None or step != start_step):
-                    _save(run_dir, step, model, optimizer, scheduler, loader, extra_of(), cfg.checkpoint.keep_last,
+                    _save(run_dir, step, model, optimizer, scheduler, objective, extra_of(), cfg.checkpoint.keep_last,
                           distributed)
                 if status == "completed" or not (run_dir / "final").exists():
-                    final = _export_final(run_dir, model, data.tokenizer_path, distributed)
+                    final = objective.export(run_dir, model, distributed)
                 else:
                     final = run_dir / "final"
     finally:
@@ -668,24 +770,34 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
             metrics.close()
 
     tok_s = session_tokens / session_time if session_time else None
-    fpt = flops_per_token(model.config, stage.seq_len)
+    fpt = objective.flops_per_token(model, seq_len)
     summary: dict[str, Any] = {
-        "status": status, "run_dir": str(run_dir), "steps": step, "start_step": start_step,
-        "tokens_seen": tokens_seen, "n_params": n_params, "train_loss": last_loss,
-        "val_loss": last_val if not math.isnan(last_val) else None, "unigram_entropy": data.unigram,
-        "tokens_per_s": tok_s, "mfu": mfu(tok_s, fpt, peak * world_size) if (tok_s and peak) else None,
+        "objective": label, "status": status, "run_dir": str(run_dir), "steps": step, "start_step": start_step,
+        "tokens_seen": tokens_seen, "n_params": n_params, "n_trainable": n_trainable, "train_loss": last_loss,
+        "val_loss": last_val if not math.isnan(last_val) else None,
+        **{k: v for k, v in last_eval.items() if k != "val_loss"},
+        "tokens_per_s": tok_s, "mfu": mfu(tok_s, fpt, peak * world_size) if (tok_s and peak and fpt) else None,
         "peak_flops": peak_name, "skipped_nonfinite": skipped, "wall_s": time.perf_counter() - wall0,
         "final": str(final) if final is not None else None, "world_size": world_size,
     }
+    if start_eval:
+        summary["before"] = start_eval
+    summary.update(objective.summary())
     return summary
 
 
 def format_summary(s: dict[str, Any]) -> str:
     """The summary as a few lines for a person."""
-    lines = [f"pretrain: {s['status']} at step {s['steps']} ({s['tokens_seen']:,} tokens) in {s['wall_s']:.0f} s"]
+    label = s.get("objective", "pretrain")
+    lines = [f"{label}: {s['status']} at step {s['steps']} ({s['tokens_seen']:,} tokens) in {s['wall_s']:.0f} s"]
     figs = [f"train loss {s['train_loss']:.4f}"]
     if s.get("val_loss") is not None:
         figs.append(f"val loss {s['val_loss']:.4f}")
+    for k, v in s.items():
+        if k.startswith("val_") and k != "val_loss" and isinstance(v, float):
+            figs.append(f"{k[4:].replace('_', ' ')} {v:.4f} (held out)")
+    if s.get("before"):
+        figs.append("before training: " + ", ".join(f"{k[4:].replace('_', ' ')} {v:.4f}" for k, v in s["before"].items()))
     if s.get("unigram_entropy") is not None:
         figs.append(f"unigram baseline {s['unigram_entropy']:.4f} (val tokens' entropy, nats)")
     lines.append("  " + ", ".join(figs))
@@ -696,6 +808,8 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(perf)
     if s.get("skipped_nonfinite"):
         lines.append(f"  {s['skipped_nonfinite']} step(s) skipped for non-finite loss or gradients")
+    for line in s.get("notes", []):
+        lines.append(f"  {line}")
     if s.get("final"):
         lines.append(f"  final model: {s['final']}  (llamalab generate --model {s['final']} \"...\")")
     return "\n".join(lines)

@@ -138,8 +138,8 @@ class MetricsWriter:
 
 
 def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Draw ``loss.png`` (``loss`` and ``val_loss`` against step) and ``lr.png`` (``lr``) from
-    ``metrics.jsonl``, into ``out_dir`` (default: ``run_dir/plots``); returns the files written.
+    """Draw ``loss.png`` (``loss`` and ``val_loss`` against step), ``lr.png`` (``lr``) and, for DPO
+    runs, ``reward_accuracy.png`` and ``reward_margin.png`` (train and held out) from ``metrics.jsonl``, into ``out_dir`` (default: ``run_dir/plots``); returns the files written.
     A plot whose metrics never appear is skipped."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
@@ -156,8 +156,13 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
         return [p[0] for p in pts], [p[1] for p in pts]
 
     written = []
-    for name, keys, ylabel in [("loss", [("loss", "train"), ("val_loss", "validation")], "cross-entropy (nats)"),
-                               ("lr", [("lr", "learning rate")], "learning rate")]:
+    for name, keys, ylabel in [("loss", [("loss", "train"), ("val_loss", "validation")], "loss (nats)"),
+                               ("lr", [("lr", "learning rate")], "learning rate"),
+                               # DPO runs (finetune/objectives.py): the implicit rewards' accuracy and margin
+                               ("reward_accuracy", [("reward_accuracy", "train"),
+                                                    ("val_reward_accuracy", "held out")], "chosen > rejected"),
+                               ("reward_margin", [("reward_margin", "train"), ("val_reward_margin", "held out")],
+                                "reward margin (chosen - rejected)")]:
         lines = [(series(k), label) for k, label in keys]
         if not any(xs for (xs, _), _ in lines):
             continue
@@ -165,7 +170,8 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
         ax = fig.add_subplot()
         for (xs, ys), label in lines:
             if xs:
-                ax.plot(xs, ys, label=label, marker="o" if label == "validation" else None, markersize=3)
+                ax.plot(xs, ys, label=label, marker="o" if label in ("validation", "held out") else None,
+                        markersize=3)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{Path(run_dir).name}: {name}")

@@ -105,9 +105,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(run_dir: str | os.PathLike[str], step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None, scheduler: Any | None,
-                    loader_state: dict[str, Any], extra: dict[str, Any], keep_last: int) -> Path:
+                    loader_state: dict[str, Any], extra: dict[str, Any], keep_last: int, *,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step:06d}`` atomically, then keep the newest ``keep_last``
     complete checkpoints (0: keep all). Returns the directory.
+
+    ``weights``: what to store instead of the whole model's state dict (a LoRA run stores only
+    its adapters); the manifest then says ``"partial": true``.
 
     ``loader_state`` may hold tensors and plain Python values; ``extra`` (the run config, counters)
     must be JSON-serialisable. Saving a step that already exists replaces it.
@@ -118,8 +122,9 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, model: nn.Module
         extra_json = json.dumps({"step": step, "time": time.time(), "extra": extra}, indent=2)
     except TypeError as e:
         raise TypeError(f"save_checkpoint: extra must be JSON-serialisable ({e})") from None
-    state_dict = model.state_dict()
-    if config is not None and config.tie_embeddings:
+    partial = weights is not None
+    state_dict = dict(weights) if partial else model.state_dict()
+    if config is not None and config.tie_embeddings and not partial:
         state_dict.pop("output.weight", None)  # stored once, as tok_embeddings.weight
     state_dict = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     trainer = {"scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -134,7 +139,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, model: nn.Module
         write_safetensors(state_dict, tmp)
         manifest = {"format": "llamalab", "format_version": FORMAT_VERSION,
                     "config": config.to_dict() if config is not None else None, "tokenizer": None,
-                    "source": {"format": "llamalab-train", "step": step}}
+                    "source": {"format": "llamalab-train", "step": step}, "partial": partial}
         (tmp / NATIVE_CONFIG).write_text(json.dumps(manifest, indent=2) + "\n")
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -149,9 +154,11 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, model: nn.Module
 
 
 def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler: Any | None = None, *, restore_rng: bool = True) -> tuple[int, dict[str, Any], dict]:
+                    scheduler: Any | None = None, *, restore_rng: bool = True,
+                    apply_weights: Any | None = None) -> tuple[int, dict[str, Any], dict]:
     """Restore a checkpoint into ``model`` (and ``optimizer``, ``scheduler`` when given) and the
-    global RNG states; returns ``(step, loader_state, extra)``."""
+    global RNG states; returns ``(step, loader_state, extra)``. ``apply_weights(model, weights,
+    source)`` puts the stored weights into the model (default: a strict ``load_state_dict``)."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"{path}: not a complete training checkpoint (no {STATE_FILE})")
@@ -162,8 +169,11 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module, optimizer: t
     if config is not None and config.tie_embeddings and "tok_embeddings.weight" in weights:
         weights.setdefault("output.weight", weights["tok_embeddings.weight"])
     try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
+        if apply_weights is not None:
+            apply_weights(model, weights, str(path))
+        else:
+            model.load_state_dict(weights, strict=True)
+    except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
     if optimizer is not None:
         if not (path / "optimizer.pt").is_file():

@@ -1,0 +1,505 @@
+"""SFT and DPO as objectives of the one training loop (``train/loop.py: run``).
+
+The loop brings the optimizer, schedule, precision, accumulation, clipping, metrics, atomic
+checkpoints, resume and SIGTERM handling; this module brings the data (``finetune/data.py``),
+the model started from a checkpoint (optionally with LoRA adapters, ``finetune/lora.py``) and
+the losses:
+
+- **SFT** (Llama 2 §3.1): next-token cross-entropy on the assistant tokens only (the prompt's loss
+  is zeroed), summed over a step's loss tokens and divided by their count, so a micro-batch's
+  share of the step is its share of the loss tokens. Samples are packed (document mask,
+  positions restarting per sample) or padded one per row.
+- **DPO** (Rafailov et al. 2023; Llama 3 §4.1.4)::
+
+      loss = -log sigmoid(beta * [(log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r))])
+             + nll_weight * NLL(y_c)
+
+  with log pi(y) summed over the response tokens (formatting tokens masked out of both sides
+  when ``dpo.mask_formatting``), beta 0.1 and nll_weight 0.2 (Llama 3), the NLL being the mean
+  per-token cross-entropy of the chosen responses (as TRL's ``rpo_alpha`` term). The reference
+  log-probs are computed once with the starting weights and kept in ``run_dir`` ("cached"), or
+  per batch with the LoRA adapters switched off ("adapters-off"). Logged: the implicit rewards
+  ``beta (log pi - log pi_ref)`` of each side, their margin and the reward accuracy (chosen >
+  rejected), on training batches and on held-out pairs.
+
+Fine-tuning runs in one process for now (FSDP2 fine-tuning: to come).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from contextlib import nullcontext
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llamalab.finetune.data import (
+    IGNORE_INDEX,
+    Batch,
+    DataSummary,
+    PreferenceSample,
+    Row,
+    Sample,
+    collate,
+    collate_preferences,
+    load_preference_samples,
+    load_sft_samples,
+    pack,
+    packing_efficiency,
+    pad_id_for,
+    sample_rows,
+)
+from llamalab.finetune.lora import (
+    LoRAConfig,
+    adapter_state_dict,
+    adapters_disabled,
+    apply_lora,
+    effective_weight,
+    load_adapter_state_dict,
+    merge_lora,
+    save_adapter,
+)
+from llamalab.train.config import ConfigError, TrainConfig
+from llamalab.train.loss import linear_cross_entropy
+from llamalab.train.metrics import flops_per_token
+from llamalab.train.objective import Objective, StepBatches
+
+__all__ = ["DPOObjective", "REFERENCE_FILE", "SFTObjective", "dpo_loss", "finetune", "sequence_logps"]
+
+REFERENCE_FILE = "reference_logps.pt"
+
+
+# ---------------------------------------------------------------- the losses
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row: the summed log-probability of its labelled targets and how many there are.
+
+    ``logits`` (B, S, V) predict ``labels`` (B, S), already shifted (``labels[:, t]`` is the
+    target of position t; -100 where nothing is counted). Returns ``(logps (B,), counts (B,))``
+    in fp32 at least.
+    """
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    nll = nll.view(labels.shape)
+    return -nll.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+             beta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO's sigmoid loss per pair and the implicit rewards ``beta (log pi - log pi_ref)`` of each side.
+
+    Arguments are (B,) summed log-probabilities of the chosen and rejected responses under the
+    policy and the reference. Returns ``(losses (B,), chosen_rewards (B,), rejected_rewards (B,))``;
+    the rewards are detached (figures, not part of the graph).
+    """
+    logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    losses = -F.logsigmoid(beta * logits)
+    return losses, (beta * (policy_chosen - ref_chosen)).detach(), (beta * (policy_rejected - ref_rejected)).detach()
+
+
+# ---------------------------------------------------------------- shared set-up
+
+
+def _expand(patterns: Sequence[str], key: str) -> list[Path]:
+    out: list[Path] = []
+    for pat in patterns:
+        found = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
+        if not found or not all(Path(f).is_file() for f in found):
+            raise ConfigError(f"{key}: {pat!r}: no such file; expected JSONL ({'a glob matched nothing' if glob.has_magic(pat) else 'check the path'})")
+        out += [Path(f) for f in found]
+    return out
+
+
+def _split(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Hold out ``fraction`` of ``items`` (seeded): (train, val)."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = max(1, int(round(fraction * len(items))))
+    val = set(order[:n_val].tolist())
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+class _Finetune(Objective):
+    """What SFT and DPO share: the checkpoint, tokenizer, data split, row order, LoRA and export."""
+
+    def __init__(self, cfg: TrainConfig, world_size: int = 1) -> None:
+        if world_size > 1:
+            raise ConfigError("finetune: runs in one process for now (FSDP2 fine-tuning is not implemented); "
+                              "run it without torchrun")
+        if not cfg.model.checkpoint:
+            raise ConfigError("model.checkpoint: fine-tuning starts from a checkpoint; set model.checkpoint = "
+                              "\"PATH\" (or a registered name such as smollm2-135m-instruct)")
+        if not cfg.finetune.train_data:
+            raise ConfigError("finetune.train_data: no training data; list JSONL files (or globs)")
+        from llamalab.checkpoint import read_checkpoint
+
+        self.cfg = cfg
+        self.ckpt = read_checkpoint(cfg.model.checkpoint)
+        if cfg.model.overrides:
+            self.ckpt.config = self.ckpt.config.replace(**cfg.model.overrides)
+        self.tokenizer = self.ckpt.tokenizer
+        if self.tokenizer is None:
+            raise ConfigError(f"model.checkpoint={cfg.model.checkpoint!r}: has no tokenizer; fine-tuning renders "
+                              f"conversations with the checkpoint's own tokenizer and chat format")
+        self.fmt = None if cfg.finetune.chat_format == "auto" else cfg.finetune.chat_format
+        self.pad_id = pad_id_for(self.tokenizer)
+        self.seq_len = cfg.train.seq_len
+        self.rows_per_step = cfg.train.global_batch_tokens // cfg.train.seq_len
+        self.micro = cfg.train.micro_batch_size
+        self.lora = LoRAConfig(**asdict(cfg.lora)) if cfg.finetune.lora else None
+        self.consumed = 0  # rows (SFT) or pairs (DPO) taken so far, over all epochs
+        self.notes: list[str] = []
+        self._load_data()
+        if not self.n_units:
+            raise ConfigError(f"finetune.train_data: no usable records in {', '.join(map(str, self.train_files))} "
+                              f"(see the set-aside summary above)")
+        self.total_units = max(1, int(round(cfg.finetune.epochs * self.n_units)))
+        steps = math.ceil(self.total_units / self.rows_per_step)
+        self._total_steps = min(steps, cfg.finetune.max_steps) if cfg.finetune.max_steps else steps
+        self._check_vocab()
+
+    # -- data
+    def _load_data(self) -> None:
+        raise NotImplementedError
+
+    def _check_vocab(self) -> None:
+        vocab = self.ckpt.config.vocab_size
+        if self.tokenizer.vocab_size > vocab:
+            raise ConfigError(f"model.checkpoint: the tokenizer has {self.tokenizer.vocab_size} ids but the model "
+                              f"{vocab}")
+
+    def _summaries(self, kind: str, train: DataSummary, val: DataSummary | None) -> None:
+        say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731 - before the loop's bar exists
+        say(f"{self.name}: {kind} {', '.join(train.files)}: " + train.format().replace("\n", "\n    "))
+        if val is not None:
+            say(f"{self.name}: held out {', '.join(val.files)}: " + val.format().replace("\n", "\n    "))
+        self.data_summary = {"train": train.to_dict(), "val": val.to_dict() if val is not None else None}
+
+    @property
+    def total_steps(self) -> int:
+        return self._total_steps
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = self.n_units
+        if not self.cfg.finetune.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+
+    def _next_units(self) -> list[int]:
+        """The indices of the next step's rows (or pairs), epoch after epoch, seeded."""
+        take = min(self.rows_per_step, self.total_units - self.consumed)
+        if take <= 0:  # max_steps beyond the epochs cannot happen (steps are capped), but stay safe
+            take = self.rows_per_step
+        out = []
+        for k in range(self.consumed, self.consumed + take):
+            epoch, j = divmod(k, self.n_units)
+            if j == 0 or not hasattr(self, "_perm") or self._perm_epoch != epoch:
+                self._perm, self._perm_epoch = self._order(epoch), epoch
+            out.append(int(self._perm[j]))
+        self.consumed += take
+        return out
+
+    def data_state(self) -> dict[str, Any]:
+        return {"consumed": self.consumed}
+
+    def load_data_state(self, state: dict[str, Any] | None, extra: dict[str, Any]) -> None:
+        self.consumed = int((state or {}).get("consumed", 0))
+
+    # -- model
+    def build_model(self, device: torch.device, precision: str, mesh: Any) -> nn.Module:
+        from llamalab.checkpoint.base import build_model
+        from llamalab.train.parallelize import parallelize
+
+        model = build_model(self.ckpt, dtype=torch.float32, device=device)
+        model.train()
+        if self.lora is not None:
+            apply_lora(model, self.lora)
+        t = self.cfg.train
+        if t.activation_checkpointing != "none" or t.compile:
+            parallelize(model, None, dp_shard=False, activation_checkpointing=t.activation_checkpointing,
+                        compile=t.compile)
+        self.device = device
+        return model
+
+    def checkpoint_weights(self, model: nn.Module) -> dict[str, Tensor] | None:
+        return adapter_state_dict(model) if self.lora is not None else None
+
+    def load_weights(self, model: nn.Module, weights: dict[str, Tensor], source: str) -> None:
+        if self.lora is not None:
+            load_adapter_state_dict(model, weights, source=source)
+        else:
+            model.load_state_dict(weights, strict=True)
+
+    def flops_per_token(self, model: nn.Module, seq_len: int) -> float | None:
+        full = flops_per_token(model.config, seq_len)
+        # LoRA: no weight gradients for the frozen matrices, so about forward + input gradients (4N of 6N).
+        return full * 2 / 3 if self.lora is not None else full
+
+    def export(self, run_dir: Path, model: nn.Module, distributed: bool) -> Path | None:
+        from llamalab.train.loop import export_native
+
+        if self.lora is not None:
+            adapter = save_adapter(model, run_dir / "adapter", base=self.cfg.model.checkpoint)
+            self.notes.append(f"LoRA adapter: {adapter} (llamalab merge-lora --base {self.cfg.model.checkpoint} "
+                              f"--adapter {adapter} --out DIR)")
+            merge_lora(model)  # the run is over: final/ is the merged model, ready to generate
+        return export_native(run_dir, model, self.tokenizer, distributed, source_format=f"llamalab-{self.name}")
+
+    def summary(self) -> dict[str, Any]:
+        return {"data": self.data_summary, "notes": self.notes, "lora": self.lora.to_dict() if self.lora else None}
+
+
+# ---------------------------------------------------------------- SFT
+
+
+class SFTObjective(_Finetune):
+    """Supervised fine-tuning on conversations, the loss on assistant tokens only (see the module doc)."""
+
+    name = "sft"
+
+    def _load_data(self) -> None:
+        f = self.cfg.finetune
+        self.train_files = _expand(f.train_data, "finetune.train_data")
+        kw = dict(fmt=self.fmt, train_on=f.train_on, max_len=self.seq_len)
+        samples, summary = load_sft_samples(self.train_files, self.tokenizer, **kw)
+        val_summary = None
+        if f.val_data:
+            val, val_summary = load_sft_samples(_expand(f.val_data, "finetune.val_data"), self.tokenizer, **kw)
+        else:
+            samples, val = _split(samples, f.val_fraction, self.cfg.seed)
+        self._summaries("training data", summary, val_summary)
+        self.packed_from: list[list[Sample]] = []
+        self.rows = self._rows(samples, f.packing)
+        self.val_rows = self._rows(val, f.packing)
+        self.n_units = len(self.rows)
+        self.packed = f.packing
+        self._eff = packing_efficiency(self.rows, self.seq_len)
+        self._n = (len(samples), len(val))
+
+    def describe(self) -> list[str]:
+        return [f"sft: {self._n[0]:,} training samples -> {len(self.rows):,} rows of <= {self.seq_len} tokens "
+                f"({'packed' if self.packed else 'one sample a row'}; {self._eff:.1%} of the slots real tokens at "
+                f"seq_len), {self._n[1]:,} held out; {self.rows_per_step} rows a step, {self._total_steps} steps, "
+                f"loss on {self.cfg.finetune.train_on} turns"]
+
+    def _rows(self, samples: list[Sample], packing: bool) -> list[Row]:
+        if not samples:
+            return []
+        if packing:
+            order = np.random.default_rng(self.cfg.seed).permutation(len(samples)) if self.cfg.finetune.shuffle \
+                else np.arange(len(samples))
+            ordered = [samples[i] for i in order]
+            self.packed_from.append(ordered)  # [train, val]: what each Row.samples indexes
+            return pack(ordered, self.seq_len)
+        self.packed_from.append(samples)
+        return sample_rows(samples)
+
+    def _collate(self, rows: list[Row]) -> Batch:
+        return collate(rows, pad_id=self.pad_id)
+
+    def step_batches(self, tokens_seen: int, say: Callable[[str], None]) -> StepBatches:
+        idx = self._next_units()
+        batches = [self._collate([self.rows[i] for i in idx[k:k + self.micro]]) for k in range(0, len(idx), self.micro)]
+        counts = [b.n_loss_tokens for b in batches]
+        total = max(sum(counts), 1)
+        return StepBatches([(b, c / total) for b, c in zip(batches, counts)], sum(b.n_real for b in batches),
+                           self.seq_len)
+
+    def _forward_loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        dev = self.device
+        tokens = batch.tokens.to(dev)
+        kw: dict[str, Any] = {}
+        if self.packed:  # several samples a row: each attends to itself only, positions restart
+            kw = {"input_pos": batch.input_pos.to(dev), "doc_ids": batch.doc_ids.to(dev)}
+        labels = batch.labels.to(dev)
+        head = model.output
+        if self.lora is not None and self.lora.dropout and hasattr(head, "_lora_handle"):
+            return F.cross_entropy(model(tokens, **kw).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        h = model.hidden_states(tokens, **kw)
+        # The fused head + loss uses the head's weight, not its module: fold an adapter on it in.
+        return linear_cross_entropy(h, effective_weight(head), labels)
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        return self._forward_loss(model, batch), {}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float] | None:
+        if not self.val_rows:
+            return None
+        model.eval()
+        total, count = 0.0, 0
+        limit = self.cfg.eval.batches * self.micro
+        for k in range(0, min(len(self.val_rows), limit), self.micro):
+            batch = self._collate(self.val_rows[k:k + self.micro])
+            with autocast():
+                loss = self._forward_loss(model, batch)
+            total += float(loss) * batch.n_loss_tokens
+            count += batch.n_loss_tokens
+        model.train()
+        return {"val_loss": total / max(count, 1)}
+
+
+# ---------------------------------------------------------------- DPO
+
+
+class DPOObjective(_Finetune):
+    """Direct preference optimisation with Llama 3's NLL term and masks (see the module doc)."""
+
+    name = "dpo"
+
+    def _load_data(self) -> None:
+        f = self.cfg.finetune
+        self.train_files = _expand(f.train_data, "finetune.train_data")
+        pairs, summary = load_preference_samples(self.train_files, self.tokenizer, fmt=self.fmt, max_len=self.seq_len)
+        val_summary = None
+        if f.val_data:
+            val, val_summary = load_preference_samples(_expand(f.val_data, "finetune.val_data"), self.tokenizer,
+                                                       fmt=self.fmt, max_len=self.seq_len)
+        else:
+            pairs, val = _split(pairs, f.val_fraction, self.cfg.seed)
+        self._summaries("preference pairs", summary, val_summary)
+        self.pairs: list[PreferenceSample] = pairs
+        self.val_pairs: list[PreferenceSample] = val
+        self.n_units = len(pairs)
+        d = self.cfg.dpo
+        self.reference = d.reference if d.reference != "auto" else ("adapters-off" if self.lora else "cached")
+        self.ref: dict[str, Tensor] | None = None
+
+    def describe(self) -> list[str]:
+        d = self.cfg.dpo
+        return [f"dpo: {len(self.pairs):,} training pairs, {len(self.val_pairs):,} held out; {self.rows_per_step} "
+                f"pairs a step, {self._total_steps} steps; beta {d.beta}, NLL weight {d.nll_weight}, formatting "
+                f"tokens {'masked' if d.mask_formatting else 'kept'}; reference log-probs: {self.reference}"]
+
+    def _collate(self, idx: list[int], pairs: list[PreferenceSample]) -> dict[str, Any]:
+        b = collate_preferences([pairs[i] for i in idx], pad_id=self.pad_id)
+        labels = torch.cat([b.chosen.labels, b.rejected.labels])
+        if self.cfg.dpo.mask_formatting:
+            labels = labels.masked_fill(torch.cat([b.chosen.label_formatting, b.rejected.label_formatting]),
+                                        IGNORE_INDEX)
+        return {"tokens": torch.cat([b.chosen.tokens, b.rejected.tokens]), "labels": labels, "idx": idx,
+                "n_real": b.chosen.n_real + b.rejected.n_real}
+
+    def _logps(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        logits = model(batch["tokens"].to(self.device))
+        return sequence_logps(logits, batch["labels"].to(self.device))
+
+    @torch.no_grad()
+    def _reference(self, model: nn.Module, pairs: list[PreferenceSample]) -> Tensor:
+        """(N, 2) reference log-probs [chosen, rejected] of ``pairs`` with the model as it is now."""
+        was = model.training
+        model.eval()
+        out = torch.empty(len(pairs), 2, dtype=torch.float64)
+        for k in range(0, len(pairs), self.micro):
+            idx = list(range(k, min(k + self.micro, len(pairs))))
+            logps, _ = self._logps(model, self._collate(idx, pairs))
+            n = len(idx)
+            out[k:k + n, 0], out[k:k + n, 1] = logps[:n].double().cpu(), logps[n:].double().cpu()
+        model.train(was)
+        return out
+
+    def start(self, model: nn.Module, device: torch.device, tokens_seen: int, dp_rank: int, dp_size: int,
+              extra: dict[str, Any], autocast: Callable[[], Any] | None = None) -> None:
+        self.model = model
+        if self.reference != "cached":
+            return
+        path = Path(self.cfg.run_dir) / REFERENCE_FILE
+        if path.is_file():
+            self.ref = torch.load(path, map_location="cpu", weights_only=True)
+            if self.ref["train"].shape[0] != len(self.pairs) or self.ref["val"].shape[0] != len(self.val_pairs):
+                raise ConfigError(f"{path}: reference log-probs for {self.ref['train'].shape[0]} + "
+                                  f"{self.ref['val'].shape[0]} pairs, the data has {len(self.pairs)} + "
+                                  f"{len(self.val_pairs)}; the data changed since this run began (use a new run_dir)")
+            return
+        if self.consumed:
+            raise ConfigError(f"{path}: missing, but the run has trained (the reference log-probs need the starting "
+                              f"weights); start a new run_dir")
+        print(f"dpo: reference log-probs of {len(self.pairs) + len(self.val_pairs):,} pairs with the starting "
+              f"weights -> {path}", file=sys.stderr, flush=True)
+        # In the precision the policy runs in, so that step 1's policy and reference agree exactly.
+        with adapters_disabled(model) if self.lora is not None else nullcontext(), (autocast or nullcontext)():
+            self.ref = {"train": self._reference(model, self.pairs), "val": self._reference(model, self.val_pairs)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(self.ref, tmp)
+        os.replace(tmp, path)
+
+    def step_batches(self, tokens_seen: int, say: Callable[[str], None]) -> StepBatches:
+        idx = self._next_units()
+        items = [self._collate(idx[k:k + self.micro], self.pairs) for k in range(0, len(idx), self.micro)]
+        for it in items:
+            it["split"] = "train"
+        return StepBatches([(b, len(b["idx"]) / len(idx)) for b in items], sum(b["n_real"] for b in items),
+                           self.seq_len)
+
+    def _ref_logps(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        if self.reference == "cached":
+            r = self.ref[batch["split"]][batch["idx"]]
+            return r[:, 0].to(self.device, torch.float32), r[:, 1].to(self.device, torch.float32)
+        with torch.no_grad(), adapters_disabled(model):
+            logps, _ = self._logps(model, batch)
+        n = len(batch["idx"])
+        return logps[:n].float(), logps[n:].float()
+
+    def _loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        d = self.cfg.dpo
+        n = len(batch["idx"])
+        ref_c, ref_r = self._ref_logps(model, batch)
+        logps, counts = self._logps(model, batch)
+        losses, r_c, r_r = dpo_loss(logps[:n], logps[n:], ref_c, ref_r, beta=d.beta)
+        nll = -logps[:n].sum() / counts[:n].sum().clamp(min=1)
+        loss = losses.mean() + d.nll_weight * nll
+        stats = {"dpo_loss": losses.mean().detach(), "nll": nll.detach(), "reward_chosen": r_c.mean(),
+                 "reward_rejected": r_r.mean(), "reward_margin": (r_c - r_r).mean(),
+                 "reward_accuracy": (r_c > r_r).float().mean()}
+        return loss, stats
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self._loss(model, batch)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float] | None:
+        if not self.val_pairs:
+            return None
+        model.eval()
+        sums: dict[str, float] = {}
+        n_total = 0
+        limit = min(len(self.val_pairs), self.cfg.eval.batches * self.micro)
+        for k in range(0, limit, self.micro):
+            batch = self._collate(list(range(k, min(k + self.micro, limit))), self.val_pairs)
+            batch["split"] = "val"
+            with autocast():
+                loss, stats = self._loss(model, batch)
+            n = len(batch["idx"])
+            n_total += n
+            for key, v in {"loss": loss, **stats}.items():
+                sums[key] = sums.get(key, 0.0) + float(v) * n
+        model.train()
+        return {f"val_{k}": v / n_total for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------- entry point
+
+OBJECTIVES: dict[str, type[_Finetune]] = {"sft": SFTObjective, "dpo": DPOObjective}
+
+
+def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the fine-tuning run ``cfg`` (``finetune.method`` = "sft" or "dpo") with the
+    training loop; returns its summary. ConfigError before any compute for bad config or data."""
+    from llamalab.train.loop import run
+    from llamalab.train.parallelize import init_distributed
+
+    _rank, world_size, _local = init_distributed()
+    cfg.validate(world_size)
+    objective = OBJECTIVES[cfg.finetune.method](cfg, world_size)
+    return run(cfg, objective, progress=progress)
