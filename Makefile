@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-m 'not slow'" (the suite runs serially: ~10 min on 2 cores).
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo dpo-demo
+.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo sft-full-demo dpo-demo finetune-eval
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -121,10 +121,24 @@ sft-demo: data/sft/chatterbot.jsonl
 	$(VENV)/bin/llamalab plot runs/cpu-sft-lora
 	$(VENV)/bin/llamalab generate --model runs/cpu-sft-lora/final --chat --max-new-tokens 40 "What is AI?"
 
+sft-full-demo: data/sft/chatterbot.jsonl
+	rm -rf runs/cpu-sft-full
+	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-sft-full.toml
+	$(VENV)/bin/llamalab plot runs/cpu-sft-full
+
 dpo-demo: data/dpo/code-train.jsonl
 	rm -rf runs/cpu-dpo-lora
 	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-dpo-lora.toml
 	$(VENV)/bin/llamalab plot runs/cpu-dpo-lora
+
+# A task score before and after the demos (ARC-Easy, 570 questions, scored by log-likelihood).
+finetune-eval:
+	mkdir -p runs/eval
+	$(VENV)/bin/llamalab eval --model smollm2-135m-instruct --tasks arc_easy --out runs/eval/base.json
+	$(VENV)/bin/llamalab eval --model runs/cpu-sft-lora/final --tasks arc_easy --out runs/eval/sft.json
+	$(VENV)/bin/llamalab eval --model runs/cpu-dpo-lora/final --tasks arc_easy --out runs/eval/dpo.json
+	$(VENV)/bin/llamalab eval compare runs/eval/base.json runs/eval/sft.json
+	$(VENV)/bin/llamalab eval compare runs/eval/base.json runs/eval/dpo.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

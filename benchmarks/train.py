@@ -45,9 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -190,14 +188,9 @@ def child(spec: dict) -> dict:
 
 def run_child(spec: dict) -> dict:
     """One measurement in a fresh process."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(THREADS),
-           "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from harness import run_child as run
+
+    return run(__file__, spec, threads=THREADS)
 
 
 def main() -> None:

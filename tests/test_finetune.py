@@ -332,6 +332,64 @@ def test_dpo_objective_against_the_formula_on_transformers_log_probs(base: Path,
     assert math.isclose(float(stats["reward_accuracy"]), acc)
 
 
+def _trl_dpo_trainer(tmp: Path, model: Any, ref_model: Any, *, beta: float, nll_weight: float) -> Any:
+    """TRL's DPOTrainer over ``model`` / ``ref_model`` (HF), for its loss code; the dataset and
+    tokenizer are placeholders (the test feeds its own token ids to ``_compute_loss``)."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    words = ["a", "b", "c", "<pad>", "<eos>"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    ds = datasets.Dataset.from_list([{"prompt": "a b", "chosen": " c", "rejected": " b"}] * 2)
+    args = trl.DPOConfig(output_dir=str(tmp / "trl"), beta=beta, loss_type=["sigmoid", "sft"],
+                         loss_weights=[1.0, nll_weight], report_to=[], use_cpu=True, per_device_train_batch_size=2,
+                         dataset_num_proc=None)
+    return trl.DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=ds, processing_class=hf_tok)
+
+
+def test_dpo_loss_and_gradients_equal_trls(base: Path, dpo_data: Path, tmp_path: Path) -> None:
+    """Our DPO objective (sigmoid loss + 0.2 NLL of the chosen, formatting tokens masked) against
+    TRL's ``DPOTrainer`` loss code (``loss_type=["sigmoid", "sft"]``, ``loss_weights=[1, 0.2]``)
+    on the same token ids, completion masks and weights: the loss and every weight's gradient."""
+    from llamalab.checkpoint.convert import meta_state_dict_to_hf
+
+    cfg = load_config(_run_file(tmp_path, base, dpo_data, "dpo", lora=False), ["dpo.reference=cached"])
+    obj = DPOObjective(cfg)
+    model = obj.build_model(torch.device("cpu"), "fp32", None)
+    obj.start(model, torch.device("cpu"), 0, 0, 1, {})
+    with torch.no_grad():  # policy != reference, so the log-ratios and the DPO gradient are not trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    batch = obj.step_batches(0, print).items[0][0]
+    hf_dir = tmp_path / "hf"
+    write_checkpoint(Checkpoint(config=model.config, state_dict=model.state_dict(), tokenizer=obj.tokenizer,
+                                format="test", path=tmp_path), hf_dir, to="hf")
+    policy, reference = _hf_from(hf_dir).train(), _hf_from(_hf_dir_of_base(base, tmp_path))
+    trainer = _trl_dpo_trainer(tmp_path, policy, reference, beta=cfg.dpo.beta, nll_weight=cfg.dpo.nll_weight)
+
+    model.train()
+    loss, _ = obj.loss(model, batch)
+    loss.backward()
+    # TRL's completion_mask marks the tokens that are scored; our labels[:, t] is the target of position t.
+    tokens, labels = batch["tokens"], batch["labels"]
+    completion = torch.zeros_like(tokens)
+    completion[:, 1:] = (labels[:, :-1] != IGNORE_INDEX).long()
+    inputs = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "completion_mask": completion}
+    trl_loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    trl_loss.backward()
+    assert math.isclose(float(loss), float(trl_loss), rel_tol=1e-4), (float(loss), float(trl_loss))
+
+    ours = meta_state_dict_to_hf({n: p.grad for n, p in model.named_parameters()}, model.config)
+    theirs = {n: p.grad for n, p in policy.named_parameters()}
+    for name, g in ours.items():
+        # fp32 sums over hundreds of tokens: the tolerance scales with the gradient's size
+        tol = 1e-4 * float(theirs[name].abs().max())
+        torch.testing.assert_close(g, theirs[name], rtol=1e-3, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+    assert any(float(g.abs().max()) > 0 for g in ours.values())
+
+
 def _hf_dir_of_base(base: Path, tmp: Path) -> Path:
     import llamalab
 
@@ -498,6 +556,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
     ("llama3-8b-sft", "sft", 1e-5, 64, 8192, {"max_steps": 9000, "chat_format": "llama3"}),
     ("llama3-8b-dpo", "dpo", 1e-5, 64, 8192, {"beta": 0.1, "nll_weight": 0.2, "mask_formatting": True}),
     ("cpu-sft-lora", "sft", 3e-4, 8, 256, {"lora": True}),
+    ("cpu-sft-full", "sft", 2e-5, 8, 256, {"lora": False, "weight_decay": 0.1}),
     ("cpu-dpo-lora", "dpo", 2e-4, 4, 1024, {"lora": True, "reference": "adapters-off"}),
 ])
 def test_recipes_load_with_the_papers_numbers(base: Path, name: str, method: str, lr: float, rows: int,
@@ -511,3 +570,68 @@ def test_recipes_load_with_the_papers_numbers(base: Path, name: str, method: str
     found = {**vars(f), **vars(d), "weight_decay": cfg.optim.weight_decay}
     for key, value in extra.items():
         assert found[key] == value, key
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2: two processes (torchrun, gloo) against one
+# --------------------------------------------------------------------------------------------
+
+
+def _torchrun_finetune(run_file: Path, run_dir: Path, *overrides: str) -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "llamalab.cli", "finetune", "--config", str(run_file), "--no-progress",
+           f"run_dir={run_dir}", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
+
+
+def _one_process(run_file: Path, run_dir: Path, *overrides: str) -> dict[str, Any]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return finetune(load_config(run_file, [f"run_dir={run_dir}", *overrides]), progress=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,lora", [("sft", True), ("dpo", False), ("dpo", True)], ids=["sft-lora", "dpo-full", "dpo-lora"])
+def test_fsdp_finetune_follows_the_single_process_run(base: Path, sft_data: Path, dpo_data: Path, tmp_path: Path,
+                                                      method: str, lora: bool) -> None:
+    """The same run on 2 processes (FSDP2, each a half of every step) and on one: the same losses and
+    held-out figures step by step, the same cached reference log-probs, and a final model that
+    computes the same logits (LoRA: merged on rank 0)."""
+    data = sft_data if method == "sft" else dpo_data
+    run_file = _run_file(tmp_path, base, data, method, lora=lora)
+    steps = ["finetune.max_steps=6", "eval.every=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    _one_process(run_file, one, *steps)
+    log = _torchrun_finetune(run_file, two, *steps)
+    assert "2 process(es)" in log, log[-3000:]
+    a, b = read_metrics(one), read_metrics(two)
+    keys = ["loss"] + (["dpo_loss", "reward_margin"] if method == "dpo" else []) + ["val_loss"]
+    for key in keys:
+        got = [r[key] for r in b if key in r]
+        want = [r[key] for r in a if key in r]
+        assert len(got) == len(want) > 0, (key, got, want)
+        for g, w in zip(got, want):
+            assert math.isclose(g, w, rel_tol=1e-4, abs_tol=1e-6), (key, got, want)
+    if method == "dpo" and not lora:  # (LoRA: the reference is the model with its adapters off)
+        ra, rb = (torch.load(d / "reference_logps.pt") for d in (one, two))
+        torch.testing.assert_close(ra["train"], rb["train"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ra["val"], rb["val"], rtol=1e-5, atol=1e-5)
+    import llamalab
+
+    tokens = torch.tensor([[1, 5, 9, 30, 2, 77]])
+    with torch.no_grad():
+        torch.testing.assert_close(llamalab.load(two / "final").model(tokens),
+                                   llamalab.load(one / "final").model(tokens), rtol=1e-3, atol=1e-3)
+    if lora:
+        assert (two / "adapter" / "adapter.safetensors").is_file()

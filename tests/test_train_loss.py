@@ -68,3 +68,55 @@ def test_onednn_products_give_the_same_loss_and_gradients() -> None:
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gh, rh.float(), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw, rw.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_token_logprobs_and_gradients_equal_log_softmax(chunk: int | None) -> None:
+    """``linear_token_logprobs`` against ``log_softmax(h @ W.T).gather(target)`` in float64: the values
+    (0 at ignored targets) and the gradients of a loss that weighs each sequence's sum differently
+    (as DPO does), so the per-token upstream gradients are not all equal."""
+    from llamalab.train.loss import linear_token_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(4, 9, 16, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(50, 16, generator=g, dtype=torch.float64).requires_grad_()
+    y = torch.randint(0, 50, (4, 9), generator=g)
+    y[1, :4] = -100
+    coef = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+    got = linear_token_logprobs(h, w, y, chunk_tokens=chunk)
+    gh, gw = torch.autograd.grad(torch.tanh(got.sum(1) * 0.1 * coef).sum(), (h, w))
+    lp = torch.log_softmax(h @ w.T, dim=-1).gather(2, y.clamp(min=0).unsqueeze(2)).squeeze(2) * (y != -100)
+    rh, rw = torch.autograd.grad(torch.tanh(lp.sum(1) * 0.1 * coef).sum(), (h, w))
+    torch.testing.assert_close(got, lp, rtol=1e-9, atol=1e-9)
+    assert float(got[1, :4].abs().max()) == 0.0
+    torch.testing.assert_close(gh, rh, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(gw, rw, rtol=1e-7, atol=1e-10)
+
+
+def test_token_logprobs_under_bf16_autocast_stay_close_to_fp32() -> None:
+    from llamalab.train.loss import linear_token_logprobs
+
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 30, 32, generator=g).requires_grad_()
+    w = (torch.randn(64, 32, generator=g) * 0.2).requires_grad_()
+    y = torch.randint(0, 64, (2, 30), generator=g)
+    ref = linear_token_logprobs(h, w, y)
+    gh_ref, = torch.autograd.grad(ref.sum(), (h,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_token_logprobs(h, w, y, chunk_tokens=16)
+    gh, = torch.autograd.grad(got.sum(), (h,))
+    assert got.dtype == torch.float32 and gh.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(gh, gh_ref, rtol=0.05, atol=0.05)
+
+
+def test_frozen_head_gives_the_same_hidden_gradient() -> None:
+    """LoRA freezes the head: the fused loss then skips the weight gradient, and the hidden
+    states' gradient is still the unfused loss's."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 11, 16, generator=g, dtype=torch.float64).requires_grad_()
+    w = torch.randn(40, 16, generator=g, dtype=torch.float64)  # requires_grad False
+    y = torch.randint(0, 40, (2, 11), generator=g)
+    gh, = torch.autograd.grad(linear_cross_entropy(h, w, y, chunk_tokens=5), (h,))
+    rh, = torch.autograd.grad(_reference(h, w, y), (h,))
+    torch.testing.assert_close(gh, rh, rtol=1e-6, atol=1e-9)

@@ -36,22 +36,9 @@ examples:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Load the run file (+ overrides), fine-tune, print the summary."""
-    import json
-    import os
+    from llamalab.train.cli import run_command
 
-    from llamalab.train.config import load_config
-
-    cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    from llamalab.finetune.objectives import finetune
-    from llamalab.train.loop import TrainingError, format_summary
-
-    try:
-        summary = finetune(cfg, progress=not args.no_progress)
-    except TrainingError as e:
-        print(f"llamalab finetune: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary) if args.json else format_summary(summary))
-    return 0
+    return run_command(args, "finetune", "llamalab.finetune.objectives:finetune")
 
 
 def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -118,10 +118,6 @@ REASONS: tuple[str, ...] = (
     PREFIX_BROKEN, NO_LOSS_TOKENS, OVER_LONG,
 )
 
-# The user turn appended to close a Llama 2 conversation (see `_render`); its text is irrelevant
-# because everything from its BOS on is cut off again.
-_LLAMA2_CLOSER: Message = {"role": "user", "content": "."}
-
 
 # --------------------------------------------------------------------------------------------
 # Set-aside records and the summary
@@ -415,25 +411,10 @@ class EncodedChat:
 
 
 def _render(tokenizer: Any, messages: Sequence[Message], fmt: str, *, add_generation_prompt: bool) -> list[int]:
-    """``encode_chat``, plus closed Llama 2 conversations (ending with the assistant's turn).
-
-    chat.py's Llama 2 path renders only prompts (it requires a final user turn, as Meta's
-    ``chat_completion`` does) and ignores ``add_generation_prompt``. Each Llama 2 exchange is
-    encoded on its own between BOS and EOS, so a closed conversation is the rendering of the
-    conversation plus one more user turn, cut before that turn's BOS: the ids are still
-    chat.py's, not a second copy of the format.
-    """
+    """``encode_chat`` (chat.py's renderer: what is trained is what is served), errors as records'."""
     try:
-        if fmt == "llama2" and messages and messages[-1]["role"] == "assistant":
-            ids = encode_chat(tokenizer, [*messages, _LLAMA2_CLOSER], fmt=fmt)
-            bos = tokenizer.bos_id
-            if bos is None or bos not in ids:
-                raise RecordError(FORMAT_REJECTS, "llama2 needs a BOS token to close a conversation")
-            return ids[:len(ids) - 1 - ids[::-1].index(bos)]
         return encode_chat(tokenizer, list(messages), fmt=fmt, add_generation_prompt=add_generation_prompt)
     except (ValueError, jinja2.TemplateError) as e:
-        if isinstance(e, RecordError):
-            raise
         raise RecordError(FORMAT_REJECTS, str(e)) from None
 
 

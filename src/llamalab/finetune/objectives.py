@@ -14,24 +14,27 @@ the losses:
       loss = -log sigmoid(beta * [(log pi(y_c) - log pi_ref(y_c)) - (log pi(y_r) - log pi_ref(y_r))])
              + nll_weight * NLL(y_c)
 
-  with log pi(y) summed over the response tokens (formatting tokens masked out of both sides
-  when ``dpo.mask_formatting``), beta 0.1 and nll_weight 0.2 (Llama 3), the NLL being the mean
+  with log pi(y) summed over the response tokens (chunked: ``train.loss.linear_token_logprobs``,
+  no full logits), formatting tokens masked out of both sides when ``dpo.mask_formatting``, beta 0.1 and nll_weight 0.2 (Llama 3), the NLL being the mean
   per-token cross-entropy of the chosen responses (as TRL's ``rpo_alpha`` term). The reference
   log-probs are computed once with the starting weights and kept in ``run_dir`` ("cached"), or
   per batch with the LoRA adapters switched off ("adapters-off"). Logged: the implicit rewards
   ``beta (log pi - log pi_ref)`` of each side, their margin and the reward accuracy (chosen >
   rejected), on training batches and on held-out pairs.
 
-Fine-tuning runs in one process for now (FSDP2 fine-tuning: to come).
+Under torchrun the model is sharded with FSDP2 (``train/parallelize.py``, the pretraining path):
+each process takes its share of a step's rows or pairs, weighted so that the step's loss is the
+same as in one process; held-out figures and the cached reference log-probs are computed over
+shares and summed; the export gathers the weights on rank 0 (with LoRA: merged there).
 """
 
 from __future__ import annotations
 
 import glob
 import math
-from contextlib import nullcontext
 import os
 import sys
+from contextlib import nullcontext
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -69,7 +73,7 @@ from llamalab.finetune.lora import (
     save_adapter,
 )
 from llamalab.train.config import ConfigError, TrainConfig
-from llamalab.train.loss import linear_cross_entropy
+from llamalab.train.loss import linear_cross_entropy, linear_token_logprobs
 from llamalab.train.metrics import flops_per_token
 from llamalab.train.objective import Objective, StepBatches
 
@@ -133,9 +137,9 @@ class _Finetune(Objective):
     """What SFT and DPO share: the checkpoint, tokenizer, data split, row order, LoRA and export."""
 
     def __init__(self, cfg: TrainConfig, world_size: int = 1) -> None:
-        if world_size > 1:
-            raise ConfigError("finetune: runs in one process for now (FSDP2 fine-tuning is not implemented); "
-                              "run it without torchrun")
+        if world_size > 1 and cfg.train.tensor_parallel > 1:
+            raise ConfigError(f"train.tensor_parallel={cfg.train.tensor_parallel}: fine-tuning shards with FSDP2 "
+                              f"only; set train.tensor_parallel = 1")
         if not cfg.model.checkpoint:
             raise ConfigError("model.checkpoint: fine-tuning starts from a checkpoint; set model.checkpoint = "
                               "\"PATH\" (or a registered name such as smollm2-135m-instruct)")
@@ -156,6 +160,11 @@ class _Finetune(Objective):
         self.seq_len = cfg.train.seq_len
         self.rows_per_step = cfg.train.global_batch_tokens // cfg.train.seq_len
         self.micro = cfg.train.micro_batch_size
+        self.distributed = world_size > 1
+        self.dp_rank, self.dp_size = 0, world_size
+        if self.rows_per_step % world_size:
+            raise ConfigError(f"train.global_batch_tokens / train.seq_len = {self.rows_per_step} rows (or pairs) a "
+                              f"step: not divisible among {world_size} processes")
         self.lora = LoRAConfig(**asdict(cfg.lora)) if cfg.finetune.lora else None
         self.consumed = 0  # rows (SFT) or pairs (DPO) taken so far, over all epochs
         self.notes: list[str] = []
@@ -196,10 +205,13 @@ class _Finetune(Objective):
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
 
     def _next_units(self) -> list[int]:
-        """The indices of the next step's rows (or pairs), epoch after epoch, seeded."""
+        """The indices of the next step's rows (or pairs) over all processes, epoch after epoch, seeded."""
         take = min(self.rows_per_step, self.total_units - self.consumed)
         if take <= 0:  # max_steps beyond the epochs cannot happen (steps are capped), but stay safe
             take = self.rows_per_step
+        # Every process takes the same number (FSDP needs the same forwards on each): a short last
+        # step is rounded up into the next epoch's order.
+        take = -(-take // self.dp_size) * self.dp_size
         out = []
         for k in range(self.consumed, self.consumed + take):
             epoch, j = divmod(k, self.n_units)
@@ -209,6 +221,35 @@ class _Finetune(Objective):
         self.consumed += take
         return out
 
+    def _mine(self, idx: list[int]) -> list[int]:
+        """This process's share of a step's units."""
+        return idx[self.dp_rank::self.dp_size]
+
+    def _eval_share(self, n_batches: int) -> list[tuple[int, bool]]:
+        """The held-out batches this process runs, and whether each counts: the same number on every
+        process (FSDP), a batch run only to keep step with the others not counted."""
+        if self.dp_size == 1:
+            return [(j, True) for j in range(n_batches)]
+        per = -(-n_batches // self.dp_size)
+        out = []
+        for i in range(per):
+            j = self.dp_rank + i * self.dp_size
+            out.append((j % max(n_batches, 1), j < n_batches))
+        return out
+
+    def _sum_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        if not self.distributed:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
+
+    def start(self, model: nn.Module, device: torch.device, tokens_seen: int, dp_rank: int, dp_size: int,
+              extra: dict[str, Any], autocast: Callable[[], Any] | None = None) -> None:
+        self.model, self.device = model, device
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
     def data_state(self) -> dict[str, Any]:
         return {"consumed": self.consumed}
 
@@ -217,18 +258,32 @@ class _Finetune(Objective):
 
     # -- model
     def build_model(self, device: torch.device, precision: str, mesh: Any) -> nn.Module:
-        from llamalab.checkpoint.base import build_model
-        from llamalab.train.parallelize import parallelize
+        from llamalab.checkpoint.base import build_model, meta_model
+        from llamalab.train.parallelize import load_full_state_dict, parallelize
 
-        model = build_model(self.ckpt, dtype=torch.float32, device=device)
+        t = self.cfg.train
+        self.device = device
+        # The weights (and the adapters' initial values, drawn from the seeded RNG) as one process
+        # would have them; with FSDP each process then keeps its shards of them.
+        model = build_model(self.ckpt, dtype=torch.float32, device="cpu" if mesh is not None else device)
         model.train()
         if self.lora is not None:
             apply_lora(model, self.lora)
-        t = self.cfg.train
+        if mesh is not None:
+            full = model.state_dict()
+            sharded = meta_model(model.config)
+            if self.lora is not None:
+                apply_lora(sharded, self.lora)
+            parallelize(sharded, mesh, dp_shard=True, mixed_precision="bf16" if precision == "bf16" else "fp32",
+                        activation_checkpointing=t.activation_checkpointing, compile=t.compile)
+            sharded.to_empty(device=device)
+            load_full_state_dict(sharded, full)
+            sharded.init_buffers(device)
+            del model, full
+            return sharded.train()
         if t.activation_checkpointing != "none" or t.compile:
             parallelize(model, None, dp_shard=False, activation_checkpointing=t.activation_checkpointing,
                         compile=t.compile)
-        self.device = device
         return model
 
     def checkpoint_weights(self, model: nn.Module) -> dict[str, Tensor] | None:
@@ -246,8 +301,21 @@ class _Finetune(Objective):
         return full * 2 / 3 if self.lora is not None else full
 
     def export(self, run_dir: Path, model: nn.Module, distributed: bool) -> Path | None:
+        from llamalab.checkpoint.base import meta_model
         from llamalab.train.loop import export_native
+        from llamalab.train.parallelize import export_full_state_dict
 
+        if distributed and self.lora is not None:
+            # Gather base + adapters on rank 0 into a plain model, where the adapter is saved and merged.
+            state = export_full_state_dict(model)
+            if dist.get_rank() != 0:
+                return None
+            plain = meta_model(model.config)
+            apply_lora(plain, self.lora)
+            plain.load_state_dict(state, strict=True, assign=True)
+            if model.config.tie_embeddings:
+                plain.output.weight = plain.tok_embeddings.weight
+            model, distributed = plain, False
         if self.lora is not None:
             adapter = save_adapter(model, run_dir / "adapter", base=self.cfg.model.checkpoint)
             self.notes.append(f"LoRA adapter: {adapter} (llamalab merge-lora --base {self.cfg.model.checkpoint} "
@@ -309,11 +377,13 @@ class SFTObjective(_Finetune):
 
     def step_batches(self, tokens_seen: int, say: Callable[[str], None]) -> StepBatches:
         idx = self._next_units()
-        batches = [self._collate([self.rows[i] for i in idx[k:k + self.micro]]) for k in range(0, len(idx), self.micro)]
-        counts = [b.n_loss_tokens for b in batches]
-        total = max(sum(counts), 1)
-        return StepBatches([(b, c / total) for b, c in zip(batches, counts)], sum(b.n_real for b in batches),
-                           self.seq_len)
+        mine = self._mine(idx)
+        batches = [self._collate([self.rows[i] for i in mine[k:k + self.micro]]) for k in range(0, len(mine), self.micro)]
+        # A micro-batch weighs its share of the loss tokens of the whole step (all processes; FSDP
+        # averages the processes' gradients, hence the dp_size), so the step's loss is their mean.
+        total = max(sum(int((self.rows[i].labels != IGNORE_INDEX).sum()) for i in idx), 1)
+        real = sum(len(self.rows[i].tokens) for i in idx)
+        return StepBatches([(b, b.n_loss_tokens * self.dp_size / total) for b in batches], real, self.seq_len)
 
     def _forward_loss(self, model: nn.Module, batch: Batch) -> Tensor:
         dev = self.device
@@ -323,8 +393,11 @@ class SFTObjective(_Finetune):
             kw = {"input_pos": batch.input_pos.to(dev), "doc_ids": batch.doc_ids.to(dev)}
         labels = batch.labels.to(dev)
         head = model.output
-        if self.lora is not None and self.lora.dropout and hasattr(head, "_lora_handle"):
-            return F.cross_entropy(model(tokens, **kw).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        # FSDP's hooks are on forward(), which the fused head + loss would bypass; dropout on an
+        # adapter of the head cannot be folded into its weight: both take the full logits.
+        if self.distributed or (self.lora is not None and self.lora.dropout and hasattr(head, "_lora_handle")):
+            logits = model(tokens, **kw)
+            return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         h = model.hidden_states(tokens, **kw)
         # The fused head + loss uses the head's weight, not its module: fold an adapter on it in.
         return linear_cross_entropy(h, effective_weight(head), labels)
@@ -338,15 +411,17 @@ class SFTObjective(_Finetune):
             return None
         model.eval()
         total, count = 0.0, 0
-        limit = self.cfg.eval.batches * self.micro
-        for k in range(0, min(len(self.val_rows), limit), self.micro):
-            batch = self._collate(self.val_rows[k:k + self.micro])
+        starts = list(range(0, min(len(self.val_rows), self.cfg.eval.batches * self.micro), self.micro))
+        for j, counted in self._eval_share(len(starts)):
+            batch = self._collate(self.val_rows[starts[j]:starts[j] + self.micro])
             with autocast():
                 loss = self._forward_loss(model, batch)
-            total += float(loss) * batch.n_loss_tokens
-            count += batch.n_loss_tokens
+            if counted:
+                total += float(loss) * batch.n_loss_tokens
+                count += batch.n_loss_tokens
         model.train()
-        return {"val_loss": total / max(count, 1)}
+        sums = self._sum_over_processes({"total": total, "count": float(count)})
+        return {"val_loss": sums["total"] / max(sums["count"], 1)}
 
 
 # ---------------------------------------------------------------- DPO
@@ -391,26 +466,40 @@ class DPOObjective(_Finetune):
                 "n_real": b.chosen.n_real + b.rejected.n_real}
 
     def _logps(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        logits = model(batch["tokens"].to(self.device))
-        return sequence_logps(logits, batch["labels"].to(self.device))
+        tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
+        head = model.output
+        if self.distributed or (self.lora is not None and self.lora.dropout and hasattr(head, "_lora_handle")):
+            return sequence_logps(model(tokens), labels)  # (FSDP's hooks are on forward(); see SFT)
+        # The head and the log-softmax a chunk of tokens at a time: no (2B, S, vocab) logits.
+        lp = linear_token_logprobs(model.hidden_states(tokens), effective_weight(head), labels,
+                                   ignore_index=IGNORE_INDEX)
+        return lp.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
 
     @torch.no_grad()
     def _reference(self, model: nn.Module, pairs: list[PreferenceSample]) -> Tensor:
-        """(N, 2) reference log-probs [chosen, rejected] of ``pairs`` with the model as it is now."""
+        """(N, 2) reference log-probs [chosen, rejected] of ``pairs`` with the model as it is now
+        (with FSDP each process computes its share; the table is summed over processes)."""
         was = model.training
         model.eval()
-        out = torch.empty(len(pairs), 2, dtype=torch.float64)
-        for k in range(0, len(pairs), self.micro):
+        out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+        starts = list(range(0, len(pairs), self.micro))
+        for j, counted in self._eval_share(len(starts)):
+            k = starts[j]
             idx = list(range(k, min(k + self.micro, len(pairs))))
             logps, _ = self._logps(model, self._collate(idx, pairs))
             n = len(idx)
-            out[k:k + n, 0], out[k:k + n, 1] = logps[:n].double().cpu(), logps[n:].double().cpu()
+            if counted:
+                out[k:k + n, 0], out[k:k + n, 1] = logps[:n].double().cpu(), logps[n:].double().cpu()
         model.train(was)
+        if self.distributed:
+            t = out.to(self.device)
+            dist.all_reduce(t)
+            out = t.cpu()
         return out
 
     def start(self, model: nn.Module, device: torch.device, tokens_seen: int, dp_rank: int, dp_size: int,
               extra: dict[str, Any], autocast: Callable[[], Any] | None = None) -> None:
-        self.model = model
+        super().start(model, device, tokens_seen, dp_rank, dp_size, extra, autocast)
         if self.reference != "cached":
             return
         path = Path(self.cfg.run_dir) / REFERENCE_FILE
@@ -424,23 +513,30 @@ class DPOObjective(_Finetune):
         if self.consumed:
             raise ConfigError(f"{path}: missing, but the run has trained (the reference log-probs need the starting "
                               f"weights); start a new run_dir")
-        print(f"dpo: reference log-probs of {len(self.pairs) + len(self.val_pairs):,} pairs with the starting "
-              f"weights -> {path}", file=sys.stderr, flush=True)
+        main = not self.distributed or dist.get_rank() == 0
+        if main:
+            print(f"dpo: reference log-probs of {len(self.pairs) + len(self.val_pairs):,} pairs with the starting "
+                  f"weights -> {path}", file=sys.stderr, flush=True)
         # In the precision the policy runs in, so that step 1's policy and reference agree exactly.
         with adapters_disabled(model) if self.lora is not None else nullcontext(), (autocast or nullcontext)():
             self.ref = {"train": self._reference(model, self.pairs), "val": self._reference(model, self.val_pairs)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save(self.ref, tmp)
-        os.replace(tmp, path)
+        if main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            torch.save(self.ref, tmp)
+            os.replace(tmp, path)
+        if self.distributed:
+            dist.barrier()
 
     def step_batches(self, tokens_seen: int, say: Callable[[str], None]) -> StepBatches:
         idx = self._next_units()
-        items = [self._collate(idx[k:k + self.micro], self.pairs) for k in range(0, len(idx), self.micro)]
+        mine = self._mine(idx)
+        items = [self._collate(mine[k:k + self.micro], self.pairs) for k in range(0, len(mine), self.micro)]
         for it in items:
             it["split"] = "train"
-        return StepBatches([(b, len(b["idx"]) / len(idx)) for b in items], sum(b["n_real"] for b in items),
-                           self.seq_len)
+        real = sum(len(self.pairs[i].chosen) + len(self.pairs[i].rejected) for i in idx)
+        # The mean over this process's pairs; FSDP averages the processes (the same number of pairs each).
+        return StepBatches([(b, len(b["idx"]) / len(mine)) for b in items], real, self.seq_len)
 
     def _ref_logps(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         if self.reference == "cached":
@@ -472,20 +568,29 @@ class DPOObjective(_Finetune):
         if not self.val_pairs:
             return None
         model.eval()
-        sums: dict[str, float] = {}
-        n_total = 0
+        sums: dict[str, float] = {"n": 0.0}
         limit = min(len(self.val_pairs), self.cfg.eval.batches * self.micro)
-        for k in range(0, limit, self.micro):
+        starts = list(range(0, limit, self.micro))
+        for j, counted in self._eval_share(len(starts)):
+            k = starts[j]
             batch = self._collate(list(range(k, min(k + self.micro, limit))), self.val_pairs)
             batch["split"] = "val"
             with autocast():
                 loss, stats = self._loss(model, batch)
+            if not counted:
+                continue
             n = len(batch["idx"])
-            n_total += n
+            sums["n"] += n
             for key, v in {"loss": loss, **stats}.items():
                 sums[key] = sums.get(key, 0.0) + float(v) * n
         model.train()
-        return {f"val_{k}": v / n_total for k, v in sums.items()}
+        if self.distributed:  # every process must name the same figures, even one that counted nothing
+            for key in ("loss", "dpo_loss", "nll", "reward_chosen", "reward_rejected", "reward_margin",
+                        "reward_accuracy"):
+                sums.setdefault(key, 0.0)
+        sums = self._sum_over_processes(sums)
+        n_total = sums.pop("n")
+        return {f"val_{k}": v / max(n_total, 1) for k, v in sums.items()}
 
 
 # ---------------------------------------------------------------- entry point

@@ -88,7 +88,7 @@ def _check_roles(messages: list[Message]) -> None:
             raise ValueError(f"chat: message {i} has role {m['role']!r}; expected system, user or assistant")
 
 
-def _encode_llama2(tokenizer: Any, messages: list[Message]) -> list[int]:
+def _encode_llama2(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> list[int]:
     if messages[0]["role"] == "system":
         if len(messages) < 2:
             raise ValueError("chat (llama2): a system prompt must be followed by a user message")
@@ -98,13 +98,16 @@ def _encode_llama2(tokenizer: Any, messages: list[Message]) -> list[int]:
     roles = [m["role"] for m in messages]
     if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
         raise ValueError("chat (llama2): roles must alternate user/assistant/user/..., after an optional system")
-    if roles[-1] != "user":
+    # A prompt ends on the user's turn (Meta's chat_completion); a conversation to train on
+    # (add_generation_prompt=False) may end on the assistant's: each exchange is its own BOS ... EOS.
+    if roles[-1] != "user" and add_generation_prompt:
         raise ValueError("chat (llama2): the last message must be the user's")
     ids: list[int] = []
     for prompt, answer in zip(messages[::2], messages[1::2]):
         ids += tokenizer.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
                                 bos=True, eos=True)
-    ids += tokenizer.encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+    if roles[-1] == "user":
+        ids += tokenizer.encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
     return ids
 
 
@@ -135,7 +138,7 @@ def encode_chat(tokenizer: Any, messages: list[Message], *, fmt: str | None = No
         raise ValueError(f"chat: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     _check_roles(messages)
     if fmt == "llama2":
-        return _encode_llama2(tokenizer, messages)
+        return _encode_llama2(tokenizer, messages, add_generation_prompt)
     if fmt == "llama3":
         return _encode_llama3(tokenizer, messages, add_generation_prompt)
     if not tokenizer.chat_template:

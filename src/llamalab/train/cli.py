@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_plot_parser", "add_pretrain_parser", "add_run_arguments", "cmd_plot", "cmd_pretrain"]
+__all__ = ["add_plot_parser", "add_pretrain_parser", "add_run_arguments", "cmd_plot", "cmd_pretrain", "run_command"]
 
 PLOT_EPILOG = """\
 example:
@@ -32,20 +32,26 @@ again resumes from the newest checkpoint in run_dir; SIGTERM saves one and exits
 """
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    """Load the run file (+ overrides), train, print the summary."""
+def run_command(args: argparse.Namespace, name: str, entry: str) -> int:
+    """What every command that runs the training loop does: load the run file and its overrides,
+    call ``entry`` ("module:function", taking ``(cfg, progress=...)`` and returning the summary),
+    tear down the process group, print the summary (rank 0 only). Exit status 1 on a
+    ``TrainingError``; a bad config raises ``ConfigError`` for the CLI's one-line message."""
+    import importlib
     import json
     import os
 
     from llamalab.train.config import load_config
 
     cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    from llamalab.train.loop import TrainingError, format_summary, train
+    module, func = entry.split(":")
+    fn = getattr(importlib.import_module(module), func)
+    from llamalab.train.loop import TrainingError, format_summary
 
     try:
-        summary = train(cfg, progress=not args.no_progress)
+        summary = fn(cfg, progress=not args.no_progress)
     except TrainingError as e:
-        print(f"llamalab pretrain: {e}", file=sys.stderr)
+        print(f"llamalab {name}: {e}", file=sys.stderr)
         return 1
     finally:
         import torch.distributed as dist
@@ -55,6 +61,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if summary.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Load the run file (+ overrides), train, print the summary."""
+    return run_command(args, "pretrain", "llamalab.train.loop:train")
 
 
 def add_pretrain_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -236,6 +236,18 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak, KiB on Linux
 
 
+def _peak_rss_mb() -> float:
+    """The process's largest resident set so far (VmHWM; ru_maxrss where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class _NoBar:
     """Stand-in for tqdm when it is missing or the bar is off: prints a line every few steps."""
 
@@ -685,6 +697,8 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
                     for k, v in stats.items():
                         stat_sums[k] = stat_sums.get(k, 0.0) + v.detach().float() * weight
                 train_loss = all_reduce_mean(loss_sum)
+                # Each process logged its share of the step's figures (weighted as its loss): average them.
+                stat_sums = {k: all_reduce_mean(v) for k, v in stat_sums.items()}
                 if distributed:
                     grad_norm = clip_grad_norm_(model.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
                 else:
@@ -721,7 +735,8 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
                     record: dict[str, Any] = {
                         "loss": float(train_loss), "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
                         "mfu": step_mfu, "tokens_seen": tokens_seen, **objective.checkpoint_extra(model),
-                        "skipped_nonfinite": skipped, "rss_mb": round(_rss_mb(), 1)}
+                        "skipped_nonfinite": skipped, "rss_mb": round(_rss_mb(), 1),
+                        "peak_rss_mb": round(_peak_rss_mb(), 1)}
                     record.pop("rope_theta", None)
                     record.update({k: float(v) for k, v in stat_sums.items()})
                     if device.type == "cuda":

@@ -42,8 +42,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor,  # noqa: ANN001 - autograd's ctx
                 ignore_index: int = -100, chunk_tokens: int | None = None, mm_t: MatmulT | None = None) -> Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        device_type, dtype = _compute_dtype(hidden)
         with torch.autocast(device_type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
             if mm_t is None:
@@ -54,7 +53,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             count = valid.sum().clamp(min=1)
             chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)
             grad_h = torch.empty_like(h)
-            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            # A frozen head (LoRA on a tied or untouched head) needs no weight gradient: a third of
+            # the head's FLOPs and a (vocab, dim) fp32 buffer saved.
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight.requires_grad else None
             total = torch.zeros((), dtype=acc, device=hidden.device)
             for start in range(0, n, chunk):
                 h_c, y_c, v_c = h[start:start + chunk], targets[start:start + chunk], valid[start:start + chunk]
@@ -73,7 +74,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 g = probs.to(dtype)
                 grad_h[start:start + chunk] = mm_t(g, w_t)
                 # grad_w accumulates over chunks (in fp32 at least, whatever the products run in).
-                grad_w += mm_t(g.t(), h_c.t())
+                if grad_w is not None:
+                    grad_w += mm_t(g.t(), h_c.t())
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / count
@@ -83,8 +85,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
         return (grad_h.mul(grad_loss).to(h_dtype) if ctx.needs_input_grad[0] else None,
-                grad_w.mul(grad_loss).to(w_dtype) if ctx.needs_input_grad[1] else None,
+                grad_w.mul(grad_loss).to(w_dtype) if ctx.needs_input_grad[1] and grad_w is not None else None,
                 None, None, None, None)
+
+
+def _compute_dtype(hidden: Tensor) -> tuple[str, torch.dtype]:
+    """The device type and the dtype the products run in: autocast's where it is on."""
+    device_type = hidden.device.type
+    return device_type, (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                         else hidden.dtype)
 
 
 def _mm_t(a: Tensor, b: Tensor) -> Tensor:
@@ -104,4 +113,74 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
                                     ignore_index, chunk_tokens, mm_t)
 
 
-__all__ = ["CHUNK_ELEMENTS", "LinearCrossEntropy", "linear_cross_entropy"]
+class LinearTokenLogProbs(torch.autograd.Function):
+    """Per-token ``log softmax(hidden @ weight.T)[target]`` without materialising the logits.
+
+    For losses that need each sequence's summed log-probability (DPO, reward-weighted
+    objectives): their gradient per token is only known once every sequence's sum is, so unlike
+    :class:`LinearCrossEntropy` the gradient cannot be formed in forward. Forward keeps the
+    log-sum-exp of each token (one float a token); backward recomputes each chunk's logits once
+    (one more head product than the unfused head, no (tokens, vocab) tensor at any time).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor,  # noqa: ANN001 - autograd's ctx
+                ignore_index: int = -100, chunk_tokens: int | None = None, mm_t: MatmulT | None = None) -> Tensor:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        device_type, dtype = _compute_dtype(hidden)
+        mm_t = mm_t or _mm_t
+        chunk = chunk_tokens or max(1, CHUNK_ELEMENTS // vocab)
+        acc = torch.promote_types(dtype, torch.float32)
+        with torch.autocast(device_type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            valid = targets != ignore_index
+            safe = torch.where(valid, targets, 0)
+            out = torch.zeros(n, dtype=acc, device=hidden.device)
+            lse = torch.zeros(n, dtype=acc, device=hidden.device)
+            for start in range(0, n, chunk):
+                sl = slice(start, start + chunk)
+                logits = mm_t(h[sl], w).to(acc)
+                lse[sl] = torch.logsumexp(logits, dim=1)
+                out[sl] = (logits.gather(1, safe[sl].unsqueeze(1)).squeeze(1) - lse[sl]) * valid[sl]
+        ctx.save_for_backward(hidden, weight, safe, valid, lse)
+        ctx.settings = (dtype, chunk, mm_t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        hidden, weight, safe, valid, lse = ctx.saved_tensors
+        dtype, chunk, mm_t = ctx.settings
+        acc = lse.dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(dtype), weight.to(dtype)
+            w_t = w.t().contiguous() if mm_t is _mm_t else w.t()
+            g_tok = grad_out.to(acc) * valid
+            grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[1] else None
+            for start in range(0, h.shape[0], chunk):
+                sl = slice(start, start + chunk)
+                # d logp[target] / d logits = one_hot - softmax, times the token's upstream gradient.
+                probs = mm_t(h[sl], w).to(acc).sub_(lse[sl].unsqueeze(1)).exp_()
+                g = g_tok[sl].unsqueeze(1)
+                probs.mul_(-g).scatter_add_(1, safe[sl].unsqueeze(1), g)
+                gl = probs.to(dtype)
+                if grad_h is not None:
+                    grad_h[sl] = mm_t(gl, w_t)
+                if grad_w is not None:
+                    grad_w += mm_t(gl.t(), h[sl].t())
+        return (grad_h.to(hidden.dtype) if grad_h is not None else None,
+                grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None, None)
+
+
+def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, ignore_index: int = -100,
+                          chunk_tokens: int | None = None, mm_t: MatmulT | None = None) -> Tensor:
+    """``log_softmax(hidden @ weight.T)`` at each target, shaped like ``targets`` (0 where the
+    target is ``ignore_index``), computed chunk by chunk without the full logits; differentiable
+    in ``hidden`` and ``weight`` (see :class:`LinearTokenLogProbs`)."""
+    out = LinearTokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                    ignore_index, chunk_tokens, mm_t)
+    return out.view(targets.shape)
+
+
+__all__ = ["CHUNK_ELEMENTS", "LinearCrossEntropy", "LinearTokenLogProbs", "linear_cross_entropy",
+           "linear_token_logprobs"]
