@@ -137,6 +137,7 @@ finetune-eval:
 	$(VENV)/bin/llamalab eval --model smollm2-135m-instruct --tasks arc_easy --out runs/eval/base.json
 	$(VENV)/bin/llamalab eval --model runs/cpu-sft-lora/final --tasks arc_easy --out runs/eval/sft.json
 	$(VENV)/bin/llamalab eval --model runs/cpu-dpo-lora/final --tasks arc_easy --out runs/eval/dpo.json
+	test ! -d runs/cpu-sft-full/final || $(VENV)/bin/llamalab eval --model runs/cpu-sft-full/final --tasks arc_easy --out runs/eval/sft-full.json
 	$(VENV)/bin/llamalab eval compare runs/eval/base.json runs/eval/sft.json
 	$(VENV)/bin/llamalab eval compare runs/eval/base.json runs/eval/dpo.json
 

@@ -635,3 +635,47 @@ def test_fsdp_finetune_follows_the_single_process_run(base: Path, sft_data: Path
                                    llamalab.load(one / "final").model(tokens), rtol=1e-3, atol=1e-3)
     if lora:
         assert (two / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_lora_at_bf16_holds_the_frozen_base_in_bf16_with_the_same_results(base: Path, sft_data: Path,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    """bf16 autocast casts each frozen linear to bf16 at every forward; holding them in bf16 once
+    must change nothing: the same losses step by step, and a final model merged into the fp32
+    starting weights (not into the bf16 copies) equal to the run that kept them in fp32."""
+    import llamalab
+    import llamalab.finetune.objectives as objectives
+
+    run_file = _run_file(tmp_path, base, sft_data, "sft", lora=True)
+    steps = ["finetune.max_steps=4", "train.precision=bf16", "eval.every=2"]
+    freed: list[int] = []
+    real = objectives.cast_frozen_linears
+    monkeypatch.setattr(objectives, "cast_frozen_linears", lambda model, dtype: freed.append(real(model, dtype))
+                        or freed[-1])
+    held = finetune(load_config(run_file, [f"run_dir={tmp_path / 'bf16-base'}", *steps]), progress=False)
+    assert freed and freed[0] > 0  # the frozen linears were held in bf16
+    monkeypatch.setattr(objectives, "cast_frozen_linears", lambda model, dtype: 0)
+    kept = finetune(load_config(run_file, [f"run_dir={tmp_path / 'fp32-base'}", *steps]), progress=False)
+    assert held["status"] == kept["status"] == "completed"
+    a, b = read_metrics(tmp_path / "bf16-base"), read_metrics(tmp_path / "fp32-base")
+    for key in ("loss", "val_loss"):
+        assert [r[key] for r in a if key in r] == [r[key] for r in b if key in r], key
+    sa = llamalab.load(tmp_path / "bf16-base" / "final").model.state_dict()
+    sb = llamalab.load(tmp_path / "fp32-base" / "final").model.state_dict()
+    assert all(v.dtype == torch.float32 for v in sa.values())
+    for k in sb:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+
+
+def test_cast_frozen_linears_leaves_adapters_norms_and_embeddings() -> None:
+    from llamalab.finetune.lora import cast_frozen_linears
+
+    model = Transformer(CONFIG)
+    apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=["wq", "w2"]))
+    freed = cast_frozen_linears(model, torch.bfloat16)
+    block_linears = sum(m.weight.numel() for b in model.layers for n, m in b.named_modules()
+                        if isinstance(m, torch.nn.Linear) and "lora" not in n)
+    assert freed == block_linears * 2
+    for name, p in model.named_parameters():
+        want = torch.bfloat16 if (name.startswith("layers.") and "lora" not in name and "norm" not in name) \
+            else torch.float32
+        assert p.dtype == want, name

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from llamalab.train.config import LoraSection
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LORA_TARGETS", "LoRAConfig", "adapter_state_dict", "adapters_disabled",
-           "apply_lora", "effective_weight", "has_lora", "load_adapter", "load_adapter_state_dict", "lora_modules", "merge_lora",
+           "apply_lora", "cast_frozen_linears", "effective_weight", "has_lora", "load_adapter", "load_adapter_state_dict", "lora_modules", "merge_lora",
            "save_adapter"]
 
 # Meta's names of the linears an adapter can go on.
@@ -119,6 +119,24 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, *, freeze_bas
         lin._lora_handle = lin.register_forward_hook(_lora_hook)
     model.lora_config = config
     return [name for name, _ in found]
+
+
+def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Hold the frozen ``nn.Linear`` weights of the model's blocks in ``dtype`` (adapters, norms,
+    embeddings and the head keep theirs); returns how many bytes that frees.
+
+    Under autocast to ``dtype`` this changes no result: autocast would cast these weights to
+    ``dtype`` at every forward (and keep the copies until the step's backward). A merge needs
+    the original weights again (see ``finetune/objectives.py``'s export).
+    """
+    freed = 0
+    for block in getattr(model, "layers", []):
+        for name, m in block.named_modules():
+            if (isinstance(m, nn.Linear) and not name.endswith(("lora_a", "lora_b"))
+                    and not m.weight.requires_grad and m.weight.dtype != dtype):
+                freed += m.weight.numel() * (m.weight.element_size() - torch.empty((), dtype=dtype).element_size())
+                m.weight.data = m.weight.data.to(dtype)
+    return freed
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

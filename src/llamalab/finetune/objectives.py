@@ -67,6 +67,7 @@ from llamalab.finetune.lora import (
     adapter_state_dict,
     adapters_disabled,
     apply_lora,
+    cast_frozen_linears,
     effective_weight,
     load_adapter_state_dict,
     merge_lora,
@@ -166,6 +167,7 @@ class _Finetune(Objective):
             raise ConfigError(f"train.global_batch_tokens / train.seq_len = {self.rows_per_step} rows (or pairs) a "
                               f"step: not divisible among {world_size} processes")
         self.lora = LoRAConfig(**asdict(cfg.lora)) if cfg.finetune.lora else None
+        self.base_cast = False  # LoRA at bf16: the frozen linears are held in bf16 (build_model)
         self.consumed = 0  # rows (SFT) or pairs (DPO) taken so far, over all epochs
         self.notes: list[str] = []
         self._load_data()
@@ -269,6 +271,11 @@ class _Finetune(Objective):
         model.train()
         if self.lora is not None:
             apply_lora(model, self.lora)
+        if self.lora is not None and mesh is None and precision == "bf16":
+            # bf16 autocast casts every frozen linear's weight to bf16 at each forward anyway: hold
+            # them in bf16 once (the same products, half their memory, no per-step copies). The
+            # export merges into the fp32 starting weights, not into these.
+            self.base_cast = cast_frozen_linears(model, torch.bfloat16) > 0
         if mesh is not None:
             full = model.state_dict()
             sharded = meta_model(model.config)
@@ -301,20 +308,19 @@ class _Finetune(Objective):
         return full * 2 / 3 if self.lora is not None else full
 
     def export(self, run_dir: Path, model: nn.Module, distributed: bool) -> Path | None:
-        from llamalab.checkpoint.base import meta_model
+        from llamalab.checkpoint.base import build_model
         from llamalab.train.loop import export_native
         from llamalab.train.parallelize import export_full_state_dict
 
-        if distributed and self.lora is not None:
-            # Gather base + adapters on rank 0 into a plain model, where the adapter is saved and merged.
-            state = export_full_state_dict(model)
-            if dist.get_rank() != 0:
+        if self.lora is not None and (distributed or self.base_cast):
+            # Merge into the starting weights in fp32 on rank 0 (the trained base may be sharded, or
+            # held in bf16): gather the adapters, put them on a fresh copy of the base.
+            state = export_full_state_dict(model) if distributed else adapter_state_dict(model)
+            if distributed and dist.get_rank() != 0:
                 return None
-            plain = meta_model(model.config)
+            plain = build_model(self.ckpt, dtype=torch.float32, device="cpu")
             apply_lora(plain, self.lora)
-            plain.load_state_dict(state, strict=True, assign=True)
-            if model.config.tie_embeddings:
-                plain.output.weight = plain.tok_embeddings.weight
+            load_adapter_state_dict(plain, {k: v for k, v in state.items() if ".lora_" in k}, source="the run")
             model, distributed = plain, False
         if self.lora is not None:
             adapter = save_adapter(model, run_dir / "adapter", base=self.cfg.model.checkpoint)
