@@ -679,3 +679,30 @@ def test_cast_frozen_linears_leaves_adapters_norms_and_embeddings() -> None:
         want = torch.bfloat16 if (name.startswith("layers.") and "lora" not in name and "norm" not in name) \
             else torch.float32
         assert p.dtype == want, name
+
+
+@pytest.mark.slow
+def test_fsdp_finetune_resumes_from_its_sharded_checkpoint(base: Path, dpo_data: Path, tmp_path: Path) -> None:
+    """A 2-process LoRA DPO run resumed from its step-2 DCP checkpoint (later checkpoints and
+    metrics removed, as if it had been killed there) retraces the uninterrupted run's steps 3-6."""
+    import shutil
+
+    run_file = _run_file(tmp_path, base, dpo_data, "dpo", lora=True)
+    steps = ["finetune.max_steps=6", "eval.every=0", "checkpoint.every=2"]
+    run = tmp_path / "two"
+    _torchrun_finetune(run_file, run, *steps)
+    whole = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert (run / "checkpoints" / "step-000002" / "dcp").is_dir()
+    for ckpt in (run / "checkpoints").iterdir():
+        if ckpt.name != "step-000002":
+            shutil.rmtree(ckpt)
+    shutil.rmtree(run / "final")
+    kept = [r for r in read_metrics(run) if r.get("step", 0) <= 2]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    log = _torchrun_finetune(run_file, run, *steps)
+    assert "resuming from" in log, log[-3000:]
+    again = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert len(again) == len(whole) == 6
+    for g, w in zip(again, whole):
+        assert math.isclose(g, w, rel_tol=1e-6, abs_tol=1e-7), (again, whole)
+    assert (run / "final").is_dir() and (run / "adapter" / "adapter.safetensors").is_file()
