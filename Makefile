@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-m 'not slow'" (the suite runs serially: ~10 min on 2 cores).
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo sft-full-demo dpo-demo finetune-eval
+.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo sft-full-demo dpo-demo reward-demo finetune-eval
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -130,6 +130,13 @@ dpo-demo: data/dpo/code-train.jsonl
 	rm -rf runs/cpu-dpo-lora
 	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-dpo-lora.toml
 	$(VENV)/bin/llamalab plot runs/cpu-dpo-lora
+
+# A reward model (Llama 2 §3.2.2) on the same pairs, scored on the held-out half.
+reward-demo: data/dpo/code-train.jsonl
+	rm -rf runs/cpu-reward
+	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-reward.toml
+	$(VENV)/bin/llamalab plot runs/cpu-reward
+	$(VENV)/bin/llamalab reward score --model runs/cpu-reward/final --input data/dpo/code-val.jsonl --out runs/cpu-reward/val-scored.jsonl
 
 # A task score before and after the demos (ARC-Easy, 570 questions, scored by log-likelihood).
 finetune-eval:

@@ -558,6 +558,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
     ("cpu-sft-lora", "sft", 3e-4, 8, 256, {"lora": True}),
     ("cpu-sft-full", "sft", 2e-5, 8, 256, {"lora": False, "weight_decay": 0.1}),
     ("cpu-dpo-lora", "dpo", 2e-4, 4, 1024, {"lora": True, "reference": "adapters-off"}),
+    ("llama2-rm-helpful", "reward", 1e-5, 512, 4096, {"epochs": 1.0, "margin": "small", "warmup_steps": 5,
+                                                     "warmup_fraction": 0.03, "min_lr_ratio": 0.1}),
+    ("llama2-rm-safety", "reward", 1e-5, 512, 4096, {"margin": "small", "warmup_fraction": 0.03}),
+    ("cpu-reward", "reward", 3e-5, 4, 1024, {"lora": False, "margin": "small", "warmup_fraction": 0.03}),
 ])
 def test_recipes_load_with_the_papers_numbers(base: Path, name: str, method: str, lr: float, rows: int,
                                               seq_len: int, extra: dict[str, Any]) -> None:
@@ -567,9 +571,13 @@ def test_recipes_load_with_the_papers_numbers(base: Path, name: str, method: str
     assert f.method == method and cfg.optim.lr == lr and cfg.optim.schedule == "cosine"
     assert cfg.train.global_batch_tokens // cfg.train.seq_len == rows and cfg.train.seq_len == seq_len
     assert cfg.optim.betas == (0.9, 0.95)
-    found = {**vars(f), **vars(d), "weight_decay": cfg.optim.weight_decay}
+    found = {**vars(f), **vars(d), **vars(cfg.reward), **vars(cfg.optim)}
     for key, value in extra.items():
         assert found[key] == value, key
+    if name == "llama2-rm-helpful":  # all helpful data + an equal amount from safety and open data
+        assert [(x.fraction, x.share) for x in f.sources] == [(1.0, None), (None, 0.25), (None, 0.25)]
+    if name == "llama2-rm-safety":  # safety data + helpfulness as 10% of the mixture
+        assert [(x.fraction, x.share) for x in f.sources] == [(1.0, None), (1.0, None), (None, 0.1)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -602,13 +610,14 @@ def _one_process(run_file: Path, run_dir: Path, *overrides: str) -> dict[str, An
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,lora", [("sft", True), ("dpo", False), ("dpo", True)], ids=["sft-lora", "dpo-full", "dpo-lora"])
+@pytest.mark.parametrize("method,lora", [("sft", True), ("dpo", False), ("dpo", True), ("reward", False)],
+                         ids=["sft-lora", "dpo-full", "dpo-lora", "reward-full"])
 def test_fsdp_finetune_follows_the_single_process_run(base: Path, sft_data: Path, dpo_data: Path, tmp_path: Path,
                                                       method: str, lora: bool) -> None:
     """The same run on 2 processes (FSDP2, each a half of every step) and on one: the same losses and
     held-out figures step by step, the same cached reference log-probs, and a final model that
     computes the same logits (LoRA: merged on rank 0)."""
-    data = sft_data if method == "sft" else dpo_data
+    data = sft_data if method == "sft" else dpo_data  # (reward: the same pairs, no levels)
     run_file = _run_file(tmp_path, base, data, method, lora=lora)
     steps = ["finetune.max_steps=6", "eval.every=3"]
     one, two = tmp_path / "one", tmp_path / "two"
@@ -616,7 +625,8 @@ def test_fsdp_finetune_follows_the_single_process_run(base: Path, sft_data: Path
     log = _torchrun_finetune(run_file, two, *steps)
     assert "2 process(es)" in log, log[-3000:]
     a, b = read_metrics(one), read_metrics(two)
-    keys = ["loss"] + (["dpo_loss", "reward_margin"] if method == "dpo" else []) + ["val_loss"]
+    keys = ["loss"] + {"dpo": ["dpo_loss", "reward_margin"], "reward": ["reward_margin", "val_accuracy"]}.get(
+        method, []) + ["val_loss"]
     for key in keys:
         got = [r[key] for r in b if key in r]
         want = [r[key] for r in a if key in r]
@@ -635,6 +645,12 @@ def test_fsdp_finetune_follows_the_single_process_run(base: Path, sft_data: Path
                                    llamalab.load(one / "final").model(tokens), rtol=1e-3, atol=1e-3)
     if lora:
         assert (two / "adapter" / "adapter.safetensors").is_file()
+    if method == "reward":  # the head, gathered and written by rank 0
+        from llamalab.finetune.reward import load_reward_model
+
+        conv = [{"role": "user", "content": "Is it?"}, {"role": "assistant", "content": "Yes, it is."}]
+        assert load_reward_model(two / "final").score([conv]) == pytest.approx(
+            load_reward_model(one / "final").score([conv]), rel=1e-3, abs=1e-3)
 
 
 def test_lora_at_bf16_holds_the_frozen_base_in_bf16_with_the_same_results(base: Path, sft_data: Path,
@@ -682,23 +698,29 @@ def test_cast_frozen_linears_leaves_adapters_norms_and_embeddings() -> None:
 
 
 @pytest.mark.slow
+def cut_back(run: Path, step: int) -> None:
+    """Leave ``run`` as if killed right after its step-``step`` checkpoint: later checkpoints, the
+    export and later metrics removed."""
+    import shutil
+
+    for ckpt in (run / "checkpoints").iterdir():
+        if ckpt.name != f"step-{step:06d}":
+            shutil.rmtree(ckpt)
+    shutil.rmtree(run / "final")
+    kept = [r for r in read_metrics(run) if r.get("step", 0) <= step]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 def test_fsdp_finetune_resumes_from_its_sharded_checkpoint(base: Path, dpo_data: Path, tmp_path: Path) -> None:
     """A 2-process LoRA DPO run resumed from its step-2 DCP checkpoint (later checkpoints and
     metrics removed, as if it had been killed there) retraces the uninterrupted run's steps 3-6."""
-    import shutil
-
     run_file = _run_file(tmp_path, base, dpo_data, "dpo", lora=True)
     steps = ["finetune.max_steps=6", "eval.every=0", "checkpoint.every=2"]
     run = tmp_path / "two"
     _torchrun_finetune(run_file, run, *steps)
     whole = [r["loss"] for r in read_metrics(run) if "loss" in r]
     assert (run / "checkpoints" / "step-000002" / "dcp").is_dir()
-    for ckpt in (run / "checkpoints").iterdir():
-        if ckpt.name != "step-000002":
-            shutil.rmtree(ckpt)
-    shutil.rmtree(run / "final")
-    kept = [r for r in read_metrics(run) if r.get("step", 0) <= 2]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    cut_back(run, 2)
     log = _torchrun_finetune(run_file, run, *steps)
     assert "resuming from" in log, log[-3000:]
     again = [r["loss"] for r in read_metrics(run) if "loss" in r]

@@ -314,11 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_pretrain_parser(sub)
 
-    from llamalab.finetune.cli import add_finetune_data_parser, add_finetune_parser, add_merge_lora_parser
+    from llamalab.finetune.cli import (add_finetune_data_parser, add_finetune_parser, add_merge_lora_parser,
+                                       add_reward_parser)
 
     add_finetune_parser(sub)
     add_finetune_data_parser(sub)
     add_merge_lora_parser(sub)
+    add_reward_parser(sub)
     add_plot_parser(sub)
 
     from llamalab.eval.cli import add_eval_parser

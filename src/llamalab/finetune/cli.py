@@ -1,4 +1,4 @@
-"""Fine-tuning sub-commands for ``llamalab``: ``finetune`` and ``merge-lora``.
+"""Fine-tuning sub-commands for ``llamalab``: ``finetune``, ``finetune-data``, ``merge-lora`` and ``reward``.
 
 Torch is imported inside the commands only, so ``llamalab finetune --help`` stays fast. Bad
 configs and data raise ``ConfigError`` (a ``ValueError``) before any compute: the CLI prints one
@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_finetune_data_parser", "add_finetune_parser", "add_merge_lora_parser", "cmd_finetune",
-           "cmd_finetune_data", "cmd_merge_lora"]
+__all__ = ["add_finetune_data_parser", "add_finetune_parser", "add_merge_lora_parser", "add_reward_parser",
+           "cmd_finetune", "cmd_finetune_data", "cmd_merge_lora", "cmd_reward_score"]
 
 FINETUNE_EPILOG = """\
 examples:
@@ -21,8 +21,9 @@ examples:
   llamalab finetune --config configs/finetune/cpu-dpo.toml model.checkpoint=runs/sft/final
   llamalab finetune --config configs/finetune/llama2-7b-chat-sft.toml model.checkpoint=/models/llama-2-7b
 
-The run file is a pretraining run file (docs/training.md) plus [finetune], [lora] and [dpo]
-sections (docs/finetune.md). Running the same command again resumes from the newest checkpoint
+The run file is a pretraining run file (docs/training.md) plus [finetune], [lora], [dpo] and
+[reward] sections (docs/finetune.md); finetune.method is "sft", "dpo" or "reward" (a reward model:
+the trunk with a scalar head, Llama 2's margin loss; use it with `llamalab reward score`). Running the same command again resumes from the newest checkpoint
 in run_dir; SIGTERM saves one and exits with status 0. The result is run_dir/final (with LoRA:
 the merged model, and the adapter alone in run_dir/adapter).
 """
@@ -44,10 +45,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``finetune`` sub-command to ``subparsers``."""
     p = subparsers.add_parser(
-        "finetune", help="SFT or DPO (full or LoRA) from a checkpoint and JSONL data",
+        "finetune", help="SFT, DPO or a reward model (full or LoRA) from a checkpoint and JSONL data",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FINETUNE_EPILOG,
         description="Fine-tune a checkpoint on conversations (SFT, loss on the assistant turns, packed) or "
-                    "preference pairs (DPO with Llama 3's NLL term and formatting masks), all weights or LoRA "
+                    "preference pairs (DPO with Llama 3's NLL term and formatting masks; a reward model with Llama 2's "
+                    "margin loss), all weights or LoRA "
                     "adapters, with the pretraining loop's optimizer, schedule, checkpoints and resume. "
                     "See docs/finetune.md.")
     from llamalab.train.cli import add_run_arguments
@@ -141,4 +143,96 @@ def add_finetune_data_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, metavar="TEXT", help="chatterbot: a system message for every record")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_finetune_data)
+    return p
+
+
+REWARD_EPILOG = """\
+examples:
+  llamalab finetune --config configs/finetune/cpu-reward.toml          # train one (finetune.method = "reward")
+  llamalab reward score --model runs/cpu-reward/final --input data/dpo/code-val.jsonl --out scored.jsonl
+  llamalab reward score --model runs/cpu-reward/final --input samples.jsonl --json --dtype bfloat16
+
+Input records: {"prompt" | "messages", "response"} (adds "reward"), preference pairs {..., "chosen",
+"rejected"} (adds "reward_chosen" and "reward_rejected", and prints the accuracy by preference level),
+or {"messages"} ending with the assistant's turn. Bad records are set aside with their line numbers.
+"""
+
+
+def cmd_reward_score(args: argparse.Namespace) -> int:
+    """Score JSONL responses with a trained reward model."""
+    import json
+    import math
+
+    import torch
+
+    from llamalab.finetune.datasets import write_jsonl
+    from llamalab.finetune.reward import accuracy_by_level, format_accuracy_table, load_reward_model, score_jsonl
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rm = load_reward_model(args.model, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="scoring", unit="response", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    records, summary = score_jsonl(rm, args.input, batch_size=args.batch_size, progress=progress)
+    if bar is not None:
+        bar.close()
+    if summary.set_aside:
+        print(f"reward score: set aside: " + summary.format().replace("\n", "\n    "), file=sys.stderr)
+    if args.out:
+        print(f"{write_jsonl(records, args.out)}: {len(records):,} scored records", file=sys.stderr)
+    pairs = [r for r in records if "reward_chosen" in r]
+    report: dict[str, Any] = {"records": len(records), "set_aside": len(summary.set_aside)}
+    singles = [r["reward"] for r in records if "reward" in r]
+    if singles:
+        mean = sum(singles) / len(singles)
+        report["reward"] = {"n": len(singles), "mean": mean,
+                            "std": math.sqrt(sum((x - mean) ** 2 for x in singles) / len(singles))}
+    if pairs:
+        acc = accuracy_by_level([r["reward_chosen"] - r["reward_rejected"] for r in pairs],
+                                [r.get("preference") for r in pairs])
+        report["accuracy_by_level"] = acc
+        if not args.json:
+            print(format_accuracy_table(acc))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif singles:
+        print(f"{len(singles):,} responses: mean reward {report['reward']['mean']:.4f}, std {report['reward']['std']:.4f}")
+    if not args.out and not args.json:
+        for r in records[:5]:
+            print(json.dumps({k: v for k, v in r.items() if k.startswith("reward")}))
+    return 0
+
+
+def add_reward_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``reward`` sub-command (``reward score``) to ``subparsers``."""
+    p = subparsers.add_parser(
+        "reward", help="use a trained reward model: score JSONL responses or preference pairs",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REWARD_EPILOG,
+        description="Reward models (Llama 2 §3.2.2) are trained with `llamalab finetune` and finetune.method = "
+                    "\"reward\"; this command scores responses with one: the scalar head at the last token of "
+                    "each rendered conversation. See docs/finetune.md.")
+    sub = p.add_subparsers(dest="reward_command", metavar="ACTION", required=True)
+    s = sub.add_parser("score", help="add reward scores to JSONL records", epilog=REWARD_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--model", required=True, metavar="DIR", help="a reward model (run_dir/final of a reward run)")
+    s.add_argument("--input", required=True, nargs="+", metavar="FILE", help="JSONL files to score")
+    s.add_argument("--out", metavar="FILE", default=None, help="write the records with their scores here (JSONL)")
+    s.add_argument("--batch-size", type=int, default=8, metavar="N", help="responses per forward (default 8)")
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and activations (default float32; bfloat16 is faster where the CPU has "
+                        "native bf16, e.g. AVX512-BF16 or AMX)")
+    s.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_reward_score)
     return p

@@ -8,7 +8,8 @@ Records (one JSON object per line of a ``.jsonl`` file):
 - a preference pair: ``{"prompt": str}`` or ``{"messages": [...]}`` (ending with a user turn),
   plus ``"chosen": str``, ``"rejected": str``, optional ``"margin": number`` and optional
   ``"preference": "significantly_better"|"better"|"slightly_better"|"negligibly_better"``
-  (Llama 2's four levels).
+  (Llama 2's four levels), optional ``"edited": str`` (Llama 3: an annotator's improvement of the
+  chosen answer; reward models rank edited > chosen > rejected, DPO ignores it).
 
 A bad record is never fatal: it is set aside as (file, line, reason) in a `DataSummary`, which
 counts what was kept and groups what was set aside by reason.
@@ -69,6 +70,7 @@ __all__ = [
     "encode_preference",
     "load_preference_samples",
     "load_sft_samples",
+    "mix_sources",
     "pack",
     "packing_efficiency",
     "pad_id_for",
@@ -169,6 +171,18 @@ class DataSummary:
         """Set one record aside."""
         self.set_aside.append(SetAside(file, line, reason, detail))
 
+    @classmethod
+    def merged(cls, summaries: Sequence[DataSummary]) -> DataSummary:
+        """One summary of several (e.g. the sources of a mixture)."""
+        out = cls()
+        for x in summaries:
+            out.files += x.files
+            out.seen += x.seen
+            out.set_aside += x.set_aside
+            out.tokens += x.tokens
+            out.loss_tokens += x.loss_tokens
+        return out
+
     def by_reason(self) -> dict[str, int]:
         """Set-aside counts per reason, most frequent first."""
         return dict(Counter(s.reason for s in self.set_aside).most_common())
@@ -246,6 +260,7 @@ class PreferencePair:
     preference: str | None = None
     file: str = ""
     line: int = 0
+    edited: str | None = None  # Llama 3: an annotator's edit of the chosen answer (edited > chosen > rejected)
 
 
 def _type_name(value: Any) -> str:
@@ -357,7 +372,15 @@ def parse_preference_record(value: Any) -> PreferencePair:
     preference = value.get("preference")
     if preference is not None and preference not in PREFERENCE_LEVELS:
         raise RecordError(UNKNOWN_PREFERENCE, f"{preference!r}; expected one of {', '.join(PREFERENCE_LEVELS)}")
-    return PreferencePair(prompt, answers[0], answers[1], margin, preference)
+    edited = value.get("edited")
+    if edited is not None:
+        if not isinstance(edited, str):
+            raise RecordError(WRONG_TYPE, f"'edited' is a {_type_name(edited)}, expected a string")
+        if not edited.strip():
+            raise RecordError(EMPTY_ASSISTANT, "'edited' is empty")
+        if edited.strip() in (answers[0].strip(), answers[1].strip()):
+            raise RecordError(IDENTICAL_PAIR, "'edited' equals 'chosen' or 'rejected'")
+    return PreferencePair(prompt, answers[0], answers[1], margin, preference, edited=edited)
 
 
 def read_sft_records(paths: Iterable[str | Path],
@@ -385,7 +408,7 @@ def read_preference_records(paths: Iterable[str | Path],
             summary.add(name, lineno, e.reason, e.detail)
             continue
         out.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected, pair.margin, pair.preference,
-                                  name, lineno))
+                                  name, lineno, pair.edited))
     return out, summary
 
 
@@ -560,6 +583,7 @@ class PreferenceSample:
     preference: str | None = None
     file: str = ""
     line: int = 0
+    edited: Sample | None = None  # reward models rank edited > chosen > rejected; DPO does not use it
 
 
 def _fits(n: int, max_len: int | None) -> None:
@@ -598,14 +622,17 @@ def tokenize_preferences(pairs: Iterable[PreferencePair], tokenizer: Any, summar
     for p in pairs:
         try:
             c, r = encode_preference(tokenizer, p.prompt, p.chosen, p.rejected, fmt=fmt)
-            _fits(max(len(c.tokens), len(r.tokens)), max_len)
-        except RecordError as e:
-            summary.add(p.file, p.line, e.reason, e.detail)
+            e = encode_preference(tokenizer, p.prompt, p.edited, p.rejected, fmt=fmt)[0] if p.edited else None
+            _fits(max(len(c.tokens), len(r.tokens), len(e.tokens) if e else 0), max_len)
+        except RecordError as err:
+            summary.add(p.file, p.line, err.reason, err.detail)
             continue
         sample = PreferenceSample(Sample.from_encoded(c, p.file, p.line), Sample.from_encoded(r, p.file, p.line),
-                                  c.assistant_spans[-1][0], p.margin, p.preference, p.file, p.line)
-        summary.tokens += len(sample.chosen) + len(sample.rejected)
-        summary.loss_tokens += int(sample.chosen.loss_mask.sum() + sample.rejected.loss_mask.sum())
+                                  c.assistant_spans[-1][0], p.margin, p.preference, p.file, p.line,
+                                  Sample.from_encoded(e, p.file, p.line) if e else None)
+        sides = [sample.chosen, sample.rejected] + ([sample.edited] if sample.edited is not None else [])
+        summary.tokens += sum(len(x) for x in sides)
+        summary.loss_tokens += int(sum(x.loss_mask.sum() for x in sides))
         out.append(sample)
     return out
 
@@ -622,6 +649,35 @@ def load_preference_samples(paths: Iterable[str | Path], tokenizer: Any, *, fmt:
     """Read and tokenise preference JSONL files: the pairs and one summary of both steps."""
     pairs, summary = read_preference_records(paths)
     return tokenize_preferences(pairs, tokenizer, summary, fmt=fmt, max_len=max_len), summary
+
+
+def mix_sources(parts: Sequence[tuple[str, Sequence[Any], float | None, float | None]],
+                seed: int) -> tuple[list[Any], list[dict[str, Any]]]:
+    """A fine-tuning mixture: ``parts`` = [(name, items, fraction, share)], each with either
+    ``fraction`` (take round(fraction * len(items)) of its items) or ``share`` (take that share of
+    the whole mixture, whose size is what the fraction parts give / (1 - the shares)). Items are
+    drawn without repeats (seeded, per part) while there are enough, whole copies first beyond
+    that; a part taken whole keeps its order. Returns the items and per part
+    ``{"name", "available", "taken"}``. ValueError when a part to sample from is empty."""
+    base = sum(round(fr * len(items)) for _, items, fr, _ in parts if fr is not None)
+    shares = sum(sh for _, _, _, sh in parts if sh is not None)
+    total = base / (1 - shares) if shares < 1 else float(base)
+    out: list[Any] = []
+    report = []
+    for k, (name, items, fr, sh) in enumerate(parts):
+        n = round(fr * len(items)) if fr is not None else round(sh * total)
+        if n and not items:
+            raise ValueError(f"{name}: no usable records to take {n} from")
+        if n == len(items):
+            pick = np.arange(n)
+        else:
+            rng = np.random.default_rng([seed, k])
+            whole, rest = divmod(n, len(items)) if items else (0, 0)
+            pick = np.concatenate([np.tile(np.arange(len(items)), whole),
+                                   np.sort(rng.choice(len(items), rest, replace=False))]).astype(int)
+        out += [items[i] for i in pick]
+        report.append({"name": name, "available": len(items), "taken": int(n)})
+    return out, report
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ shares and summed; the export gathers the weights on rank 0 (with LoRA: merged t
 from __future__ import annotations
 
 import glob
+from collections import Counter
 import math
 import os
 import sys
@@ -57,6 +58,7 @@ from llamalab.finetune.data import (
     collate_preferences,
     load_preference_samples,
     load_sft_samples,
+    mix_sources,
     pack,
     packing_efficiency,
     pad_id_for,
@@ -73,12 +75,26 @@ from llamalab.finetune.lora import (
     merge_lora,
     save_adapter,
 )
+from llamalab.finetune.reward import (
+    HEAD_FILE,
+    NO_LEVEL,
+    accuracy_by_level,
+    attach_reward_head,
+    calibration_table,
+    format_accuracy_table,
+    pair_margin,
+    plot_calibration,
+    reward_head,
+    reward_loss,
+    save_reward_head,
+    sequence_rewards,
+)
 from llamalab.train.config import ConfigError, TrainConfig
 from llamalab.train.loss import linear_cross_entropy, linear_token_logprobs
 from llamalab.train.metrics import flops_per_token
 from llamalab.train.objective import Objective, StepBatches
 
-__all__ = ["DPOObjective", "REFERENCE_FILE", "SFTObjective", "dpo_loss", "finetune", "sequence_logps"]
+__all__ = ["DPOObjective", "REFERENCE_FILE", "RewardObjective", "SFTObjective", "dpo_loss", "finetune", "sequence_logps"]
 
 REFERENCE_FILE = "reference_logps.pt"
 
@@ -144,8 +160,9 @@ class _Finetune(Objective):
         if not cfg.model.checkpoint:
             raise ConfigError("model.checkpoint: fine-tuning starts from a checkpoint; set model.checkpoint = "
                               "\"PATH\" (or a registered name such as smollm2-135m-instruct)")
-        if not cfg.finetune.train_data:
-            raise ConfigError("finetune.train_data: no training data; list JSONL files (or globs)")
+        if not cfg.finetune.train_data and not cfg.finetune.sources:
+            raise ConfigError("finetune.train_data: no training data; list JSONL files (or globs), or give "
+                              "[[finetune.sources]]")
         from llamalab.checkpoint import read_checkpoint
 
         self.cfg = cfg
@@ -205,6 +222,48 @@ class _Finetune(Objective):
         if not self.cfg.finetune.shuffle:
             return np.arange(n)
         return np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
+
+    def _training_data(self, load: Callable[[list[Path]], tuple[list[Any], DataSummary]],
+                       kind: str) -> tuple[list[Any], list[Any]]:
+        """(train, held out) samples: ``finetune.train_data`` and the ``[[finetune.sources]]``
+        mixture, each source loaded by ``load``, held out per source (``val_fraction``) unless
+        ``val_data`` is given, then mixed (``finetune/data.py: mix_sources``)."""
+        f = self.cfg.finetune
+        specs = ([("train_data", f.train_data, "finetune.train_data", 1.0, None)] if f.train_data else []) + [
+            (src.name or f"sources[{i}]", src.files, f"finetune.sources[{i}].files", src.fraction, src.share)
+            for i, src in enumerate(f.sources)]
+        parts, summaries, val = [], [], []
+        self.train_files = []
+        for name, files, key, fraction, share in specs:
+            paths = _expand(files, key)
+            self.train_files += paths
+            items, summary = load(paths)
+            if not f.val_data:
+                items, held = _split(items, f.val_fraction, self.cfg.seed)
+                val += held
+            parts.append((name, items, fraction, share))
+            summaries.append(summary)
+        try:
+            train, self.mixture = mix_sources(parts, self.cfg.seed)
+        except ValueError as e:
+            raise ConfigError(f"finetune.sources: {e}") from None
+        val_summary = None
+        if f.val_data:
+            val, val_summary = load(_expand(f.val_data, "finetune.val_data"))
+        self._summaries(kind, DataSummary.merged(summaries), val_summary)
+        if len(parts) > 1:
+            print(f"{self.name}: mixture " + ", ".join(f"{m['name']} {m['taken']:,} of {m['available']:,}"
+                                                       for m in self.mixture), file=sys.stderr, flush=True)
+        return train, val
+
+    def _load_pairs(self) -> None:
+        """Preference pairs (DPO, reward models): ``self.pairs``, ``self.val_pairs``, ``self.n_units``."""
+        load = lambda paths: load_preference_samples(paths, self.tokenizer, fmt=self.fmt,  # noqa: E731
+                                                     max_len=self.seq_len)
+        pairs, val = self._training_data(load, "preference pairs")
+        self.pairs: list[PreferenceSample] = pairs
+        self.val_pairs: list[PreferenceSample] = val
+        self.n_units = len(pairs)
 
     def _next_units(self) -> list[int]:
         """The indices of the next step's rows (or pairs) over all processes, epoch after epoch, seeded."""
@@ -271,6 +330,7 @@ class _Finetune(Objective):
         model.train()
         if self.lora is not None:
             apply_lora(model, self.lora)
+        self._adapt(model)
         if self.lora is not None and mesh is None and precision == "bf16":
             # bf16 autocast casts every frozen linear's weight to bf16 at each forward anyway: hold
             # them in bf16 once (the same products, half their memory, no per-step copies). The
@@ -281,6 +341,7 @@ class _Finetune(Objective):
             sharded = meta_model(model.config)
             if self.lora is not None:
                 apply_lora(sharded, self.lora)
+            self._adapt(sharded)
             parallelize(sharded, mesh, dp_shard=True, mixed_precision="bf16" if precision == "bf16" else "fp32",
                         activation_checkpointing=t.activation_checkpointing, compile=t.compile)
             sharded.to_empty(device=device)
@@ -292,6 +353,9 @@ class _Finetune(Objective):
             parallelize(model, None, dp_shard=False, activation_checkpointing=t.activation_checkpointing,
                         compile=t.compile)
         return model
+
+    def _adapt(self, model: nn.Module) -> None:
+        """What a method changes on the loaded model (after LoRA, before sharding): nothing here."""
 
     def checkpoint_weights(self, model: nn.Module) -> dict[str, Tensor] | None:
         return adapter_state_dict(model) if self.lora is not None else None
@@ -330,7 +394,8 @@ class _Finetune(Objective):
         return export_native(run_dir, model, self.tokenizer, distributed, source_format=f"llamalab-{self.name}")
 
     def summary(self) -> dict[str, Any]:
-        return {"data": self.data_summary, "notes": self.notes, "lora": self.lora.to_dict() if self.lora else None}
+        return {"data": self.data_summary, "mixture": self.mixture, "notes": self.notes,
+                "lora": self.lora.to_dict() if self.lora else None}
 
 
 # ---------------------------------------------------------------- SFT
@@ -343,15 +408,9 @@ class SFTObjective(_Finetune):
 
     def _load_data(self) -> None:
         f = self.cfg.finetune
-        self.train_files = _expand(f.train_data, "finetune.train_data")
         kw = dict(fmt=self.fmt, train_on=f.train_on, max_len=self.seq_len)
-        samples, summary = load_sft_samples(self.train_files, self.tokenizer, **kw)
-        val_summary = None
-        if f.val_data:
-            val, val_summary = load_sft_samples(_expand(f.val_data, "finetune.val_data"), self.tokenizer, **kw)
-        else:
-            samples, val = _split(samples, f.val_fraction, self.cfg.seed)
-        self._summaries("training data", summary, val_summary)
+        samples, val = self._training_data(lambda paths: load_sft_samples(paths, self.tokenizer, **kw),
+                                           "training data")
         self.packed_from: list[list[Sample]] = []
         self.rows = self._rows(samples, f.packing)
         self.val_rows = self._rows(val, f.packing)
@@ -439,19 +498,7 @@ class DPOObjective(_Finetune):
     name = "dpo"
 
     def _load_data(self) -> None:
-        f = self.cfg.finetune
-        self.train_files = _expand(f.train_data, "finetune.train_data")
-        pairs, summary = load_preference_samples(self.train_files, self.tokenizer, fmt=self.fmt, max_len=self.seq_len)
-        val_summary = None
-        if f.val_data:
-            val, val_summary = load_preference_samples(_expand(f.val_data, "finetune.val_data"), self.tokenizer,
-                                                       fmt=self.fmt, max_len=self.seq_len)
-        else:
-            pairs, val = _split(pairs, f.val_fraction, self.cfg.seed)
-        self._summaries("preference pairs", summary, val_summary)
-        self.pairs: list[PreferenceSample] = pairs
-        self.val_pairs: list[PreferenceSample] = val
-        self.n_units = len(pairs)
+        self._load_pairs()
         d = self.cfg.dpo
         self.reference = d.reference if d.reference != "auto" else ("adapters-off" if self.lora else "cached")
         self.ref: dict[str, Tensor] | None = None
@@ -599,9 +646,194 @@ class DPOObjective(_Finetune):
         return {f"val_{k}": v / max(n_total, 1) for k, v in sums.items()}
 
 
+# ---------------------------------------------------------------- reward model
+
+
+class RewardObjective(_Finetune):
+    """A reward model (Llama 2 §3.2.2): the trunk with a scalar head, trained with the margin
+    ranking loss on preference pairs (see ``finetune/reward.py``)."""
+
+    name = "reward"
+
+    def _load_data(self) -> None:
+        self._load_pairs()
+        self.margin_mode = self.cfg.reward.margin
+        # A head from outside replaces the next-token head: nothing the loop may fold into the fused loss.
+        self.head_seed = self.cfg.seed
+
+    def describe(self) -> list[str]:
+        levels = Counter(p.preference or NO_LEVEL for p in self.pairs)
+        return [f"reward: {len(self.pairs):,} training pairs ({', '.join(f'{k} {v:,}' for k, v in levels.items())}), "
+                f"{len(self.val_pairs):,} held out; {self.rows_per_step} pairs a step, {self._total_steps} steps; "
+                f"margin {self.margin_mode}"]
+
+    def start(self, model: nn.Module, device: torch.device, tokens_seen: int, dp_rank: int, dp_size: int,
+              extra: dict[str, Any], autocast: Callable[[], Any] | None = None) -> None:
+        super().start(model, device, tokens_seen, dp_rank, dp_size, extra, autocast)
+        self.autocast = autocast or nullcontext  # for the export's last held-out pass
+
+    def _adapt(self, model: nn.Module) -> None:
+        attach_reward_head(model, seed=self.head_seed)  # trainable, also with LoRA (a new module)
+
+    def checkpoint_weights(self, model: nn.Module) -> dict[str, Tensor] | None:
+        if self.lora is None:
+            return None
+        return {**adapter_state_dict(model), "output.weight": reward_head(model).weight.detach()}
+
+    def load_weights(self, model: nn.Module, weights: dict[str, Tensor], source: str) -> None:
+        if self.lora is None:
+            model.load_state_dict(weights, strict=True)
+            return
+        weights = dict(weights)
+        head = weights.pop("output.weight", None)
+        if head is None:
+            raise ConfigError(f"{source}: no reward head (output.weight) in the checkpoint")
+        load_adapter_state_dict(model, weights, source=source)
+        with torch.no_grad():
+            reward_head(model).weight.copy_(head)
+
+    def flops_per_token(self, model: nn.Module, seq_len: int) -> float | None:
+        # No vocabulary head: the trunk's 6N (LoRA: 4N) per token, the head's 2 x dim negligible.
+        c = model.config
+        full = flops_per_token(c, seq_len) - 6 * c.dim * c.vocab_size
+        return full * 2 / 3 if self.lora is not None else full
+
+    def _collate(self, idx: list[int], pairs: list[PreferenceSample]) -> dict[str, Any]:
+        """Chosen rows, then rejected, then the edited answers of the pairs that have one, padded
+        to one width: one forward scores them all."""
+        sel = [pairs[i] for i in idx]
+        edited = [k for k, p in enumerate(sel) if p.edited is not None]
+        sides = [p.chosen for p in sel] + [p.rejected for p in sel] + [sel[k].edited for k in edited]
+        rows = sample_rows(sides)
+        width = max(len(r) for r in rows)
+        margin = torch.tensor([pair_margin(p.margin, p.preference, self.margin_mode) for p in sel])
+        return {"tokens": collate(rows, pad_id=self.pad_id, pad_to=width).tokens,
+                "lengths": torch.tensor([len(x) for x in sides]), "margin": margin, "idx": idx,
+                "edited": torch.tensor(edited, dtype=torch.long), "comparisons": len(sel) + 2 * len(edited)}
+
+    def _comparisons(self, i: int, pairs: list[PreferenceSample]) -> int:
+        return 3 if pairs[i].edited is not None else 1
+
+    def _loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        r = sequence_rewards(model, batch["tokens"].to(self.device), batch["lengths"], full_forward=self.distributed)
+        n = len(batch["idx"])
+        r_c, r_r, r_e = r[:n], r[n:2 * n], r[2 * n:]
+        hi, lo, m = [r_c], [r_r], [batch["margin"].to(r.device)]
+        if r_e.numel():  # Llama 3's three-way ranking: edited > chosen > rejected, every ordered pair
+            e = batch["edited"].to(r.device)
+            hi += [r_e, r_e]
+            lo += [r_c[e], r_r[e]]
+            m += [torch.zeros_like(r_e)] * 2  # the level grades chosen against rejected only
+        losses = reward_loss(torch.cat(hi), torch.cat(lo), torch.cat(m))
+        d = (r_c - r_r).detach()
+        stats = {"reward_chosen": r_c.mean().detach(), "reward_rejected": r_r.mean().detach(),
+                 "reward_margin": d.mean(), "accuracy": (d > 0).float().mean()}
+        return losses.mean(), stats, d
+
+    def step_batches(self, tokens_seen: int, say: Callable[[str], None]) -> StepBatches:
+        idx = self._next_units()
+        mine = self._mine(idx)
+        items = [self._collate(mine[k:k + self.micro], self.pairs) for k in range(0, len(mine), self.micro)]
+        sides = lambda p: [p.chosen, p.rejected] + ([p.edited] if p.edited is not None else [])  # noqa: E731
+        real = sum(len(x) for i in idx for x in sides(self.pairs[i]))
+        # Every comparison weighs the same in the step (all processes; FSDP averages them).
+        total = sum(self._comparisons(i, self.pairs) for i in idx)
+        return StepBatches([(b, b["comparisons"] * self.dp_size / total) for b in items], real, self.seq_len)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        loss, stats, _ = self._loss(model, batch)
+        return loss, stats
+
+    @torch.no_grad()
+    def _held_out(self, model: nn.Module, autocast: Callable[[], Any], limit: int) -> tuple[dict[str, float], list[float], list[str | None]]:
+        """Loss sums and the score differences of the first ``limit`` held-out pairs (all processes)."""
+        was = model.training
+        model.eval()
+        sums: dict[str, float] = {"n": 0.0, "loss": 0.0}
+        diffs = torch.zeros(limit, dtype=torch.float64)
+        starts = list(range(0, limit, self.micro))
+        for j, counted in self._eval_share(len(starts)):
+            k = starts[j]
+            idx = list(range(k, min(k + self.micro, limit)))
+            batch = self._collate(idx, self.val_pairs)
+            with autocast():
+                loss, _, d = self._loss(model, batch)
+            if counted:
+                sums["n"] += batch["comparisons"]
+                sums["loss"] += float(loss) * batch["comparisons"]
+                diffs[k:k + len(idx)] = d.double().cpu()
+        model.train(was)
+        if self.distributed:
+            t = diffs.to(self.device)
+            dist.all_reduce(t)
+            diffs = t.cpu()
+        sums = self._sum_over_processes(sums)
+        return sums, diffs.tolist(), [p.preference for p in self.val_pairs[:limit]]
+
+    def evaluate(self, model: nn.Module, autocast: Callable[[], Any]) -> dict[str, float] | None:
+        if not self.val_pairs:
+            return None
+        limit = min(len(self.val_pairs), self.cfg.eval.batches * self.micro)
+        sums, diffs, levels = self._held_out(model, autocast, limit)
+        out = {"val_loss": sums["loss"] / max(sums["n"], 1)}
+        for level, row in accuracy_by_level(diffs, levels).items():
+            out["val_accuracy" if level == "all" else f"val_accuracy_{level}"] = row["accuracy"]
+        out["val_reward_margin"] = float(np.mean(diffs)) if diffs else 0.0
+        return out
+
+    def export(self, run_dir: Path, model: nn.Module, distributed: bool) -> Path | None:
+        from llamalab.checkpoint.base import build_model
+        from llamalab.train.loop import export_native
+        from llamalab.train.parallelize import export_full_state_dict
+
+        # Every held-out pair, once more with the final weights: the accuracy table and calibration.
+        evaluated = None
+        if self.val_pairs:
+            evaluated = self._held_out(model, self.autocast, len(self.val_pairs))
+        state = export_full_state_dict(model) if distributed else model.state_dict()
+        if distributed and dist.get_rank() != 0:
+            return None
+        head = state.pop("output.weight").detach().to("cpu", torch.float32)
+        # The trunk as an ordinary checkpoint, with the starting model's next-token head.
+        plain = build_model(self.ckpt, dtype=torch.float32, device="cpu")
+        if self.lora is not None:
+            apply_lora(plain, self.lora)
+            load_adapter_state_dict(plain, {k: v for k, v in state.items() if ".lora_" in k}, source="the run")
+            adapter = save_adapter(plain, run_dir / "adapter", base=self.cfg.model.checkpoint)
+            self.notes.append(f"LoRA adapter of the trunk: {adapter} (the head is in final/{HEAD_FILE})")
+            merge_lora(plain)
+        else:
+            trunk = {k: v for k, v in state.items() if k != "output.weight"}
+            missing, unexpected = plain.load_state_dict(trunk, strict=False)
+            if unexpected or [k for k in missing if k != "output.weight"]:
+                raise RuntimeError(f"reward export: unexpected {unexpected}, missing {missing}")
+        out = export_native(run_dir, plain, self.tokenizer, False, source_format="llamalab-reward")
+        attach_reward_head(plain)
+        with torch.no_grad():
+            reward_head(plain).weight.copy_(head)
+        meta: dict[str, Any] = {"margin": self.margin_mode, "chat_format": self.cfg.finetune.chat_format,
+                                "base": self.cfg.model.checkpoint}
+        if evaluated is not None:
+            sums, diffs, levels = evaluated
+            acc = accuracy_by_level(diffs, levels)
+            table = calibration_table(diffs)
+            meta["held_out"] = {"pairs": len(diffs), "loss": sums["loss"] / max(sums["n"], 1),
+                                "accuracy_by_level": acc, "calibration": table}
+            png = plot_calibration(table, out / "calibration.png",
+                                   title=f"reward model calibration ({len(diffs)} held-out pairs)")
+            self.notes.append(f"held-out accuracy by preference level:\n{format_accuracy_table(acc)}\n"
+                              f"calibration plot: {png}")
+            self.held_out = meta["held_out"]
+        save_reward_head(plain, out, meta)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "held_out": getattr(self, "held_out", None)}
+
+
 # ---------------------------------------------------------------- entry point
 
-OBJECTIVES: dict[str, type[_Finetune]] = {"sft": SFTObjective, "dpo": DPOObjective}
+OBJECTIVES: dict[str, type[_Finetune]] = {"sft": SFTObjective, "dpo": DPOObjective, "reward": RewardObjective}
 
 
 def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import tomllib
 import types
 import typing
@@ -49,7 +50,7 @@ from typing import Any, Literal
 from llamalab.config import PRESETS, ModelConfig, get_preset
 
 __all__ = ["CheckpointSection", "ConfigError", "DPOSection", "DataSection", "DataSource", "EvalSection",
-           "FinetuneSection", "LoraSection", "ModelSection",
+           "FinetuneSection", "FinetuneSource", "LoraSection", "ModelSection", "RewardSection",
            "OptimSection", "Stage", "StageSettings", "TrainConfig", "TrainSection", "grad_accum_steps",
            "load_config"]
 
@@ -93,6 +94,21 @@ def _checkpoint_config(source: str) -> ModelConfig:
 
 
 @dataclass
+class FinetuneSource:
+    """One source of a fine-tuning mixture (``[[finetune.sources]]``): JSONL ``files`` (or globs)
+    and either ``fraction`` (take this share of the source's records, seeded; > 1 repeats them)
+    or ``share`` (size the source to this share of the whole mixture, sampled from it). Llama 2's
+    helpfulness reward model: helpful data ``fraction = 1`` + safety and open data ``share = 0.25``
+    each (an equal amount in all); its safety model: safety data ``fraction = 1`` + helpful data
+    ``share = 0.1``."""
+
+    files: list[str]
+    name: str = ""
+    fraction: float | None = None
+    share: float | None = None
+
+
+@dataclass
 class FinetuneSection:
     """Post-training (``llamalab finetune``): the method, its JSONL data and how it is rendered.
 
@@ -102,8 +118,9 @@ class FinetuneSection:
     ``train.global_batch_tokens / train.seq_len`` sequences a step (``max_steps`` > 0 caps them).
     """
 
-    method: Literal["sft", "dpo"] = "sft"
+    method: Literal["sft", "dpo", "reward"] = "sft"
     train_data: list[str] = field(default_factory=list)
+    sources: list[FinetuneSource] = field(default_factory=list)  # a mixture, beside/instead of train_data
     val_data: list[str] = field(default_factory=list)
     val_fraction: float = 0.0
     chat_format: Literal["auto", "template", "llama3", "llama2"] = "auto"  # auto: the tokenizer's own
@@ -139,6 +156,15 @@ class DPOSection:
     nll_weight: float = 0.2
     mask_formatting: bool = True
     reference: Literal["auto", "cached", "adapters-off"] = "auto"
+
+
+@dataclass
+class RewardSection:
+    """Reward models (Llama 2 §3.2.2, ``finetune.method = "reward"``): the margin m(r) of the
+    ranking loss -log sigmoid(r_c - r_r - m(r)) by preference level (Table 27): "small" (1, 2/3,
+    1/3, 0), "large" (3, 2, 1, 0) or "off" (Llama 3); a record's own ``margin`` wins over its level."""
+
+    margin: Literal["small", "large", "off"] = "small"
 
 
 @dataclass
@@ -200,10 +226,17 @@ class OptimSection:
     decay_embeddings: bool = True
     grad_clip: float = 1.0
     warmup_steps: int = 2000
+    # A share of the run's steps, for recipes that state warmup so (Llama 2's reward model: 3%,
+    # at least 5): the warmup is max(warmup_steps, ceil(warmup_fraction * total steps)).
+    warmup_fraction: float = 0.0
     min_lr_ratio: float = 0.1
     schedule: Literal["cosine", "linear-anneal"] = "cosine"
     anneal_steps: int | None = None
     fused: bool | None = None
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The warmup steps of a run of ``total_steps``: max(warmup_steps, ceil(warmup_fraction * total))."""
+        return max(self.warmup_steps, math.ceil(self.warmup_fraction * total_steps))
 
 
 @dataclass
@@ -271,6 +304,7 @@ class TrainConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     lora: LoraSection = field(default_factory=LoraSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    reward: RewardSection = field(default_factory=RewardSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON-serialisable) dict; :meth:`from_dict` reads it back."""
@@ -355,6 +389,8 @@ class TrainConfig:
 
         if t.peak_flops != "auto" and t.peak_flops not in PEAK_FLOPS:
             raise ConfigError(f"train.peak_flops={t.peak_flops!r}: expected 'auto' or one of {', '.join(PEAK_FLOPS)}")
+        if not 0.0 <= o.warmup_fraction < 1.0:
+            raise ConfigError(f"optim.warmup_fraction={o.warmup_fraction}: must be in [0, 1)")
         if not all(0.0 <= b < 1.0 for b in o.betas):
             raise ConfigError(f"optim.betas={list(o.betas)}: each must be in [0, 1)")
         from llamalab.train.optim import lr_at
@@ -390,6 +426,24 @@ class TrainConfig:
             raise ConfigError(f"finetune.epochs={f.epochs}: must be > 0")
         if f.max_steps < 0:
             raise ConfigError(f"finetune.max_steps={f.max_steps}: must be >= 0")
+        for i, src in enumerate(f.sources):
+            key = f"finetune.sources[{i}]"
+            if not src.files:
+                raise ConfigError(f"{key}.files: empty; list JSONL files (or globs)")
+            if (src.fraction is None) == (src.share is None):
+                raise ConfigError(f"{key}: give exactly one of 'fraction' (of the source's records) and 'share' "
+                                  f"(of the whole mixture)")
+            if src.fraction is not None and not src.fraction > 0:
+                raise ConfigError(f"{key}.fraction={src.fraction}: must be > 0")
+            if src.share is not None and not 0 < src.share < 1:
+                raise ConfigError(f"{key}.share={src.share}: must be in (0, 1)")
+        if f.sources:
+            shares = sum(src.share or 0.0 for src in f.sources)
+            if not f.train_data and all(src.share is not None for src in f.sources):
+                raise ConfigError("finetune.sources: every source has a 'share'; at least one needs a 'fraction' "
+                                  "(or use finetune.train_data) for the shares to be shares of")
+            if shares >= 1:
+                raise ConfigError(f"finetune.sources: the shares sum to {shares:g}; they must sum to less than 1")
         if not self.dpo.beta > 0:
             raise ConfigError(f"dpo.beta={self.dpo.beta}: must be > 0")
         if self.dpo.nll_weight < 0:

@@ -598,7 +598,7 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
     o = cfg.optim
     optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps, o.fused,
                                 decay_embeddings=o.decay_embeddings)
-    scheduler = build_scheduler(optimizer, warmup_steps=o.warmup_steps, total_steps=total_steps,
+    scheduler = build_scheduler(optimizer, warmup_steps=o.warmup_for(total_steps), total_steps=total_steps,
                                 min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, anneal_steps=o.anneal_steps)
 
     # -- resume
