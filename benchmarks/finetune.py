@@ -6,8 +6,8 @@ training loop of each library:
 
 - **llamalab**: ``llamalab.finetune.finetune(cfg)`` (the loop of ``llamalab finetune``); the step
   times come from its ``metrics.jsonl`` (every step is logged).
-- **trl**: ``trl.SFTTrainer`` / ``trl.DPOTrainer`` (``trainer.train()``), with peft's LoRA for the
-  LoRA rows; step times from a ``TrainerCallback`` (``on_step_begin`` -> ``on_step_end``).
+- **trl**: ``trl.SFTTrainer`` / ``trl.DPOTrainer`` / ``trl.RewardTrainer`` (``trainer.train()``),
+  with peft's LoRA for the LoRA rows; step times from a ``TrainerCallback`` (``on_step_begin`` -> ``on_step_end``).
 
 The same settings on both sides: 2 threads; precision ``--dtype`` (``auto``: bf16 autocast where
 the CPU has native bf16, else fp32; fp32 weights and AdamW β 0.9/0.95 on both); LoRA rank 8,
@@ -27,13 +27,17 @@ turns it on for both, ``train.activation_checkpointing = "full"`` on llamalab).
   on both sides (TRL ``precompute_ref_log_probs``, llamalab ``dpo.reference = "cached"``; not
   timed); LoRA switches the adapters off for the reference forward (both libraries' default).
   Figure: pairs per second.
+- **Reward model** (``reward-full``): the same pairs, all weights, Llama 2's margin loss with
+  m = 1 on every pair (llamalab ``reward.margin = "small"`` on "significantly_better" pairs, TRL a
+  ``margin`` column of 1.0), 4 pairs a step, one a micro-batch; TRL's model is
+  ``AutoModelForSequenceClassification`` (``num_labels=1``) on the same weights. Pairs per second.
 
 Step times are medians over the timed steps of a process, then medians over ``--rounds``
 processes run interleaved (A B A B ..., the order flipped every round). Memory: the process's
 peak resident set (``VmHWM``) at the end of the last step, the same measurement on both sides
 (llamalab logs it as ``peak_rss_mb`` in metrics.jsonl); LoRA / full is that figure's ratio.
 
-Usage: ``python benchmarks/finetune.py [--rows sft-full,sft-lora,dpo-full,dpo-lora]
+Usage: ``python benchmarks/finetune.py [--rows sft-full,sft-lora,dpo-full,dpo-lora,reward-full]
 [--impls llamalab,trl] [--steps 4] [--warmup 2] [--rounds 2] [--dtype auto] [--json out.json]``.
 Needs ``trl`` (``pip install trl``; it installs beside the CPU torch without pulling CUDA).
 """
@@ -50,7 +54,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
-ROWS = ("sft-full", "sft-lora", "dpo-full", "dpo-lora")
+ROWS = ("sft-full", "sft-lora", "dpo-full", "dpo-lora", "reward-full")
 SFT_SEQ, SFT_ROWS = 256, 8          # 8 packed rows of 256 a step
 DPO_SEQ, DPO_PAIRS = 1024, 4        # 4 pairs a step, one a micro-batch
 LORA_TARGETS = {"wq": "q_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -117,7 +121,7 @@ seed = 1
 checkpoint = "smollm2-135m-instruct"
 [finetune]
 method = "{method}"
-train_data = ["{spec['data'][method]}"]
+train_data = ["{spec['data']['sft' if sft else 'dpo']}"]
 epochs = 1
 max_steps = {steps}
 lora = {str(adapters == 'lora').lower()}
@@ -131,6 +135,8 @@ targets = {json.dumps(list(LORA_TARGETS))}
 beta = 0.1
 nll_weight = 0.2
 reference = "{'adapters-off' if adapters == 'lora' else 'cached'}"
+[reward]
+margin = "small"
 [train]
 seq_len = {seq}
 global_batch_tokens = {seq * per_step}
@@ -179,14 +185,18 @@ def child_trl(spec: dict) -> dict:
     sft = method == "sft"
     gguf = Path(resolve("smollm2-135m-instruct"))
     tok = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(spec["data"]["hf"], dtype=torch.float32)
-    records = [json.loads(line) for line in Path(spec["data"][method]).read_text().splitlines() if line.strip()]
+    reward = method == "reward"
+    auto = transformers.AutoModelForSequenceClassification if reward else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(spec["data"]["hf"], dtype=torch.float32, **({"num_labels": 1} if reward else {}))
+    source = spec["data"]["sft" if sft else "dpo"]
+    records = [json.loads(line) for line in Path(source).read_text().splitlines() if line.strip()]
     if sft:  # prompt = every turn before the last answer, completion = the last answer
         rows = [{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in records]
     else:
         rows = [{"prompt": [{"role": "user", "content": r["prompt"]}],
                  "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                 "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in records]
+                 "rejected": [{"role": "assistant", "content": r["rejected"]}],
+                 **({"margin": 1.0} if reward else {})} for r in records]
     ds = datasets.Dataset.from_list(rows)
     peft_config = None
     if adapters == "lora":
@@ -201,7 +211,9 @@ def child_trl(spec: dict) -> dict:
                   disable_tqdm=True, gradient_checkpointing=spec.get("checkpointing", False))
     counted: list[int] = []
 
-    class Counting(trl.SFTTrainer if sft else trl.DPOTrainer):  # type: ignore[misc, valid-type]
+    base = trl.SFTTrainer if sft else trl.RewardTrainer if reward else trl.DPOTrainer
+
+    class Counting(base):  # type: ignore[misc, valid-type]
         def training_step(self, model, inputs, *a, **kw):  # noqa: ANN001, ANN002, ANN003
             mask = inputs.get("attention_mask")
             counted.append(int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel()))
@@ -221,6 +233,9 @@ def child_trl(spec: dict) -> dict:
     if sft:
         args = trl.SFTConfig(**common, max_length=SFT_SEQ, packing=True, per_device_train_batch_size=SFT_ROWS,
                              gradient_accumulation_steps=1, completion_only_loss=True)
+    elif reward:
+        args = trl.RewardConfig(**common, max_length=DPO_SEQ, per_device_train_batch_size=1,
+                                gradient_accumulation_steps=DPO_PAIRS, center_rewards_coefficient=None)
     else:
         args = trl.DPOConfig(**common, max_length=DPO_SEQ, beta=0.1, loss_type=["sigmoid", "sft"],
                              loss_weights=[1.0, 0.2], per_device_train_batch_size=1,
@@ -313,7 +328,7 @@ def main() -> None:
 
     print(f"\nCPU: {cpu_name()} ({isa}); {THREADS} threads, {dtype}; SmolLM2-135M-Instruct; medians of "
           f"{args.rounds} processes x {args.steps} steps (after {args.warmup}). SFT: {SFT_ROWS} packed rows of "
-          f"{SFT_SEQ} a step; DPO: {DPO_PAIRS} pairs a step; activation checkpointing "
+          f"{SFT_SEQ} a step; DPO and reward: {DPO_PAIRS} pairs a step; activation checkpointing "
           f"{'on' if args.activation_checkpointing else 'off'}.")
     head = f"{'row':<10}{'impl':<10}{'rate':>10} {'unit':<8}{'vs TRL':>8}{'peak RSS MB':>13}{'LoRA/full':>11}"
     print(head)
