@@ -234,6 +234,10 @@ def test_reward_run_learns_exports_and_scores(base: Path, reward_data: Path, tmp
     bad = subprocess.run([sys.executable, "-m", "llamalab.cli", "reward", "score", "--model", str(base),
                           "--input", str(inp)], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "not a reward model" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "llamalab.cli", "reward", "score", "--model", str(final),
+                              "--input", str(tmp_path / "nope.jsonl")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "--input" in missing.stderr and "nope.jsonl" in missing.stderr
+    assert "Traceback" not in missing.stderr and "scoring" not in missing.stderr
 
 
 def test_lora_reward_run_trains_the_head_and_resumes(base: Path, reward_data: Path, tmp_path: Path) -> None:

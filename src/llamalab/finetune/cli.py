@@ -168,6 +168,11 @@ def cmd_reward_score(args: argparse.Namespace) -> int:
     from llamalab.finetune.datasets import write_jsonl
     from llamalab.finetune.reward import accuracy_by_level, format_accuracy_table, load_reward_model, score_jsonl
 
+    from pathlib import Path
+
+    for f in args.input:  # before the model is loaded: fail before any compute
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--input {f}: no such file; expected JSONL records to score")
     if args.threads:
         torch.set_num_threads(args.threads)
     rm = load_reward_model(args.model, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)

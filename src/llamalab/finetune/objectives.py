@@ -658,8 +658,7 @@ class RewardObjective(_Finetune):
     def _load_data(self) -> None:
         self._load_pairs()
         self.margin_mode = self.cfg.reward.margin
-        # A head from outside replaces the next-token head: nothing the loop may fold into the fused loss.
-        self.head_seed = self.cfg.seed
+        self.head_seed = self.cfg.seed  # every process of a sharded run draws the same head
 
     def describe(self) -> list[str]:
         levels = Counter(p.preference or NO_LEVEL for p in self.pairs)
