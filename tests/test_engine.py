@@ -396,3 +396,55 @@ def test_input_errors_are_clear(tok: HFTokenizer) -> None:
         gen.stream([], GenerationConfig(max_new_tokens=8))  # raised at the call, before iteration
     with pytest.raises(ValueError, match="vocab_limit"):
         Generator(model, tok, vocab_limit=model.config.vocab_size + 1)
+
+
+def test_sampling_draws_follow_the_distribution() -> None:
+    """choose_next's draws: frequencies within 5 standard errors of the softmax's probabilities over
+    200,000 draws, never a token cut to probability 0, and each draw the first id whose cumulative
+    probability exceeds the row's uniform number (the inverse distribution function, by hand)."""
+    from llamalab.generate.sampling import choose_next
+
+    logits = torch.tensor([1.0, 0.0, -1.0, float("-inf"), 2.0, -0.5])
+    probs = logits.double().softmax(-1)
+    n = 200_000
+    ids = choose_next(logits.expand(n, -1).clone(), 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(ids, minlength=len(logits)).double() / n
+    se = (probs * (1 - probs) / n).sqrt()
+    assert freq[3] == 0
+    assert torch.all((freq - probs).abs() <= 5 * se + 1e-12), (freq, probs)
+    # By hand for a few rows: the same generator gives the same uniforms.
+    rows = torch.randn(4, 7, generator=torch.Generator().manual_seed(1))
+    got = choose_next(rows, 1.0, torch.Generator().manual_seed(2))
+    u = torch.rand(4, 1, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for r in range(4):
+        p = rows[r].softmax(-1).double().tolist()
+        acc, want = 0.0, None
+        for i, x in enumerate(p):
+            acc += x
+            if acc > u[r, 0].item() * sum(p):
+                want = i
+                break
+        assert got[r].item() == want
+
+
+def test_repeated_prompts_share_one_prefill(tok: HFTokenizer) -> None:
+    """K rows of one prompt (rejection sampling's batches) are prefilled once and the cache rows
+    copied: greedy rows equal the prompt alone, and every sampled row's recorded log-probs equal
+    a full forward pass (no cache) over the prompt and that row's tokens."""
+    ours, _ = _random_pair(vocab_size=tok.vocab_size, seed=4)
+    gen = Generator(ours, tok)
+    p, q = [9, 2, 6, 5, 3, 5, 8], [4, 4]
+    config = GenerationConfig(max_new_tokens=10, stop_ids=(), logprobs=True)
+    batched = gen.generate([p, q, p, p], config)
+    for b, prompt in zip(batched, [p, q, p, p]):
+        s = gen.generate([prompt], config)[0]
+        assert b.ids == s.ids
+        torch.testing.assert_close(b.logprobs, s.logprobs, atol=1e-4, rtol=0)
+    sampled = gen.generate([p] * 4, GenerationConfig(max_new_tokens=10, temperature=1.5, seed=0, stop_ids=(),
+                                                     logprobs=True))
+    assert len({tuple(r.ids) for r in sampled}) > 1  # the rows really are separate draws
+    for r in sampled:
+        with torch.no_grad():
+            logits = ours(torch.tensor([p + r.ids]))[0, len(p) - 1:-1].float()
+        want = torch.log_softmax(logits[:, :gen.n_vocab], -1).gather(-1, torch.tensor(r.ids).unsqueeze(-1)).squeeze(-1)
+        torch.testing.assert_close(torch.tensor(r.logprobs), want, atol=1e-4, rtol=0)

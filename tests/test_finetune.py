@@ -562,6 +562,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "finetune"
                                                      "warmup_fraction": 0.03, "min_lr_ratio": 0.1}),
     ("llama2-rm-safety", "reward", 1e-5, 512, 4096, {"margin": "small", "warmup_fraction": 0.03}),
     ("cpu-reward", "reward", 3e-5, 4, 1024, {"lora": False, "margin": "small", "warmup_fraction": 0.03}),
+    ("cpu-rm-arith", "reward", 3e-5, 8, 128, {"margin": "small", "warmup_fraction": 0.03}),
+    ("llama2-rejection-sampling", "sft", 2e-5, 64, 4096, {"epochs": 2.0, "weight_decay": 0.1}),
+    ("cpu-rejection-sampling", "sft", 2e-5, 2, 256, {"epochs": 2.0}),
 ])
 def test_recipes_load_with_the_papers_numbers(base: Path, name: str, method: str, lr: float, rows: int,
                                               seq_len: int, extra: dict[str, Any]) -> None:
@@ -578,6 +581,10 @@ def test_recipes_load_with_the_papers_numbers(base: Path, name: str, method: str
         assert [(x.fraction, x.share) for x in f.sources] == [(1.0, None), (None, 0.25), (None, 0.25)]
     if name == "llama2-rm-safety":  # safety data + helpfulness as 10% of the mixture
         assert [(x.fraction, x.share) for x in f.sources] == [(1.0, None), (1.0, None), (None, 0.1)]
+    if "rejection" in name:  # K samples per prompt and a temperature sweep (Llama 2 Fig. 8)
+        r = cfg.rejection
+        assert len(r.temperatures) >= 2 and r.reward_model and r.prompts and r.drop_truncated
+        assert r.k == (10 if name.startswith("llama2") else 16)  # Llama 3 §4.2.2: "between 10 and 30"
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_finetune_data_parser", "add_finetune_parser", "add_merge_lora_parser", "add_reward_parser",
-           "cmd_finetune", "cmd_finetune_data", "cmd_merge_lora", "cmd_reward_score"]
+__all__ = ["add_finetune_data_parser", "add_finetune_parser", "add_merge_lora_parser", "add_reward_parser", "add_rejection_parser",
+           "cmd_finetune", "cmd_finetune_data", "cmd_merge_lora", "cmd_rejection_sample", "cmd_reward_score"]
 
 FINETUNE_EPILOG = """\
 examples:
@@ -103,9 +103,18 @@ examples:
   llamalab finetune-data code-pairs --out data/dpo/code-train.jsonl --val-out data/dpo/code-val.jsonl
 
 chatterbot: the ChatterBot corpus's English dialogues (pip install --no-deps chatterbot-corpus; BSD).
+  llamalab finetune-data arithmetic --out data/rlhf/arith-rs.jsonl --count 100 --offset 200 --ops +
+  llamalab finetune-data checked-pairs --prompts data/rlhf/arith-rm.jsonl --policy smollm2-135m-instruct \
+      --k 16 --temperature 0.7 --out data/rlhf/arith-pairs.jsonl --val-out data/rlhf/arith-pairs-val.jsonl
+
 code-pairs: HumanEval reference solutions (chosen) against one-bug variants (rejected), both executed
 against the problem's unit tests; a pair is kept only if the chosen passes and the rejected fails.
 Every other problem goes to --val-out. Do not score a model tuned on these pairs on HumanEval.
+arithmetic: addition/subtraction questions with their answers (prompt records {"id", "prompt", "answer"});
+slices at different --offset never share a question.
+checked-pairs: the policy's own answers to prompts that carry an "answer", sampled --k times and
+checked (the final number, as GSM8K is scored): a correct answer (chosen) against a wrong one
+(rejected). Every 5th prompt's pairs go to --val-out. The samples are kept (resumable) in OUT.samples/.
 """
 
 
@@ -119,12 +128,59 @@ def cmd_finetune_data(args: argparse.Namespace) -> int:
         records = chatterbot_conversations(args.language, system=args.system)
         print(f"{write_jsonl(records, args.out)}: {len(records):,} conversations")
         return 0
+    if args.source == "arithmetic":
+        from llamalab.finetune.datasets import arithmetic_prompts
+
+        records = arithmetic_prompts(args.count, offset=args.offset, low=args.low, high=args.high, ops=args.ops)
+        print(f"{write_jsonl(records, args.out)}: {len(records):,} questions")
+        return 0
+    if args.source == "checked-pairs":
+        return _checked_pairs(args)
     train, held, report = code_preference_pairs(per_problem=args.per_problem, holdout_every=2 if args.val_out else 0,
                                                 progress=not args.no_progress)
     print(f"{write_jsonl(train, args.out)}: {len(train):,} pairs")
     if args.val_out:
         print(f"{write_jsonl(held, args.val_out)}: {len(held):,} held-out pairs")
     print(json.dumps(report))
+    return 0
+
+
+def _checked_pairs(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from llamalab.api import load
+    from llamalab.finetune.datasets import checked_pairs, write_jsonl
+    from llamalab.finetune.rejection import SamplingPlan, read_prompts, run_sampling, sampling_report
+    from llamalab.generate.engine import Generator
+
+    if not args.prompts or not args.policy:
+        raise ValueError("finetune-data checked-pairs: needs --prompts FILE (records with an \"answer\") and "
+                         "--policy CHECKPOINT")
+    for f in args.prompts:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"--prompts {f}: no such file; expected JSONL prompt records with an \"answer\"")
+    lm = load(args.policy, dtype=torch.bfloat16 if args.dtype == "bfloat16" else torch.float32)
+    prompts, summary = read_prompts(args.prompts)
+    missing = [p for p in prompts if p.answer is None]
+    if missing:
+        raise ValueError(f"{missing[0].file}:{missing[0].line}: no \"answer\" field; checked pairs need one per prompt")
+    plan = SamplingPlan(k=args.k, temperatures=[args.temperature], max_new_tokens=args.max_new_tokens, seed=args.seed)
+    records = run_sampling(Generator(lm.model, lm.tokenizer), prompts, plan, Path(str(args.out) + ".samples"),
+                           meta={"policy": args.policy, "files": list(args.prompts), "dtype": args.dtype},
+                           progress=not args.no_progress)
+    held = [r for r in records if r["index"] % 5 == 4] if args.val_out else []
+    train = [r for r in records if not (args.val_out and r["index"] % 5 == 4)]
+    pairs = checked_pairs(train, per_prompt=args.per_problem, seed=args.seed)
+    print(f"{write_jsonl(pairs, args.out)}: {len(pairs):,} pairs from {len(train):,} prompts")
+    if args.val_out:
+        val = checked_pairs(held, per_prompt=args.per_problem, seed=args.seed)
+        print(f"{write_jsonl(val, args.val_out)}: {len(val):,} held-out pairs from {len(held):,} prompts")
+    rep = sampling_report(records)
+    print(json.dumps({"prompts": len(records), "set_aside": len(summary.set_aside),
+                      "samples_per_s": rep["samples_per_s"], **next(iter(rep["by_temperature"].values()))}))
     return 0
 
 
@@ -135,10 +191,25 @@ def add_finetune_data_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=DATA_EPILOG,
         description="Build fine-tuning data from installed packages, nothing downloaded: conversations for "
                     "SFT, preference pairs for DPO. See docs/finetune.md.")
-    p.add_argument("source", choices=("chatterbot", "code-pairs"), help="which data to build")
+    p.add_argument("source", choices=("chatterbot", "code-pairs", "arithmetic", "checked-pairs"),
+                   help="which data to build")
     p.add_argument("--out", required=True, metavar="FILE", help="the JSONL file to write")
-    p.add_argument("--val-out", metavar="FILE", default=None, help="code-pairs: held-out pairs (every other problem)")
-    p.add_argument("--per-problem", type=int, default=2, metavar="N", help="code-pairs: pairs per problem (default 2)")
+    p.add_argument("--val-out", metavar="FILE", default=None,
+                   help="code-pairs: held-out pairs (every other problem); checked-pairs: every 5th prompt's")
+    p.add_argument("--per-problem", type=int, default=2, metavar="N",
+                   help="code-pairs, checked-pairs: pairs per problem (default 2)")
+    p.add_argument("--count", type=int, default=100, metavar="N", help="arithmetic: questions (default 100)")
+    p.add_argument("--offset", type=int, default=0, metavar="N", help="arithmetic: where the slice starts (default 0)")
+    p.add_argument("--low", type=int, default=1, help="arithmetic: smallest operand (default 1)")
+    p.add_argument("--high", type=int, default=30, help="arithmetic: largest operand (default 30)")
+    p.add_argument("--ops", default="+-", help="arithmetic: operations, some of + and - (default +-)")
+    p.add_argument("--prompts", nargs="+", metavar="FILE", help="checked-pairs: prompt records with an \"answer\"")
+    p.add_argument("--policy", metavar="CHECKPOINT", help="checked-pairs: the model whose answers are paired")
+    p.add_argument("--k", type=int, default=16, help="checked-pairs: answers sampled per prompt (default 16)")
+    p.add_argument("--temperature", type=float, default=0.7, help="checked-pairs: sampling temperature (default 0.7)")
+    p.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="checked-pairs: answer length limit")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="checked-pairs: policy dtype")
+    p.add_argument("--seed", type=int, default=0, help="checked-pairs: sampling and pairing seed")
     p.add_argument("--language", default="english", help="chatterbot: corpus language (default english)")
     p.add_argument("--system", default=None, metavar="TEXT", help="chatterbot: a system message for every record")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -240,4 +311,61 @@ def add_reward_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_reward_score)
+    return p
+
+
+REJECTION_EPILOG = """\
+examples:
+  llamalab rejection-sample --config configs/finetune/cpu-rejection-sampling.toml
+  llamalab rejection-sample --config configs/finetune/cpu-rejection-sampling.toml --sample-only rejection.k=16
+  llamalab rejection-sample --config configs/finetune/llama2-rejection-sampling.toml \\
+      model.checkpoint=runs/rlhf-v3/final rejection.reward_model=runs/rm-helpful/final \\
+      'rejection.keep_from=["runs/rs-v1", "runs/rs-v2"]' run_dir=runs/rs-v3
+
+The run file is a fine-tuning run file (finetune.method = "sft") with a [rejection] section:
+reward_model, prompts (JSONL: {"prompt"} or {"messages"} ending with the user, optional "id", "tag",
+"answer"), k, temperatures (several = a sweep), max_new_tokens, keep_from, eval_prompts. Writes
+run_dir/sampling/ (samples.jsonl, report.json, best-of-k.png, rewards.png), run_dir/selected.jsonl,
+then SFT on it into run_dir/final, and held-out before/after figures (eval-before/, eval-after/,
+eval-rewards.png, report.json). Running the same command again resumes every step.
+"""
+
+
+def cmd_rejection_sample(args: argparse.Namespace) -> int:
+    """One rejection-sampling iteration: sample, score, select, SFT, evaluate."""
+    import json
+
+    from llamalab.finetune.rejection import format_report, rejection_finetune
+    from llamalab.train.config import load_config
+    from llamalab.train.loop import TrainingError, format_summary
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = rejection_finetune(cfg, progress=not args.no_progress, sample_only=args.sample_only)
+    except TrainingError as e:
+        print(f"llamalab rejection-sample: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if "status" in result:
+        print(format_summary(result))
+    print(format_report(result["rejection"]))
+    return 0
+
+
+def add_rejection_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``rejection-sample`` sub-command to ``subparsers``."""
+    p = subparsers.add_parser(
+        "rejection-sample", help="rejection-sampling fine-tuning: best of K samples by a reward model, then SFT",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=REJECTION_EPILOG,
+        description="Llama 2's rejection-sampling fine-tuning (§3.2.3): K samples per prompt from the policy "
+                    "(batched, KV cache), scored by a reward model, the best kept (with the best of earlier "
+                    "iterations) and fine-tuned on with SFT; best-of-k curves per temperature (Fig. 7). "
+                    "Resumable at prompt granularity. See docs/rlhf.md.")
+    from llamalab.train.cli import add_run_arguments
+
+    add_run_arguments(p, "configs/finetune/*rejection*.toml", "rejection.k=8")
+    p.add_argument("--sample-only", action="store_true", help="sample, score and select; no SFT step")
+    p.set_defaults(func=cmd_rejection_sample)
     return p

@@ -23,11 +23,12 @@ import ast
 import copy
 import importlib.util
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["chatterbot_conversations", "code_preference_pairs", "mutations", "write_jsonl"]
+__all__ = ["arithmetic_prompts", "chatterbot_conversations", "checked_pairs", "code_preference_pairs", "mutations",
+           "write_jsonl"]
 
 
 def write_jsonl(records: list[dict[str, Any]], out: str | Path) -> Path:
@@ -215,3 +216,64 @@ def code_preference_pairs(*, per_problem: int = 2, holdout_every: int = 2, timeo
     report = {"problems": len(problems), "references_passing": len(ref_ok), "candidates": len(candidates) - len(problems),
               "variants_still_passing": still_passed, "pairs_train": len(train), "pairs_held_out": len(held)}
     return train, held, report
+
+
+# ---------------------------------------------------------------- arithmetic with checked answers
+
+_ARITH_FORMS = ("What is {a} {op} {b}? Reply with the number only.", "Compute {a} {op} {b}. Reply with the number only.",
+                "{a} {op} {b} = ? Reply with the number only.")
+
+
+def arithmetic_prompts(count: int, *, offset: int = 0, low: int = 1, high: int = 50, ops: str = "+-",
+                       seed: int = 0) -> list[dict[str, Any]]:
+    """``count`` addition and subtraction questions with their answers, as prompt records
+    ``{"id", "prompt", "answer"}`` (``ops``: "+" and/or "-").
+
+    The pool (every ``a op b`` with a, b in [low, high], op in + and -) is shuffled once with
+    ``seed``; records ``offset .. offset + count`` are taken, so slices at different offsets
+    share no question (train, held-out and evaluation sets that never overlap).
+    """
+    import random
+
+    if not ops or set(ops) - set("+-"):
+        raise ValueError(f"arithmetic: ops={ops!r}; expected some of '+' and '-'")
+    pool = [(a, op, b) for op in ops for a in range(low, high + 1) for b in range(low, high + 1)]
+    rng = random.Random(seed)
+    rng.shuffle(pool)
+    if offset < 0 or count < 1 or offset + count > len(pool):
+        raise ValueError(f"arithmetic: offset {offset} + count {count} exceeds the {len(pool):,} questions "
+                         f"with operands in [{low}, {high}]")
+    out = []
+    for a, op, b in pool[offset:offset + count]:
+        form = _ARITH_FORMS[(a * 7 + b * 3 + (op == "-")) % len(_ARITH_FORMS)]
+        out.append({"id": f"{a}{op}{b}", "prompt": form.format(a=a, op=op, b=b), "answer": str(a + b if op == "+" else a - b)})
+    return out
+
+
+def checked_pairs(records: Sequence[dict[str, Any]], *, per_prompt: int = 2, seed: int = 0) -> list[dict[str, Any]]:
+    """Preference pairs from sampled answers checked against the prompt's answer: a correct answer
+    (chosen) against a wrong one (rejected), up to ``per_prompt`` per prompt, each answer used once.
+
+    ``records`` are a sampling directory's records (``finetune/rejection.py: run_sampling`` with
+    prompts that carry an ``answer``); prompts whose samples are all right or all wrong give no pair,
+    answers cut by the token limit are not used, and equal texts are used once.
+    """
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for rec in records:
+        seen: set[str] = set()
+        good, bad = [], []
+        for s in rec["samples"]:
+            text = s["text"].strip()
+            if not text or text in seen or s.get("finish_reason") == "length" or "correct" not in s:
+                continue
+            seen.add(text)
+            (good if s["correct"] else bad).append(s["text"])
+        rng.shuffle(good)
+        rng.shuffle(bad)
+        for c, r in list(zip(good, bad))[:per_prompt]:
+            out.append({"messages": rec["messages"], "chosen": c, "rejected": r, "preference": "significantly_better",
+                        "id": rec["key"], "answer": rec["answer"]})
+    return out

@@ -224,13 +224,31 @@ class RewardModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @torch.no_grad()
-    def score(self, conversations: Sequence[Sequence[dict[str, str]]], *, batch_size: int = 8) -> list[float]:
+    def score(self, conversations: Sequence[Sequence[dict[str, str]]], *, batch_size: int = 8,
+              too_long: str = "error") -> list[float]:
         """Rewards of closed conversations (each ending with the assistant's response), rendered with
-        the model's chat format; batched, right-padded."""
+        the model's chat format; batched, right-padded.
+
+        A conversation longer than the model's context raises ``ValueError`` (``too_long="error"``)
+        or scores NaN (``"nan"``: callers that sample, such as rejection sampling, skip it).
+        """
         from llamalab.finetune.data import pad_id_for
 
+        if too_long not in ("error", "nan"):
+            raise ValueError(f"score: too_long={too_long!r}; expected 'error' or 'nan'")
         pad = pad_id_for(self.tokenizer)
         ids = [encode_conversation(self.tokenizer, conv, fmt=self.fmt, train_on="last").tokens for conv in conversations]
+        context = self.model.config.max_seq_len
+        fits = [len(x) <= context for x in ids]
+        if too_long == "error" and not all(fits):
+            k = fits.index(False)
+            raise ValueError(f"reward score: conversation {k} is {len(ids[k])} tokens, more than the reward "
+                             f"model's context of {context}")
+        rewards = self._score_ids([x for x, ok in zip(ids, fits) if ok], pad, batch_size)
+        it = iter(rewards)
+        return [next(it) if ok else float("nan") for ok in fits]
+
+    def _score_ids(self, ids: list[list[int]], pad: int, batch_size: int) -> list[float]:
         device = next(self.model.parameters()).device
         out: list[float] = []
         for k in range(0, len(ids), batch_size):

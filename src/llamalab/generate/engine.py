@@ -232,6 +232,19 @@ def _stop_prefix_len(text: str, stop_strings: Iterable[str]) -> int:
     return best
 
 
+def _worth_compacting(batch: int, live: int) -> bool:
+    """Whether to shrink a decode batch of ``batch`` rows to its ``live`` running ones.
+
+    A CPU decode step reads every weight once whatever the batch, so a few idle rows cost little;
+    the cost steps down where the batch gets much smaller: at half the rows, at the matrix-vector
+    kernel's 4 rows, and at 1 row (the plain path). Copying the cache rows costs one read of the
+    live rows' cache, less than a step.
+    """
+    if live == batch or live == 0:
+        return False
+    return live <= batch // 2 or live == 1 or (batch > 4 >= live)
+
+
 class Generator:
     """Generates text with a ``Transformer`` and its ``Tokenizer``."""
 
@@ -393,32 +406,51 @@ class Generator:
         self.model.setup_cache(max_batch_size=len(prompts), max_seq_len=longest + config.max_new_tokens)
         try:
             t0 = time.perf_counter()
-            # Right-padded prefill (see the module docstring); the pad id is arbitrary.
-            tokens = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-            for i, p in enumerate(prompts):
+            # Each distinct prompt is prefilled once (K samples of one prompt, as rejection sampling
+            # and `n` completions ask for, share its cache rows), right-padded (see the module
+            # docstring; the pad id is arbitrary), then copied to the rows that repeat it.
+            distinct: dict[tuple[int, ...], int] = {}
+            rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+            uniq = [list(p) for p in distinct]
+            u_longest = max(len(p) for p in uniq)
+            tokens = torch.zeros(len(uniq), u_longest, dtype=torch.long, device=device)
+            for i, p in enumerate(uniq):
                 tokens[i, : len(p)] = torch.tensor(p, device=device)
-            last = torch.tensor(lengths, device=device) - 1
+            last = torch.tensor([len(p) for p in uniq], device=device) - 1
             logits = self._prefill(tokens, last)[:, :n_vocab]
+            if len(uniq) < len(prompts):
+                index = torch.tensor(rows, device=device)
+                self._reorder_cache(index)
+                logits = logits.index_select(0, index)
             seen = seen_mask(prompts, n_vocab, device) if penalise else None
             next_ids = self._choose(logits, config, seen, generator, seqs)
             prefill_s = time.perf_counter() - t0
             yield seqs, prefill_s
 
             pos = torch.tensor(lengths, device=device).unsqueeze(1)  # (B, 1): each row at its own position
+            rows = list(seqs)  # the sequence in each cache row
             decode_s = 0.0
             while not all(s.finished for s in seqs):
                 t0 = time.perf_counter()
-                # Finished rows keep stepping and their tokens are ignored: the batch keeps a fixed
-                # shape (no KV-cache copies, friendly to CUDA graphs), and a decode step costs
-                # about the same for B or B-1 rows since it is bound by reading the weights.
-                # One prompt passes plain (1,) positions: the model's simplest (and fastest) path.
-                input_pos = pos[0] if len(seqs) == 1 else pos
+                # Finished rows keep stepping and their tokens are ignored until few enough are left
+                # for a smaller batch to pay (`_worth_compacting`): then the running rows are moved
+                # to the front of the cache and the batch shrinks.
+                live = [i for i, s in enumerate(rows) if not s.finished]
+                if _worth_compacting(len(rows), len(live)):
+                    index = torch.tensor(live, device=device)
+                    self._compact_cache(index)
+                    rows = [rows[i] for i in live]
+                    next_ids, pos = next_ids.index_select(0, index), pos.index_select(0, index)
+                    if seen is not None:
+                        seen = seen.index_select(0, index)
+                # One row passes plain (1,) positions: the model's simplest (and fastest) path.
+                input_pos = pos[0] if len(rows) == 1 else pos
                 logits = self.model(next_ids.unsqueeze(1), input_pos=input_pos)[:, -1, :n_vocab]
                 pos += 1
                 if seen is not None:
-                    seen[torch.arange(len(seqs), device=device), next_ids] = True
-                running = [s for s in seqs if not s.finished]
-                next_ids = self._choose(logits, config, seen, generator, seqs)
+                    seen[torch.arange(len(rows), device=device), next_ids] = True
+                running = [s for s in rows if not s.finished]
+                next_ids = self._choose(logits, config, seen, generator, rows)
                 decode_s += time.perf_counter() - t0
                 for s in running:
                     s.decode_s = decode_s
@@ -452,6 +484,13 @@ class Generator:
             return [self._beam_search(p, config) for p in prompts]
         finally:
             self.model.clear_cache()
+
+    def _compact_cache(self, rows: Tensor) -> None:
+        """Move cache rows ``rows`` to rows 0..len(rows)-1 in every layer (the rest is left as it is)."""
+        n = len(rows)
+        for cache in (m for m in self.model.modules() if isinstance(m, KVCache)):
+            cache.k[:n] = cache.k.index_select(0, rows)  # index_select copies: overlapping rows are safe
+            cache.v[:n] = cache.v.index_select(0, rows)
 
     def _reorder_cache(self, rows: Tensor) -> None:
         """Make cache row j a copy of row ``rows[j]`` in every layer (beams follow their parents)."""

