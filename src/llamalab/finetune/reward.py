@@ -249,16 +249,21 @@ class RewardModel:
         return [next(it) if ok else float("nan") for ok in fits]
 
     def _score_ids(self, ids: list[list[int]], pad: int, batch_size: int) -> list[float]:
+        """Scores of token lists, batched in order of length (a batch is padded to its longest
+        member: similar lengths together waste less), returned in the given order."""
         device = next(self.model.parameters()).device
-        out: list[float] = []
-        for k in range(0, len(ids), batch_size):
-            chunk = ids[k:k + batch_size]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out = [0.0] * len(ids)
+        for k in range(0, len(order), batch_size):
+            rows = order[k:k + batch_size]
+            chunk = [ids[i] for i in rows]
             width = max(len(x) for x in chunk)
             tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
             for i, x in enumerate(chunk):
                 tokens[i, :len(x)] = torch.tensor(x)
             lengths = torch.tensor([len(x) for x in chunk])
-            out += sequence_rewards(self.model, tokens.to(device), lengths).tolist()
+            for i, r in zip(rows, sequence_rewards(self.model, tokens.to(device), lengths).tolist()):
+                out[i] = r
         return out
 
 
