@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-m 'not slow'" (the suite runs serially: ~10 min on 2 cores).
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo sft-full-demo dpo-demo reward-demo rlhf-demo finetune-eval
+.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo sft-full-demo dpo-demo reward-demo rlhf-demo ppo-demo gatt-demo finetune-eval
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -156,6 +156,33 @@ rlhf-demo: data/rlhf/arith-pairs.jsonl
 	rm -rf runs/cpu-rm-arith runs/cpu-rejection-sampling
 	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-rm-arith.toml --no-progress
 	$(VENV)/bin/llamalab rejection-sample --config configs/finetune/cpu-rejection-sampling.toml --no-progress
+	$(MAKE) ppo-demo gatt-demo
+
+# PPO (Llama 2 §3.2.3) on the same questions: against the checked answers, then against rlhf-demo's
+# reward model (trained first if it is missing).
+ppo-demo: data/rlhf/arith-pairs.jsonl
+	rm -rf runs/cpu-ppo-answer runs/cpu-ppo-arith
+	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-ppo-answer.toml --no-progress
+	$(VENV)/bin/llamalab plot runs/cpu-ppo-answer
+	test -f runs/cpu-rm-arith/final/reward_head.safetensors || \
+		$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-rm-arith.toml --no-progress
+	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-ppo-arith.toml --no-progress
+	$(VENV)/bin/llamalab plot runs/cpu-ppo-arith
+
+# Ghost Attention (Llama 2 §3.3, docs/rlhf.md): multi-turn data with the instruction in every user
+# turn, SFT with the instruction in the system message only and the loss on the last answer, then
+# the share of answers obeying the instruction at turns 1-6 of held-out dialogues, before and after.
+data/gatt/train.jsonl: | $(STAMP)
+	$(VENV)/bin/llamalab gatt data --policy smollm2-135m-instruct --dialogues 64 --turns 6 --k 2 --batch-size 32 \
+		--kinds language,figure,hobby,word --out $@ --held-out 40 --held-out-out data/gatt/eval.jsonl \
+		--eval-kinds language,word --no-progress
+
+gatt-demo: data/gatt/train.jsonl
+	rm -rf runs/cpu-gatt
+	$(VENV)/bin/llamalab finetune --config configs/finetune/cpu-gatt.toml --no-progress
+	$(VENV)/bin/llamalab gatt eval --model before=smollm2-135m-instruct --model after=runs/cpu-gatt/final \
+		--dialogues data/gatt/eval.jsonl --batch-size 32 --out runs/cpu-gatt/adherence.json \
+		--plot runs/cpu-gatt/adherence.png --no-progress
 
 # A task score before and after the demos (ARC-Easy, 570 questions, scored by log-likelihood).
 finetune-eval:

@@ -25,6 +25,7 @@ examples:
   llamalab plot runs/tiny
   llamalab finetune --config configs/finetune/cpu-sft-lora.toml
   llamalab rejection-sample --config configs/finetune/cpu-rejection-sampling.toml
+  llamalab gatt eval --model smollm2-135m-instruct --dialogues data/gatt/eval.jsonl
   llamalab eval --tasks hellaswag,piqa,mmlu --limit 100 --out runs/eval.json
 """
 
@@ -316,14 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_pretrain_parser(sub)
 
-    from llamalab.finetune.cli import (add_finetune_data_parser, add_finetune_parser, add_merge_lora_parser,
-                                       add_rejection_parser, add_reward_parser)
+    from llamalab.finetune.cli import (add_finetune_data_parser, add_finetune_parser, add_gatt_parser,
+                                       add_merge_lora_parser, add_rejection_parser, add_reward_parser)
 
     add_finetune_parser(sub)
     add_finetune_data_parser(sub)
     add_merge_lora_parser(sub)
     add_reward_parser(sub)
     add_rejection_parser(sub)
+    add_gatt_parser(sub)
     add_plot_parser(sub)
 
     from llamalab.eval.cli import add_eval_parser

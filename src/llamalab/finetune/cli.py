@@ -1,4 +1,5 @@
-"""Fine-tuning sub-commands for ``llamalab``: ``finetune``, ``finetune-data``, ``merge-lora`` and ``reward``.
+"""Fine-tuning sub-commands for ``llamalab``: ``finetune``, ``finetune-data``, ``merge-lora``, ``reward``,
+``rejection-sample`` and ``gatt``.
 
 Torch is imported inside the commands only, so ``llamalab finetune --help`` stays fast. Bad
 configs and data raise ``ConfigError`` (a ``ValueError``) before any compute: the CLI prints one
@@ -11,8 +12,9 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_finetune_data_parser", "add_finetune_parser", "add_merge_lora_parser", "add_reward_parser", "add_rejection_parser",
-           "cmd_finetune", "cmd_finetune_data", "cmd_merge_lora", "cmd_rejection_sample", "cmd_reward_score"]
+__all__ = ["add_finetune_data_parser", "add_finetune_parser", "add_gatt_parser", "add_merge_lora_parser",
+           "add_reward_parser", "add_rejection_parser", "cmd_finetune", "cmd_finetune_data", "cmd_gatt_data",
+           "cmd_gatt_eval", "cmd_merge_lora", "cmd_rejection_sample", "cmd_reward_score"]
 
 FINETUNE_EPILOG = """\
 examples:
@@ -20,10 +22,14 @@ examples:
   llamalab finetune --config configs/finetune/cpu-sft-lora.toml finetune.max_steps=20 run_dir=runs/sft-short
   llamalab finetune --config configs/finetune/cpu-dpo.toml model.checkpoint=runs/sft/final
   llamalab finetune --config configs/finetune/llama2-7b-chat-sft.toml model.checkpoint=/models/llama-2-7b
+  llamalab finetune --config configs/finetune/cpu-ppo-arith.toml ppo.iterations=4   # PPO with a reward model
 
-The run file is a pretraining run file (docs/training.md) plus [finetune], [lora], [dpo] and
-[reward] sections (docs/finetune.md); finetune.method is "sft", "dpo" or "reward" (a reward model:
-the trunk with a scalar head, Llama 2's margin loss; use it with `llamalab reward score`). Running the same command again resumes from the newest checkpoint
+The run file is a pretraining run file (docs/training.md) plus [finetune], [lora], [dpo],
+[reward] and [ppo] sections (docs/finetune.md, docs/rlhf.md); finetune.method is "sft", "dpo",
+"reward" (a reward model: the trunk with a scalar head, Llama 2's margin loss; use it with
+`llamalab reward score`) or "ppo" (Llama 2's PPO: answers sampled through the engine, a reward
+model's shaped score, a per-token KL penalty, a value model, held-out early stopping; `llamalab
+plot RUN_DIR` draws its curves). Running the same command again resumes from the newest checkpoint
 in run_dir; SIGTERM saves one and exits with status 0. The result is run_dir/final (with LoRA:
 the merged model, and the adapter alone in run_dir/adapter).
 """
@@ -45,11 +51,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``finetune`` sub-command to ``subparsers``."""
     p = subparsers.add_parser(
-        "finetune", help="SFT, DPO or a reward model (full or LoRA) from a checkpoint and JSONL data",
+        "finetune", help="SFT, DPO, a reward model or PPO (full or LoRA) from a checkpoint and JSONL data",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=FINETUNE_EPILOG,
         description="Fine-tune a checkpoint on conversations (SFT, loss on the assistant turns, packed) or "
                     "preference pairs (DPO with Llama 3's NLL term and formatting masks; a reward model with Llama 2's "
-                    "margin loss), all weights or LoRA "
+                    "margin loss), or with PPO against a reward model (Llama 2's reward shaping and KL penalty), all "
+                    "weights or LoRA "
                     "adapters, with the pretraining loop's optimizer, schedule, checkpoints and resume. "
                     "See docs/finetune.md.")
     from llamalab.train.cli import add_run_arguments
@@ -368,4 +375,180 @@ def add_rejection_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_run_arguments(p, "configs/finetune/*rejection*.toml", "rejection.k=8")
     p.add_argument("--sample-only", action="store_true", help="sample, score and select; no SFT step")
     p.set_defaults(func=cmd_rejection_sample)
+    return p
+
+
+GATT_EPILOG = """\
+examples:
+  llamalab gatt data --policy smollm2-135m-instruct --dialogues 96 --turns 6 --out data/gatt/train.jsonl \\
+      --held-out 48 --held-out-out data/gatt/eval.jsonl
+  llamalab finetune --config configs/finetune/cpu-gatt.toml        # SFT on it, finetune.train_on = "last"
+  llamalab gatt eval --model before=smollm2-135m-instruct --model after=runs/cpu-gatt/final \\
+      --dialogues data/gatt/eval.jsonl --out runs/cpu-gatt/adherence.json --plot runs/cpu-gatt/adherence.png
+
+`gatt data` samples the policy's answers with the instruction put before every user message and
+writes SFT records with the instruction in the system message only, one per turn, each ending with
+the turn that carries the loss (train them with finetune.train_on = "last"). `gatt eval` puts the
+instruction in the system message only, lets each model answer every turn with its own earlier
+answers in the context (greedy), and checks each answer: language by fastText lid.176, a sign-off
+word, capital letters. See docs/rlhf.md.
+"""
+
+
+def _load_generator(model: str, dtype: str) -> Any:
+    import torch
+
+    from llamalab.api import load
+    from llamalab.generate.engine import Generator
+
+    lm = load(model, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    return Generator(lm.model, lm.tokenizer)
+
+
+def cmd_gatt_data(args: argparse.Namespace) -> int:
+    """Build GAtt training records (and held-out evaluation dialogues)."""
+    import random
+
+    from llamalab.finetune.datasets import write_jsonl
+    from llamalab.finetune.gatt import CHECKABLE, Constraint, Instruction, _value, dialogue_pools, gatt_records, \
+        sample_gatt_answers, sample_instruction
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    train, held = dialogue_pools(args.turns, args.dialogues, args.held_out, seed=args.seed)
+    rng = random.Random(args.seed)
+    instructions = [sample_instruction(rng, kinds, max_constraints=args.max_constraints, short_share=args.short_share)
+                    for _ in train]
+    gen = _load_generator(args.policy, args.dtype)
+    fmt = None if args.chat_format == "auto" else args.chat_format
+    answers = sample_gatt_answers(gen, train, instructions, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, seed=args.seed, fmt=fmt, batch_size=args.batch_size,
+                                  k=args.k, progress=not args.no_progress)
+    records = gatt_records(train, instructions, answers, every_turn=not args.last_turn_only, keep=args.keep)
+    write_jsonl(records, args.out)
+    checked = [(inst.check(a)) for inst, ans in zip(instructions, answers) for a in ans]
+    known = [c for c in checked if c is not None]
+    print(f"gatt data: {len(train)} dialogues of {args.turns} turns, {len(records):,} records -> {args.out}"
+          + (f"; {100 * sum(known) / len(known):.1f}% of the checkable answers obey their instruction "
+             f"(the instruction before every user message)" if known else ""), file=sys.stderr)
+    if args.held_out:
+        if not args.held_out_out:
+            raise ValueError("--held-out: give --held-out-out FILE for the held-out dialogues")
+        eval_kinds = [k.strip() for k in args.eval_kinds.split(",") if k.strip()]
+        if not eval_kinds or set(eval_kinds) - set(CHECKABLE):
+            raise ValueError(f"--eval-kinds {args.eval_kinds}: expected some of {', '.join(CHECKABLE)} (the kinds "
+                             f"with a programmatic check)")
+        evals = []
+        for i, users in enumerate(held):
+            kind = eval_kinds[i % len(eval_kinds)]
+            inst = Instruction((Constraint(kind, _value(kind, rng)),))
+            evals.append({"users": users, "instruction": inst.to_dict()})
+        write_jsonl(evals, args.held_out_out)
+        print(f"gatt data: {len(evals)} held-out dialogues ({', '.join(eval_kinds)}) -> {args.held_out_out}",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_gatt_eval(args: argparse.Namespace) -> int:
+    """Adherence to a system instruction by turn, for one or more models."""
+    import json
+    from pathlib import Path
+
+    from llamalab.finetune.gatt import Instruction, adherence_by_turn, format_adherence, plot_adherence, write_json
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    path = Path(args.dialogues)
+    if not path.is_file():
+        raise FileNotFoundError(f"--dialogues {path}: no such file (make one with `llamalab gatt data --held-out N`)")
+    dialogues, instructions = [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            users, inst = rec["users"][:args.turns or None], Instruction.from_dict(rec["instruction"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} line {n}: expected {{\"users\": [...], \"instruction\": {{...}}}} ({e})") from None
+        dialogues.append(users)
+        instructions.append(inst)
+    if not dialogues or len({len(u) for u in dialogues}) != 1:
+        raise ValueError(f"{path}: expected dialogues with the same number of user turns")
+    results = {}
+    for spec in args.model:
+        name, _, model = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        gen = _load_generator(model, args.dtype)
+        res = adherence_by_turn(gen, dialogues, instructions, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, progress=not args.no_progress)
+        results[name or model] = {**res, "model": model}
+    if args.out:
+        write_json(results, args.out)
+    if args.plot:
+        plot_adherence(results, args.plot)
+    if args.json:
+        print(json.dumps({k: {x: v[x] for x in ("turns", "by_kind", "all", "counts", "model")} for k, v in results.items()}))
+    else:
+        print(format_adherence(results))
+    return 0
+
+
+def add_gatt_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``gatt`` sub-command (``gatt data``, ``gatt eval``) to ``subparsers``."""
+    p = subparsers.add_parser(
+        "gatt", help="Ghost Attention: multi-turn instruction data, and adherence by turn",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=GATT_EPILOG,
+        description="Llama 2's Ghost Attention (§3.3): build fine-tuning data that keeps a system instruction "
+                    "in force over many turns, and measure how often each turn's answer obeys it (Table 30).")
+    sub = p.add_subparsers(dest="gatt_command", metavar="ACTION", required=True)
+    d = sub.add_parser("data", help="sample answers with the instruction in every turn; write SFT records",
+                       epilog=GATT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--policy", required=True, metavar="MODEL", help="the model whose answers are sampled")
+    d.add_argument("--out", required=True, metavar="FILE", help="the SFT records (JSONL)")
+    d.add_argument("--dialogues", type=int, default=96, metavar="N", help="training dialogues (default 96)")
+    d.add_argument("--turns", type=int, default=6, metavar="N", help="user turns per dialogue (default 6)")
+    d.add_argument("--kinds", default="language,figure,hobby,word,caps", metavar="K,K",
+                   help="constraint kinds to draw from (default: all five)")
+    d.add_argument("--max-constraints", type=int, default=2, metavar="N", help="constraints combined (default 2)")
+    d.add_argument("--short-share", type=float, default=0.5, metavar="P",
+                   help="share of shortened instructions (default 0.5, as Llama 2)")
+    d.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="per answer (default 48)")
+    d.add_argument("--temperature", type=float, default=0.7, metavar="T", help="sampling temperature (default 0.7)")
+    d.add_argument("--k", type=int, default=1, metavar="N",
+                   help="candidates per turn; the first that ends and obeys the instruction is kept (default 1)")
+    d.add_argument("--keep", choices=("all", "obeying"), default="obeying",
+                   help="keep every turn, or only turns up to a dialogue's first answer that breaks a checkable "
+                        "instruction (default)")
+    d.add_argument("--last-turn-only", action="store_true", help="one record per dialogue (its last turn)")
+    d.add_argument("--held-out", type=int, default=0, metavar="N",
+                   help="also write N held-out dialogues (other user messages) with one checkable instruction each")
+    d.add_argument("--held-out-out", metavar="FILE", default=None, help="where the held-out dialogues go (JSONL)")
+    d.add_argument("--eval-kinds", default="language,word,caps", metavar="K,K",
+                   help="the held-out dialogues' instruction kinds, in turn (default: every checkable kind)")
+    d.add_argument("--chat-format", default="auto", choices=("auto", "template", "llama3", "llama2"))
+    d.add_argument("--batch-size", type=int, default=16, metavar="N", help="rows per generation batch (k a dialogue)")
+    d.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_gatt_data)
+    e = sub.add_parser("eval", help="share of answers obeying the system instruction, by turn",
+                       epilog=GATT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--model", required=True, action="append", metavar="[NAME=]MODEL",
+                   help="a model to evaluate; repeat to compare (before=..., after=...)")
+    e.add_argument("--dialogues", required=True, metavar="FILE", help="held-out dialogues from `gatt data --held-out`")
+    e.add_argument("--turns", type=int, default=0, metavar="N", help="use the first N turns (default: all)")
+    e.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="per answer (default 48)")
+    e.add_argument("--out", metavar="FILE", default=None, help="every answer and check, and the table (JSON)")
+    e.add_argument("--plot", metavar="PNG", default=None, help="adherence by turn, one line per model")
+    e.add_argument("--batch-size", type=int, default=16, metavar="N", help="dialogues per generation batch")
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    e.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (default: torch's)")
+    e.add_argument("--json", action="store_true", help="print the table as JSON")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_gatt_eval)
     return p

@@ -199,8 +199,8 @@ class DataSummary:
 
     def format(self, examples: int = 1) -> str:
         """Human-readable lines: the counts, then each reason with its count and first ``examples`` records."""
-        lines = [f"kept {self.kept:,} of {self.seen:,} records ({self.tokens:,} tokens, {self.loss_tokens:,} "
-                 f"with loss); set aside {len(self.set_aside):,}"]
+        counts = f" ({self.tokens:,} tokens, {self.loss_tokens:,} with loss)" if self.tokens else ""  # (prompts: none)
+        lines = [f"kept {self.kept:,} of {self.seen:,} records{counts}; set aside {len(self.set_aside):,}"]
         for reason, n in self.by_reason().items():
             first = [str(s) for s in self.set_aside if s.reason == reason][:examples]
             lines.append(f"  {n:>7,}  {reason}" + (f"   e.g. {'; '.join(first)}" if first else ""))

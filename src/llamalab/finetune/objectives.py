@@ -130,6 +130,24 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
 # ---------------------------------------------------------------- shared set-up
 
 
+def adapters_and_head(model: nn.Module, holder: nn.Module, key: str) -> dict[str, Tensor]:
+    """What a LoRA checkpoint of a model with a scalar head holds: the adapters, and the head (always
+    trained in full, a new module) of ``holder`` (``model`` or a part of it) under ``key``."""
+    return {**adapter_state_dict(model), key: reward_head(holder).weight.detach()}
+
+
+def load_adapters_and_head(model: nn.Module, holder: nn.Module, key: str, weights: dict[str, Tensor], source: str,
+                           what: str) -> None:
+    """Put what :func:`adapters_and_head` saved back (ConfigError naming ``source`` without the head)."""
+    weights = dict(weights)
+    head = weights.pop(key, None)
+    if head is None:
+        raise ConfigError(f"{source}: no {what} ({key}) in the checkpoint")
+    load_adapter_state_dict(model, weights, source=source)
+    with torch.no_grad():
+        reward_head(holder).weight.copy_(head)
+
+
 def _expand(patterns: Sequence[str], key: str) -> list[Path]:
     out: list[Path] = []
     for pat in patterns:
@@ -153,6 +171,8 @@ def _split(items: list[Any], fraction: float, seed: int) -> tuple[list[Any], lis
 class _Finetune(Objective):
     """What SFT and DPO share: the checkpoint, tokenizer, data split, row order, LoRA and export."""
 
+    needs_train_data = True  # finetune.train_data or finetune.sources (PPO reads ppo.prompts instead)
+
     def __init__(self, cfg: TrainConfig, world_size: int = 1) -> None:
         if world_size > 1 and cfg.train.tensor_parallel > 1:
             raise ConfigError(f"train.tensor_parallel={cfg.train.tensor_parallel}: fine-tuning shards with FSDP2 "
@@ -160,7 +180,7 @@ class _Finetune(Objective):
         if not cfg.model.checkpoint:
             raise ConfigError("model.checkpoint: fine-tuning starts from a checkpoint; set model.checkpoint = "
                               "\"PATH\" (or a registered name such as smollm2-135m-instruct)")
-        if not cfg.finetune.train_data and not cfg.finetune.sources:
+        if self.needs_train_data and not cfg.finetune.train_data and not cfg.finetune.sources:
             raise ConfigError("finetune.train_data: no training data; list JSONL files (or globs), or give "
                               "[[finetune.sources]]")
         from llamalab.checkpoint import read_checkpoint
@@ -675,21 +695,13 @@ class RewardObjective(_Finetune):
         attach_reward_head(model, seed=self.head_seed)  # trainable, also with LoRA (a new module)
 
     def checkpoint_weights(self, model: nn.Module) -> dict[str, Tensor] | None:
-        if self.lora is None:
-            return None
-        return {**adapter_state_dict(model), "output.weight": reward_head(model).weight.detach()}
+        return None if self.lora is None else adapters_and_head(model, model, "output.weight")
 
     def load_weights(self, model: nn.Module, weights: dict[str, Tensor], source: str) -> None:
         if self.lora is None:
             model.load_state_dict(weights, strict=True)
-            return
-        weights = dict(weights)
-        head = weights.pop("output.weight", None)
-        if head is None:
-            raise ConfigError(f"{source}: no reward head (output.weight) in the checkpoint")
-        load_adapter_state_dict(model, weights, source=source)
-        with torch.no_grad():
-            reward_head(model).weight.copy_(head)
+        else:
+            load_adapters_and_head(model, model, "output.weight", weights, source, "reward head")
 
     def flops_per_token(self, model: nn.Module, seq_len: int) -> float | None:
         # No vocabulary head: the trunk's 6N (LoRA: 4N) per token, the head's 2 x dim negligible.
@@ -836,12 +848,17 @@ OBJECTIVES: dict[str, type[_Finetune]] = {"sft": SFTObjective, "dpo": DPOObjecti
 
 
 def finetune(cfg: TrainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the fine-tuning run ``cfg`` (``finetune.method`` = "sft" or "dpo") with the
+    """Run (or resume) the fine-tuning run ``cfg`` (``finetune.method`` = "sft", "dpo", "reward" or "ppo") with the
     training loop; returns its summary. ConfigError before any compute for bad config or data."""
     from llamalab.train.loop import run
     from llamalab.train.parallelize import init_distributed
 
     _rank, world_size, _local = init_distributed()
     cfg.validate(world_size)
-    objective = OBJECTIVES[cfg.finetune.method](cfg, world_size)
+    if cfg.finetune.method == "ppo":
+        from llamalab.finetune.ppo_loop import PPOObjective  # (it builds on this module)
+
+        objective: _Finetune = PPOObjective(cfg, world_size)
+    else:
+        objective = OBJECTIVES[cfg.finetune.method](cfg, world_size)
     return run(cfg, objective, progress=progress)

@@ -49,7 +49,7 @@ from typing import Any, Literal
 
 from llamalab.config import PRESETS, ModelConfig, get_preset
 
-__all__ = ["CheckpointSection", "ConfigError", "DPOSection", "DataSection", "DataSource", "EvalSection",
+__all__ = ["CheckpointSection", "ConfigError", "DPOSection", "DataSection", "PPOSection", "DataSource", "EvalSection",
            "FinetuneSection", "FinetuneSource", "LoraSection", "ModelSection", "RewardSection",
            "OptimSection", "Stage", "StageSettings", "TrainConfig", "TrainSection", "grad_accum_steps",
            "load_config"]
@@ -118,7 +118,7 @@ class FinetuneSection:
     ``train.global_batch_tokens / train.seq_len`` sequences a step (``max_steps`` > 0 caps them).
     """
 
-    method: Literal["sft", "dpo", "reward"] = "sft"
+    method: Literal["sft", "dpo", "reward", "ppo"] = "sft"
     train_data: list[str] = field(default_factory=list)
     sources: list[FinetuneSource] = field(default_factory=list)  # a mixture, beside/instead of train_data
     val_data: list[str] = field(default_factory=list)
@@ -186,6 +186,47 @@ class RejectionSection:
     precision: Literal["fp32", "bf16"] = "fp32"  # sampling and scoring
     eval_k: int = 1  # samples per held-out prompt
     eval_temperature: float = 0.0  # 0 = greedy
+
+
+@dataclass
+class PPOSection:
+    """PPO (Llama 2 §3.2.3; ``finetune.method = "ppo"``, ``finetune/ppo_loop.py``, docs/rlhf.md).
+
+    An iteration samples ``batch_size`` prompts of ``prompts`` once each from the policy (the
+    engine, KV cache, batched ``forward_batch_size`` rows a call), scores the answers, and takes
+    ``epochs`` passes of gradient steps of ``minibatch_size`` answers over them (Llama 2: 512
+    and 64, one step per minibatch). Optimizer steps = ``iterations * batch_size / minibatch_size
+    * epochs``; ``eval.every`` and ``checkpoint.every`` count those steps.
+    """
+
+    reward: Literal["model", "answer"] = "model"  # answer: 1 if the prompt's "answer" is given, else 0
+    reward_model: str = ""  # helpfulness reward model (a reward run's final/)
+    safety_reward_model: str = ""  # optional: Llama 2's gate (R_s when tagged safety or R_s < threshold)
+    safety_threshold: float = 0.15
+    shaping: Literal["llama2", "raw"] = "llama2"  # llama2: WHITEN(LOGIT(R_c)) over the batch; raw: the score
+    value_init: Literal["reward_model", "policy"] = "reward_model"  # the value model's starting weights
+    prompts: list[str] = field(default_factory=list)
+    eval_prompts: list[str] = field(default_factory=list)  # held out: early stopping and before/after
+    iterations: int = 200
+    batch_size: int = 512  # prompts (answers) per iteration
+    minibatch_size: int = 64  # answers per gradient step
+    epochs: int = 1  # passes over an iteration's answers
+    forward_batch_size: int = 16  # rows per generation call and per no-gradient forward pass
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # sampling (and the log-probs' temperature); no top-p/top-k: PPO stays on-policy
+    kl_coef: float = 0.01  # beta: 0.01 for 7B/13B, 0.005 for 34B/70B
+    clip: float = 0.2
+    value_clip: float = 0.2
+    value_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    penalize_no_eos: bool = True  # an answer cut by max_new_tokens scores no_eos_penalty
+    no_eos_penalty: float = -3.0
+    eval_temperature: float = 0.0  # 0 = greedy
+    patience: int = 0  # held-out evaluations without improvement before stopping (0 = never stop early)
+    stop_metric: Literal["reward", "accuracy"] = "reward"
+    export: Literal["best", "last"] = "best"  # final/: the best held-out policy or the last one
 
 
 @dataclass
@@ -327,6 +368,7 @@ class TrainConfig:
     dpo: DPOSection = field(default_factory=DPOSection)
     reward: RewardSection = field(default_factory=RewardSection)
     rejection: RejectionSection = field(default_factory=RejectionSection)
+    ppo: PPOSection = field(default_factory=PPOSection)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain (JSON-serialisable) dict; :meth:`from_dict` reads it back."""
@@ -480,6 +522,30 @@ class TrainConfig:
             SamplingPlan(rj.k, list(rj.temperatures), rj.max_new_tokens, rj.top_p, rj.top_k).validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        p = self.ppo
+        for key, value in (("ppo.iterations", p.iterations), ("ppo.batch_size", p.batch_size),
+                           ("ppo.minibatch_size", p.minibatch_size), ("ppo.epochs", p.epochs),
+                           ("ppo.forward_batch_size", p.forward_batch_size), ("ppo.max_new_tokens", p.max_new_tokens)):
+            if value < 1:
+                raise ConfigError(f"{key}={value}: must be >= 1")
+        if p.batch_size % p.minibatch_size:
+            raise ConfigError(f"ppo.batch_size={p.batch_size} is not a multiple of ppo.minibatch_size="
+                              f"{p.minibatch_size}")
+        if not p.temperature > 0:
+            raise ConfigError(f"ppo.temperature={p.temperature}: must be > 0 (PPO samples from the policy)")
+        for key, value in (("ppo.kl_coef", p.kl_coef), ("ppo.clip", p.clip), ("ppo.value_clip", p.value_clip),
+                           ("ppo.value_coef", p.value_coef), ("ppo.eval_temperature", p.eval_temperature),
+                           ("ppo.patience", p.patience)):
+            if value < 0:
+                raise ConfigError(f"{key}={value}: must be >= 0")
+        for key, value in (("ppo.gamma", p.gamma), ("ppo.lam", p.lam), ("ppo.safety_threshold", p.safety_threshold)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{key}={value}: must be in [0, 1]")
+        if f.method == "ppo":
+            steps = p.batch_size // p.minibatch_size * p.epochs
+            if self.eval.every % steps:  # held-out figures between iterations, one point per evaluation
+                raise ConfigError(f"eval.every={self.eval.every}: PPO takes {steps} optimizer steps an iteration "
+                                  f"(ppo.batch_size / ppo.minibatch_size * ppo.epochs); use a multiple of {steps}")
         if rj.eval_k < 1:
             raise ConfigError(f"rejection.eval_k={rj.eval_k}: expected an integer >= 1")
         if rj.eval_temperature < 0 or (rj.eval_temperature == 0 and rj.eval_k > 1):
@@ -503,7 +569,8 @@ class TrainConfig:
             if st.seq_len > model.max_seq_len:
                 raise ConfigError(f"{key}.seq_len={st.seq_len} exceeds the model's max_seq_len={model.max_seq_len} "
                                   f"(set model.overrides.max_seq_len)")
-            st.grad_accum_steps(dp)
+            if f.method != "ppo":  # PPO's steps are ppo.minibatch_size answers, not a token budget
+                st.grad_accum_steps(dp)
 
 
 def grad_accum_steps(global_batch_tokens: int, seq_len: int, micro_batch_size: int, world_size: int = 1, *,

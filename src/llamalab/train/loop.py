@@ -679,6 +679,12 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
                     status = "preempted"
                     break
 
+                reason = objective.stop_reason()
+                if reason:
+                    say(f"{label}: stopping early at step {step}: {reason}")
+                    status = "stopped early" if step > start_step or resume_from is None else "already stopped early"
+                    break
+
                 t0 = time.perf_counter()
                 lr = scheduler.get_last_lr()[0]
                 plan = objective.step_batches(tokens_seen, say)
@@ -775,7 +781,7 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
                 if last_saved != step and (resume_from is None or step != start_step):
                     _save(run_dir, step, model, optimizer, scheduler, objective, extra_of(), cfg.checkpoint.keep_last,
                           distributed)
-                if status == "completed" or not (run_dir / "final").exists():
+                if status in ("completed", "stopped early") or not (run_dir / "final").exists():
                     final = objective.export(run_dir, model, distributed)
                 else:
                     final = run_dir / "final"

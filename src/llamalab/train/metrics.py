@@ -138,8 +138,11 @@ class MetricsWriter:
 
 
 def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Draw ``loss.png`` (``loss`` and ``val_loss`` against step), ``lr.png`` (``lr``) and, for DPO
-    runs, ``reward_accuracy.png`` and ``reward_margin.png`` (train and held out) from ``metrics.jsonl``, into ``out_dir`` (default: ``run_dir/plots``); returns the files written.
+    """Draw ``loss.png`` (``loss`` and ``val_loss`` against step), ``lr.png`` (``lr``), for DPO
+    runs ``reward_accuracy.png`` and ``reward_margin.png`` (train and held out), for reward
+    models and PPO ``accuracy.png``, and for PPO ``ppo_reward``, ``ppo_kl``, ``ppo_losses``,
+    ``ppo_clip``, ``ppo_entropy`` and ``ppo_response_len`` from ``metrics.jsonl``, into
+    ``out_dir`` (default: ``run_dir/plots``); returns the files written.
     A plot whose metrics never appear is skipped."""
     try:
         from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
@@ -162,7 +165,22 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
                                ("reward_accuracy", [("reward_accuracy", "train"),
                                                     ("val_reward_accuracy", "held out")], "chosen > rejected"),
                                ("reward_margin", [("reward_margin", "train"), ("val_reward_margin", "held out")],
-                                "reward margin (chosen - rejected)")]:
+                                "reward margin (chosen - rejected)"),
+                               # reward models (share of pairs ranked right) and PPO (answers checked)
+                               ("accuracy", [("accuracy", "train"), ("rollout_accuracy", "rollouts (sampled)"),
+                                             ("val_accuracy", "held out")], "accuracy"),
+                               # PPO runs (finetune/ppo_loop.py): per iteration, and held out
+                               ("ppo_reward", [("rollout_score", "rollouts (sampled)"), ("val_reward", "held out")],
+                                "reward score"),
+                               ("ppo_kl", [("rollout_kl", "rollouts (sampled)"), ("val_kl", "held out")],
+                                "KL(policy || reference) per answer (nats)"),
+                               ("ppo_losses", [("policy_loss", "policy (clipped surrogate)"),
+                                               ("value_loss", "value")], "loss"),
+                               ("ppo_clip", [("clip_fraction", "clip fraction"), ("approx_kl", "approx. KL to the "
+                                                                                  "rollout policy")], "share / nats"),
+                               ("ppo_entropy", [("rollout_entropy", "rollouts")], "entropy per token (nats)"),
+                               ("ppo_response_len", [("rollout_response_len", "rollouts (sampled)"),
+                                                     ("val_response_len", "held out")], "answer tokens")]:
         lines = [(series(k), label) for k, label in keys]
         if not any(xs for (xs, _), _ in lines):
             continue

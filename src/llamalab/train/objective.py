@@ -79,6 +79,11 @@ class Objective(ABC):
         """Held-out figures (``val_loss`` first), or None without held-out data."""
         return None
 
+    def stop_reason(self) -> str | None:
+        """Why the run should end before ``total_steps`` (early stopping on held-out figures), or
+        None; asked before every step, so a resumed run that had stopped stops again."""
+        return None
+
     def data_state(self) -> dict[str, Any]:
         """Where the data iterators are (saved in every checkpoint)."""
         return {}
