@@ -417,6 +417,14 @@ def cmd_gatt_data(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.held_out and not args.held_out_out:  # before any compute
+        raise ValueError("--held-out: give --held-out-out FILE for the held-out dialogues")
+    eval_kinds = [k.strip() for k in args.eval_kinds.split(",") if k.strip()]
+    if not eval_kinds or set(eval_kinds) - set(CHECKABLE):
+        raise ValueError(f"--eval-kinds {args.eval_kinds}: expected some of {', '.join(CHECKABLE)} (the kinds "
+                         f"with a programmatic check)")
+    if args.k < 1:
+        raise ValueError(f"--k {args.k}: expected at least 1 candidate a turn")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     train, held = dialogue_pools(args.turns, args.dialogues, args.held_out, seed=args.seed)
     rng = random.Random(args.seed)
@@ -435,12 +443,6 @@ def cmd_gatt_data(args: argparse.Namespace) -> int:
           + (f"; {100 * sum(known) / len(known):.1f}% of the checkable answers obey their instruction "
              f"(the instruction before every user message)" if known else ""), file=sys.stderr)
     if args.held_out:
-        if not args.held_out_out:
-            raise ValueError("--held-out: give --held-out-out FILE for the held-out dialogues")
-        eval_kinds = [k.strip() for k in args.eval_kinds.split(",") if k.strip()]
-        if not eval_kinds or set(eval_kinds) - set(CHECKABLE):
-            raise ValueError(f"--eval-kinds {args.eval_kinds}: expected some of {', '.join(CHECKABLE)} (the kinds "
-                             f"with a programmatic check)")
         evals = []
         for i, users in enumerate(held):
             kind = eval_kinds[i % len(eval_kinds)]
