@@ -17,7 +17,12 @@ Each implementation lives in its own process, loaded once; the parent asks them 
 measurement each in turn (A B C A B C ...), because the shared machine's bandwidth drifts
 within minutes. The table gives medians and each row's ratio to transformers.
 
-Usage: ``python benchmarks/decode.py [--rounds 5] [--dtypes fp32,bf16] [--json out.json]``
+``--dtypes gguf`` runs the file as stored: llamalab on its Q4_1/Q8_0 blocks (``llamalab.load(path,
+dtype=None)``, the quantized kernels of ``llamalab.quant``) against llama.cpp on the same file, the
+ratios then to llama.cpp. The table also gives the machine's read bandwidth (a 2-thread sum over
+1 GB, best of 5) and each decode's share of it.
+
+Usage: ``python benchmarks/decode.py [--rounds 5] [--dtypes fp32,bf16,gguf] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ prompt = json.loads(sys.stdin.readline())
 if which != "llama.cpp":
     import torch
     torch.set_num_threads(threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "gguf": None}[dtype_name]  # gguf: as stored
 
 if which.startswith("llamalab"):
     import llamalab
@@ -56,8 +61,10 @@ if which.startswith("llamalab"):
         # llamalab-onednn: the decode steps' products in oneDNN's kernels instead of llamalab's.
         model = optimize_for_decode(lm.model, compile=which == "llamalab+compile",
                                     gemv=False if which == "llamalab-onednn" else None)
-    params = {id(p): p for p in lm.model.parameters()}.values()  # the tied head counted once
-    weight_bytes = sum(p.numel() * p.element_size() for p in params)
+    # Float weights and quantized blocks, the tied head counted once.
+    tensors = {t.data_ptr(): t for t in [*lm.model.parameters(), *(b for n, b in lm.model.named_buffers()
+                                                                    if n.endswith("blocks"))]}.values()
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
     def measure():
@@ -106,21 +113,36 @@ elif which == "transformers":
 
 else:  # llama.cpp on the same (quantized) GGUF; its dtype is the file's
     import os
-    import llama_cpp
+    import llama_cpp.llama_cpp as low
+    # llamalab's llama.cpp opener without importing llamalab (which imports torch: two OpenMP users in
+    # one process have crashed llama.cpp here).
+    import importlib.util, pathlib
+    _spec = importlib.util.spec_from_file_location("llamalab_llama_cpp", pathlib.Path(
+        importlib.util.find_spec("llamalab").origin).parent / "quant" / "llama_cpp.py")
+    _peer = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_peer)
+    open_llama_cpp = _peer.open_llama_cpp
     import numpy as np
-    llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=threads, n_batch=512, verbose=False)
+    llm = open_llama_cpp(path, n_ctx=512, n_threads=threads, n_batch=512)
     weight_bytes = os.path.getsize(path)
+
+    n_vocab = llm.n_vocab()
+
+    def last_argmax():
+        # The last position's logits from the context itself: llm.scores holds them only with
+        # logits_all=True (it is zeros otherwise, and every argmax would be token 0).
+        return int(np.argmax(np.ctypeslib.as_array(low.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
 
     def measure():
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = last_argmax()
         t1 = time.perf_counter()
         ids = [nxt]
         for _ in range(new):
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = last_argmax()
             ids.append(nxt)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, ids
@@ -180,6 +202,22 @@ def prompt_ids(path: str) -> list[int]:
     return ids[:PROMPT_LEN]
 
 
+def read_bandwidth() -> float:
+    """The machine's read bandwidth in GB/s: a sum over 1 GB of fp32 on THREADS threads, best of 5."""
+    import time
+
+    import torch
+
+    torch.set_num_threads(THREADS)
+    x = torch.ones(256 * 1024 * 1024)  # 1 GB, touched once so no page faults are timed
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
 def main() -> None:
     """Measure interleaved, print medians and ratios, optionally write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -191,21 +229,32 @@ def main() -> None:
     ap.add_argument("--no-onednn", action="store_true",
                     help="skip llamalab-onednn (the fast path with oneDNN's matrix-vector products instead "
                          "of llamalab's kernel, for comparison)")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="GGUF file (or registered name) to measure, e.g. a Q8_0 file written by "
+                         "`llamalab convert smollm2-135m-instruct out/smol-q8_0.gguf --to gguf --type q8_0`")
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
     sys.path.insert(0, "src")
     from llamalab.checkpoint.registry import resolve
 
-    path = str(resolve("smollm2-135m-instruct"))
+    path = str(resolve(args.model))
     prompt = prompt_ids(path)
     results: dict[str, dict[str, dict]] = {}
-    for dtype in args.dtypes.split(","):
-        peers = (["llamalab"] + ([] if args.no_compile else ["llamalab+compile"])
-                 + ([] if args.no_plain else ["llamalab-plain"])
-                 + ([] if args.no_onednn else ["llamalab-onednn"]) + ["transformers"])
-        if dtype == "fp32" and importlib.util.find_spec("llama_cpp"):
-            peers.append("llama.cpp")  # once: it runs the GGUF's own (quantized) weights
+    dtypes = args.dtypes.split(",")
+    have_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    reference: dict[str, str] = {}
+    for dtype in dtypes:
+        if dtype == "gguf":  # the file as stored: llamalab's quantized kernels against llama.cpp
+            peers = ["llamalab"] + ([] if args.no_plain else ["llamalab-plain"]) + (["llama.cpp"] if have_llama_cpp else [])
+            reference[dtype] = "llama.cpp" if have_llama_cpp else "llamalab-plain"
+        else:
+            peers = (["llamalab"] + ([] if args.no_compile else ["llamalab+compile"])
+                     + ([] if args.no_plain else ["llamalab-plain"])
+                     + ([] if args.no_onednn else ["llamalab-onednn"]) + ["transformers"])
+            reference[dtype] = "transformers"
+            if dtype == "fp32" and have_llama_cpp and "gguf" not in dtypes:
+                peers.append("llama.cpp")  # once: it runs the GGUF's own (quantized) weights
         children = {p: Child(p, path, dtype, prompt) for p in peers}
         runs: dict[str, list[dict]] = {p: [] for p in peers}
         try:
@@ -218,7 +267,7 @@ def main() -> None:
         finally:
             for child in children.values():
                 child.close()
-        ref_ids = runs["transformers"][0]["ids"]
+        ref_ids = runs[reference[dtype]][0]["ids"]
         results[dtype] = {}
         for p, rs in runs.items():
             prefill = statistics.median(PROMPT_LEN / m["prefill_s"] for m in rs)
@@ -227,32 +276,36 @@ def main() -> None:
             same = sum(a == b for a, b in zip(rs[0]["ids"], ref_ids))
             results[dtype][p] = {"prefill_tok_s": prefill, "decode_tok_s": decode, "weight_bytes": wb,
                                  "warmup_s": children[p].warmup_s,
-                                 "decode_gb_s": wb * decode / 1e9, "tokens_same_as_transformers": same,
+                                 "decode_gb_s": wb * decode / 1e9, "reference": reference[dtype],
+                                 "tokens_same_as_reference": same,
                                  "runs": [{k: v for k, v in m.items() if k != "ids"} for m in rs]}
 
     from llamalab.precision import cpu_flags, cpu_name
 
+    bandwidth = read_bandwidth()
     isa = " ".join(f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
                    if f in cpu_flags())
     print(f"\nCPU: {cpu_name()} ({isa or 'no x86 vector flags'})")
-    print(f"SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), batch 1, {THREADS} threads, "
-          f"{PROMPT_LEN}-token prompt, {NEW_TOKENS} greedy new tokens; medians of {args.rounds} interleaved rounds")
-    print(f"{'dtype':<6}{'impl':<16}{'prefill tok/s':>14}{'decode tok/s':>13}{'decode GB/s':>12}"
-          f"{'prefill / tf':>13}{'decode / tf':>12}{'same ids':>10}{'warm-up s':>10}")
+    print(f"{Path(path).name} (fp32/bf16 rows dequantized, gguf rows as stored), batch 1, "
+          f"{THREADS} threads, {PROMPT_LEN}-token prompt, {NEW_TOKENS} greedy new tokens; medians of "
+          f"{args.rounds} interleaved rounds; read bandwidth {bandwidth:.1f} GB/s")
+    print(f"{'dtype':<6}{'impl':<16}{'prefill tok/s':>14}{'decode tok/s':>13}{'decode GB/s':>12}{'of bw':>7}"
+          f"{'ref':>13}{'prefill / ref':>14}{'decode / ref':>13}{'same ids':>10}{'warm-up s':>10}")
     for dtype, per in results.items():
-        tf = per["transformers"]
+        ref = per[reference[dtype]]
         for p, m in per.items():
             print(f"{dtype if p != 'llama.cpp' else 'gguf':<6}{p:<16}{m['prefill_tok_s']:>14.1f}{m['decode_tok_s']:>13.1f}"
-                  f"{m['decode_gb_s']:>12.1f}{m['prefill_tok_s'] / tf['prefill_tok_s']:>13.2f}"
-                  f"{m['decode_tok_s'] / tf['decode_tok_s']:>12.2f}"
-                  f"{m['tokens_same_as_transformers']:>6}/{NEW_TOKENS + 1}{m['warmup_s']:>10.1f}")
+                  f"{m['decode_gb_s']:>12.1f}{m['decode_gb_s'] / bandwidth:>7.0%}{reference[dtype]:>13}"
+                  f"{m['prefill_tok_s'] / ref['prefill_tok_s']:>14.2f}{m['decode_tok_s'] / ref['decode_tok_s']:>13.2f}"
+                  f"{m['tokens_same_as_reference']:>6}/{NEW_TOKENS + 1}{m['warmup_s']:>10.1f}")
     if "fp32" in results and "bf16" in results:
         for p in results["bf16"]:
             if p in results["fp32"]:
                 print(f"{p}: bf16 / fp32 decode {results['bf16'][p]['decode_tok_s'] / results['fp32'][p]['decode_tok_s']:.2f}x,"
                       f" prefill {results['bf16'][p]['prefill_tok_s'] / results['fp32'][p]['prefill_tok_s']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "cpu_flags": isa, **results}, indent=2))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "cpu_flags": isa, "read_gb_s": bandwidth,
+                                               **results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""Time and peak memory to load SmolLM2-135M-Instruct (Q4_1 GGUF) into an fp32 model, ready to run:
-llamalab against transformers' own GGUF loader (and llama.cpp where llama-cpp-python is installed).
+"""Time and peak memory to load SmolLM2-135M-Instruct (Q4_1 GGUF), ready to run: llamalab kept in its
+blocks ("llamalab-q": ``llamalab.load(path, dtype=None)``, the quantized kernels loaded) and dequantized
+to fp32 ("llamalab-fp32"), against transformers' own GGUF loader (fp32) and llama.cpp where
+llama-cpp-python is installed (the file as stored).
 
 Each load runs in a fresh process (so imports, page cache effects and ``ru_maxrss`` are its
 own), alternating A B A B ... because the machine's speed drifts; the figures are medians,
@@ -18,31 +20,46 @@ import statistics
 import subprocess
 import sys
 
-# Each child prints one JSON line: seconds from the first import to a model ready to run,
-# the seconds spent importing, and the process's peak RSS.
+# Each child prints one JSON line: seconds from the first import to a model ready to run, the
+# seconds spent importing, the load alone (the rest), and the process's peak RSS.
 CHILD = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 which, path = sys.argv[1], sys.argv[2]
-if which == "llamalab":
+if which == "llamalab-q":
     import torch, llamalab
-    t_imp = time.perf_counter()
-    lm = llamalab.load(path)
+    t_imp, rss_imp = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    lm = llamalab.load(path, dtype=None)
+    from llamalab.quant import kernels
+    kernels.kernel_available()  # the kernel library loaded (built once beforehand, cached)
+    tok = lm.tokenizer
+elif which == "llamalab-fp32":
+    import torch, llamalab
+    t_imp, rss_imp = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    lm = llamalab.load(path, dtype=torch.float32)
     tok = lm.tokenizer
 elif which == "transformers":
     import torch, transformers
     from pathlib import Path
-    t_imp = time.perf_counter()
+    t_imp, rss_imp = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     p = Path(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
 else:
-    import llama_cpp
-    t_imp = time.perf_counter()
-    model = llama_cpp.Llama(model_path=path, n_ctx=512, verbose=False)
+    # llamalab's llama.cpp opener without importing llamalab (which imports torch: two OpenMP users in
+    # one process have crashed llama.cpp here).
+    import importlib.util, pathlib
+    _spec = importlib.util.spec_from_file_location("llamalab_llama_cpp", pathlib.Path(
+        importlib.util.find_spec("llamalab").origin).parent / "quant" / "llama_cpp.py")
+    _peer = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_peer)
+    open_llama_cpp = _peer.open_llama_cpp
+    t_imp, rss_imp = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = open_llama_cpp(path, n_ctx=512)
 t1 = time.perf_counter()
-print(json.dumps({"seconds": t1 - t0, "import_s": t_imp - t0,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": t1 - t0, "import_s": t_imp - t0, "load_s": t1 - t_imp,
+                  "peak_rss_mb": peak / 1024, "load_rss_mb": (peak - rss_imp) / 1024}))
 """
 
 
@@ -66,19 +83,26 @@ def main() -> None:
     from llamalab.checkpoint.registry import resolve
 
     path = str(resolve("smollm2-135m-instruct"))
-    peers = ["llamalab", "transformers"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    peers = ["llamalab-q", "llamalab-fp32", "transformers"] + (["llama.cpp"] if importlib.util.find_spec("llama_cpp") else [])
+    run_one("llamalab-q", path)  # builds the kernels once if this machine has not yet (not timed)
     runs: dict[str, list[dict[str, float]]] = {p: [] for p in peers}
     for r in range(args.rounds):
         for p in peers:
             runs[p].append(run_one(p, path))
             print(f"round {r + 1}/{args.rounds} {p}: {runs[p][-1]['seconds']:.2f} s", file=sys.stderr)
     med = {p: {k: statistics.median(x[k] for x in v) for k in v[0]} for p, v in runs.items()}
-    base = med["llamalab"]
-    print(f"\nSmolLM2-135M-Instruct Q4_1 GGUF -> ready fp32 model, median of {args.rounds} fresh processes")
-    print(f"{'loader':<14}{'total s':>9}{'import s':>10}{'peak RSS MB':>13}{'time / llamalab':>17}{'RSS / llamalab':>16}")
+    base = med["llamalab-q"]
+    file_mb = os.path.getsize(path) / 2**20
+    from llamalab.precision import cpu_name
+
+    print(f"\nCPU: {cpu_name()}. SmolLM2-135M-Instruct Q4_1 GGUF ({file_mb:.0f} MiB) -> a model ready to run, "
+          f"median of {args.rounds} fresh processes")
+    # "load RSS": the peak RSS the load adds to what the imports reached (torch alone is ~300 MB).
+    print(f"{'loader':<15}{'total s':>9}{'import s':>10}{'load s':>8}{'peak RSS MB':>13}{'load RSS MB':>13}"
+          f"{'load RSS / file':>17}{'load / llamalab-q':>19}")
     for p, m in med.items():
-        print(f"{p:<14}{m['seconds']:>9.2f}{m['import_s']:>10.2f}{m['peak_rss_mb']:>13.0f}"
-              f"{m['seconds'] / base['seconds']:>17.2f}{m['peak_rss_mb'] / base['peak_rss_mb']:>16.2f}")
+        print(f"{p:<15}{m['seconds']:>9.2f}{m['import_s']:>10.2f}{m['load_s']:>8.2f}{m['peak_rss_mb']:>13.0f}"
+              f"{m['load_rss_mb']:>13.0f}{m['load_rss_mb'] / file_mb:>17.2f}{m['load_s'] / base['load_s']:>19.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"median": med, "runs": runs}, f, indent=2)

@@ -26,14 +26,27 @@ class LoadedModel:
     checkpoint_metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def load(source: str | os.PathLike[str], dtype: torch.dtype = torch.float32,
+def load(source: str | os.PathLike[str], dtype: torch.dtype | None = torch.float32,
          device: torch.device | str = "cpu") -> LoadedModel:
     """Read ``source`` (Meta / HF / GGUF / native, or a registered name such as ``smollm2-135m-instruct``)
     and build its Transformer in ``dtype`` on ``device``, in eval mode.
 
-    Quantized GGUF weights are dequantized one tensor at a time while the model is built.
+    ``dtype=None`` is "as stored": a quantized GGUF keeps its weights in their blocks and runs on
+    llamalab's quantized kernels (:func:`llamalab.quant.quantized_model`, fp32 activations); any
+    other checkpoint is built in the precision ``auto`` picks for this machine. With a float
+    ``dtype`` quantized GGUF weights are dequantized one tensor at a time while the model is built.
     """
     ckpt = read_checkpoint(source)
+    if dtype is None:
+        from llamalab.quant import has_quantized_weights, quantized_model
+
+        if has_quantized_weights(ckpt) and str(device) == "cpu":
+            return LoadedModel(model=quantized_model(ckpt), tokenizer=ckpt.tokenizer, config=ckpt.config,
+                               format=ckpt.format, path=ckpt.path,
+                               checkpoint_metadata={**ckpt.metadata, "quantized": True})
+        from llamalab.precision import resolve_dtype
+
+        dtype = resolve_dtype("auto", device)
     model = build_model(ckpt, dtype=dtype, device=device)
     return LoadedModel(model=model, tokenizer=ckpt.tokenizer, config=ckpt.config, format=ckpt.format,
                        path=ckpt.path, checkpoint_metadata=ckpt.metadata)

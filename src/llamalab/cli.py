@@ -35,10 +35,11 @@ class CLIError(Exception):
 
 
 def _dtype(name: str):  # noqa: ANN202 - torch imported lazily to keep --help fast
-    """A ``--dtype`` value as a torch dtype (:func:`llamalab.precision.parse_dtype`)."""
-    from llamalab.precision import parse_dtype
+    """A ``--dtype`` value for loading (:func:`llamalab.precision.parse_load_dtype`: auto is None,
+    "as stored", so a quantized GGUF runs quantized)."""
+    from llamalab.precision import parse_load_dtype
 
-    return parse_dtype(name)
+    return parse_load_dtype(name)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -69,7 +70,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     ckpt = read_checkpoint(args.source)
-    dst = write_checkpoint(ckpt, args.dest, to=args.to, n_shards=args.shards)
+    if args.type is not None and args.to != "gguf":
+        raise CLIError(f"--type {args.type}: only for --to gguf (the other formats keep the tensors' dtype)")
+    dst = write_checkpoint(ckpt, args.dest, to=args.to, n_shards=args.shards, tensor_type=args.type)
     print(f"wrote {args.to} checkpoint to {dst} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0
 
@@ -260,8 +263,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-format", choices=["template", "llama3", "llama2"], default=None,
                    help="chat format (default: the checkpoint's template, else Llama 3's or Llama 2's)")
     p.add_argument("--dtype", default="auto",
-                   help="auto, float32 or bfloat16 (default auto: bfloat16 where the CPU computes it natively "
-                        "(AVX512-BF16, AMX) or on a GPU, else float32). bfloat16 weights decode ~1.5x faster "
+                   help="auto, float32 or bfloat16 (default auto: a quantized GGUF (Q8_0/Q4_0/Q4_1) runs in its "
+                        "blocks on llamalab's quantized kernels; other checkpoints in bfloat16 where the CPU "
+                        "computes it natively (AVX512-BF16, AMX) or on a GPU, else float32; a float dtype "
+                        "dequantizes a GGUF at load). bfloat16 weights decode ~1.5x faster "
                         "than float32 on any x86-64 CPU (half the bytes; widened to fp32 in registers without "
                         "AVX512-BF16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -343,14 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("convert", help="convert a checkpoint to native, HF or Meta format", formatter_class=fmt,
-                       description="Read any supported format and write native, HF or Meta (sharded) format.",
+    p = sub.add_parser("convert", help="convert a checkpoint to native, HF, Meta or GGUF format", formatter_class=fmt,
+                       description="Read any supported format and write native, HF, Meta (sharded) or GGUF "
+                                   "(llama.cpp's single file, matrices in --type).",
                        epilog="example:\n  llamalab convert smollm2-135m-instruct out/smollm2-hf --to hf\n"
-                              "  llamalab convert out/smollm2-hf out/smollm2-meta --to meta --shards 2")
+                              "  llamalab convert out/smollm2-hf out/smollm2-meta --to meta --shards 2\n"
+                              "  llamalab convert smollm2-135m-instruct out/smollm2-q8_0.gguf --to gguf --type q8_0")
     p.add_argument("source", help="path or registered name")
-    p.add_argument("dest", help="output directory (must not exist)")
-    p.add_argument("--to", choices=["native", "hf", "meta"], default="native", help="output format")
+    p.add_argument("dest", help="output directory (must not exist); for --to gguf the output file")
+    p.add_argument("--to", choices=["native", "hf", "meta", "gguf"], default="native", help="output format")
     p.add_argument("--shards", type=int, default=1, help="model-parallel shards for --to meta (default 1)")
+    p.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
+                   help="--to gguf: the matrices' type (default f16; q8_0/q4_0/q4_1: round-to-nearest blocks)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools", formatter_class=fmt,

@@ -183,6 +183,8 @@ class Transformer(nn.Module):
 
     def _rope(self, device: torch.device) -> Tensor:
         c = self.config
+        if device.type == "meta":  # shape only: the arithmetic on meta tensors imports torch's refs (seconds)
+            return torch.empty(c.max_seq_len, c.head_dim // 2, 2, device=device)
         return precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling, device=device)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:

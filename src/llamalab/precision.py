@@ -115,6 +115,13 @@ def parse_dtype(name: str) -> "torch.dtype":
     return table[name]
 
 
+def parse_load_dtype(name: str) -> "torch.dtype | None":
+    """A ``--dtype`` value for loading a checkpoint: ``auto`` is None, "as stored" (a quantized
+    GGUF runs in its blocks on llamalab's quantized kernels, anything else in the precision
+    ``auto`` picks, see :func:`llamalab.load`); other values as :func:`parse_dtype`."""
+    return None if name == "auto" else parse_dtype(name)
+
+
 def dtype_name(name: str) -> str:
     """The concrete dtype a ``--dtype`` value means here (``auto`` resolved), for logs and result files."""
     return str(parse_dtype(name)).removeprefix("torch.")

@@ -114,8 +114,12 @@ def _as_checkpoint(obj: Any) -> Checkpoint:
 
 
 def write_checkpoint(checkpoint_or_loaded: Any, dst: str | os.PathLike[str], to: str = "native", n_shards: int = 1,
-                     *, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 2**30) -> Path:
-    """Write a Checkpoint (or a ``LoadedModel``'s weights) as ``to`` = "native", "hf" or "meta".
+                     *, dtype: torch.dtype | None = None, max_shard_size: int = 5 * 2**30,
+                     tensor_type: str | None = None) -> Path:
+    """Write a Checkpoint (or a ``LoadedModel``'s weights) as ``to`` = "native", "hf", "meta" or "gguf".
+
+    ``tensor_type`` (GGUF only): the matrices' type, f32 / f16 (default) / bf16 / q8_0 / q4_0 / q4_1;
+    ``dst`` is then the file to write.
 
     ``dst`` must not exist (an empty directory is accepted); it appears atomically.
     ``n_shards`` is Meta's model-parallel shard count; ``max_shard_size`` (bytes) splits
@@ -145,7 +149,11 @@ def write_checkpoint(checkpoint_or_loaded: Any, dst: str | os.PathLike[str], to:
             dst.rmdir()  # an empty destination counts as absent, as for the other formats
         return write_meta(ckpt.config, ckpt.state_dict, dst, n_shards=n_shards, tokenizer_path=tok_path, dtype=dtype,
                           tokenizer=ckpt.tokenizer if tok_path is None else None)
-    raise ValueError(f"write_checkpoint: unknown target format {to!r}; expected 'native', 'hf' or 'meta'")
+    if to == "gguf":
+        from llamalab.checkpoint.gguf_write import write_gguf
+
+        return write_gguf(ckpt, dst, tensor_type or "f16")
+    raise ValueError(f"write_checkpoint: unknown target format {to!r}; expected 'native', 'hf', 'meta' or 'gguf'")
 
 
 def _tokenizer_info(tok: Any) -> dict[str, Any] | None:

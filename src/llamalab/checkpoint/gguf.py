@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp): metadata -> ModelConfig, vocabulary -> tokenizer, tensors dequantized to torch.
 
-Reading goes through ``gguf.GGUFReader`` (a memory map); quantized tensors are turned
+Reading goes through llamalab's header reader and a memory map; quantized tensors are turned
 into floats by ``gguf.quants.dequantize`` when they are looked up, one at a time, so
 building a model never holds a second dequantized copy of it. GGUF lists dimensions
 fastest-first (ggml order): a ``(out, in)`` weight is stored as ``[in, out]`` and is
@@ -63,70 +63,50 @@ class GGUFFile:
     file_map: Any  # the np.memmap the tensor views point into
 
 
-class _UnknownTensorType(Exception):
-    def __init__(self, tensor: str, type_id: int) -> None:
-        super().__init__(tensor, type_id)
-        self.tensor, self.type_id = tensor, type_id
-
-
-def _reader_class() -> type:
-    import gguf
-
-    class Reader(gguf.GGUFReader):
-        """GGUFReader that names the tensor whose type id this gguf-py version does not know,
-        and reads metadata through a plain ndarray view of its memory map."""
-
-        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
-            # np.memmap does bookkeeping on every slice and view; a 49k-token vocabulary with
-            # its merges is ~250k small reads, 3 s of a 5 s load. A plain ndarray over the same
-            # mapping reads the same bytes at a fraction of the cost (and keeps the map alive).
-            mapped = self.data
-            if self.__dict__.get("_mapped") is not mapped:
-                self._mapped, self._plain = mapped, mapped.view(np.ndarray)
-            self.data = self._plain
-            try:
-                return super()._get(offset, dtype, count, override_order)
-            finally:
-                self.data = mapped
-
-        def _build_tensors(self, start_offs: int, fields: list) -> None:  # type: ignore[override]
-            for field in fields:
-                # Tensor info layout in gguf-py: name length, name, n_dims, dims, type, offset.
-                name, raw_type = field.parts[1], field.parts[4]
-                try:
-                    gguf.GGMLQuantizationType(int(raw_type[0]))
-                except ValueError:
-                    raise _UnknownTensorType(bytes(name).decode("utf-8", "replace"), int(raw_type[0])) from None
-            super()._build_tensors(start_offs, fields)
-
-    return Reader
+# numpy dtypes of the unquantized tensor types (as gguf-py's reader views them); any other type is
+# a uint8 (rows, row_bytes) matrix of blocks.
+_PLAIN_TYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+                "I32": np.int32, "I64": np.int64}
 
 
 def open_gguf(path: Path) -> GGUFFile:
-    """Parse ``path``'s header; every problem is a CheckpointError naming the file (and tensor)."""
+    """Parse ``path``'s header; every problem is a CheckpointError naming the file (and tensor).
+
+    The header goes through :func:`~llamalab.checkpoint.gguf_header.read_gguf_header` (gguf-py's
+    reader builds numpy objects per vocabulary string: 3-6 s for a 49k-token vocabulary against
+    ~0.1 s); the tensors are views of one read-only ``np.memmap`` of the file, shaped as gguf-py
+    shapes them.
+    """
+    import gguf
+
+    from llamalab.checkpoint.gguf_header import read_gguf_header
+
     try:
-        reader = _reader_class()(path, "r")
-    except _UnknownTensorType as e:
-        raise CheckpointError(f"{path}: tensor {e.tensor} has unknown GGUF quantization type id {e.type_id} "
-                              f"(not known to gguf-py; a newer llama.cpp format?)") from None
+        header = read_gguf_header(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except Exception as e:  # gguf-py raises ValueError/IndexError/struct errors on bad or short files
-        raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt "
-                              f"({type(e).__name__}: {e})") from None
-    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-    size = reader.data.shape[0]
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    except ValueError as e:
+        if "unknown ggml type id" in str(e):
+            raise CheckpointError(f"{path}: {e} (not a GGUF quantization type gguf-py knows; a newer llama.cpp "
+                                  f"format?)") from None
+        raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({e})") from None
+    file_map = np.memmap(path, dtype=np.uint8, mode="r")
+    plain = file_map.view(np.ndarray)  # slicing a memmap costs bookkeeping per view; the map stays alive
     tensors = []
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size:
-            raise CheckpointError(f"{path}: truncated: tensor {t.name} needs bytes up to {t.data_offset + t.n_bytes}, "
-                                  f"the file has {size}")
-        tensors.append(GGUFTensor(name=t.name, type_name=t.tensor_type.name, type=t.tensor_type,
-                                  shape=tuple(int(d) for d in reversed(t.shape.tolist())), data=t.data,
-                                  offset=int(t.data_offset), nbytes=int(t.n_bytes)))
-    # The reader's per-field numpy objects (one per vocabulary string) cost ~100 MB on a
-    # 49k-token vocabulary; only the decoded fields and the tensor views are kept.
-    return GGUFFile(path=path, fields=fields, tensors=tensors, file_map=reader.data)
+    for t in header.tensors:
+        qtype = gguf.GGMLQuantizationType(t.type_id)
+        raw = plain[t.offset:t.offset + t.nbytes]
+        np_dims = tuple(reversed(t.dims))
+        if qtype.name in _PLAIN_TYPES:
+            data = raw.view(_PLAIN_TYPES[qtype.name]).reshape(np_dims)
+        else:
+            data = raw.reshape(gguf.quant_shape_to_byte_shape(np_dims, qtype))
+        tensors.append(GGUFTensor(name=t.name, type_name=qtype.name, type=qtype, shape=np_dims, data=data,
+                                  offset=t.offset, nbytes=t.nbytes))
+    fields = {k: v for k, v in header.fields.items() if not k.startswith("GGUF.")}
+    return GGUFFile(path=path, fields=fields, tensors=tensors, file_map=file_map)
 
 
 def _release(f: GGUFFile, t: GGUFTensor) -> None:
@@ -151,10 +131,14 @@ def _dequantize(f: GGUFFile, t: GGUFTensor, data: np.ndarray | None = None) -> n
                               f"llamalab cannot dequantize (gguf-py has no dequantizer for it)") from None
 
 
-def gguf_tensor(f: GGUFFile, t: GGUFTensor) -> Tensor:
+_TORCH_DEQUANTIZED = ("Q8_0", "Q4_0", "Q4_1")
+
+
+def gguf_tensor(f: GGUFFile, t: GGUFTensor, dtype: torch.dtype | None = None) -> Tensor:
     """One GGUF tensor as a new torch tensor in PyTorch shape.
 
-    F16 and BF16 keep their dtype; everything else becomes float32.
+    F16 and BF16 keep their dtype; everything else becomes float32, or ``dtype`` (fp32/bf16)
+    straight from the blocks where the dequantizer can.
     """
     if t.type_name == "F16":
         out = torch.from_numpy(t.data.view(np.float16).copy())
@@ -162,6 +146,13 @@ def gguf_tensor(f: GGUFFile, t: GGUFTensor) -> Tensor:
         out = torch.from_numpy(t.data.view(np.int16).copy()).view(torch.bfloat16)
     elif t.type_name == "F32":
         out = torch.from_numpy(t.data.view(np.float32).copy())
+    elif t.type_name in _TORCH_DEQUANTIZED:
+        # torch's vectorised dequantizer (llamalab.quant.blocks) is ~5-10x faster than gguf-py's
+        # numpy one on these types (equal bit for bit: tests/test_quant.py).
+        from llamalab.quant.blocks import dequantize
+
+        out = dequantize(torch.from_numpy(t.data.copy()), t.type_name, t.shape[-1],
+                         dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32)
     else:
         out = torch.from_numpy(_dequantize(f, t))
     _release(f, t)
@@ -224,7 +215,8 @@ def read_gguf(path: Path) -> Checkpoint:
     The state dict is a :class:`LazyStateDict`: a tensor is dequantized when it is looked
     up, so building a model holds the model plus one dequantized tensor, not two models.
     ``metadata["quantization"]`` counts tensors per type; ``metadata["tensor_types"]`` gives
-    each Meta-named tensor's type.
+    each Meta-named tensor's type; ``blocks`` holds the quantized tensors as stored (for
+    :func:`llamalab.quant.quantized_model`).
     """
     f = open_gguf(path)
     config = gguf_config(f)
@@ -232,6 +224,7 @@ def read_gguf(path: Path) -> Checkpoint:
     want = expected_shapes(config)
     entries: dict[str, tuple[tuple[int, ...], Callable[[], Tensor]]] = {}
     tensor_types: dict[str, str] = {}
+    blocks: dict[str, GGUFTensor] = {}
     for t in f.tensors:
         if t.name == _ROPE_FREQS:
             continue  # folded into config.rope_scaling
@@ -243,13 +236,15 @@ def read_gguf(path: Path) -> Checkpoint:
                                   f"for the model its metadata describes")
         entries[name] = (want[name], partial(gguf_tensor, f, t))
         tensor_types[name] = t.type_name
+        if t.type_name not in ("F32", "F16", "BF16"):
+            blocks[name] = t
     complete_entries(entries, want, config, path)
     tokenizer = gguf_tokenizer(f)
     metadata = {"files": [str(path)], "tokenizer_path": str(path) if tokenizer is not None else None,
                 "quantization": dict(Counter(tensor_types.values())), "tensor_types": tensor_types,
                 "gguf": _scalar_fields(f.fields)}
-    return Checkpoint(config=config, state_dict=LazyStateDict(entries), tokenizer=tokenizer, format="gguf",
-                      path=path, metadata=metadata)
+    return Checkpoint(config=config, state_dict=LazyStateDict(entries, fresh=True), tokenizer=tokenizer, format="gguf",
+                      path=path, metadata=metadata, blocks=blocks)
 
 
 def describe_gguf(path: Path) -> tuple[ModelConfig, Any, dict[str, int], dict[str, Any]]:

@@ -39,14 +39,17 @@ def _task_list(text: str) -> list[str]:
 def _load_model(args: argparse.Namespace) -> Any:
     import torch
 
-    from llamalab.precision import dtype_name, parse_dtype
+    from llamalab.precision import dtype_name, parse_load_dtype
     from llamalab.eval.lm import EvalModel
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.dtype = dtype_name(args.dtype)  # auto resolved: the results file names what was run
     t0 = time.perf_counter()
-    lm = EvalModel.load(args.model, dtype=parse_dtype(args.dtype), batch_size=args.batch_size, max_length=args.max_length)
+    lm = EvalModel.load(args.model, dtype=parse_load_dtype(args.dtype), batch_size=args.batch_size,
+                        max_length=args.max_length)
+    # auto resolved: the results file names what was run (a quantized GGUF: its block types).
+    quant = lm.loaded.checkpoint_metadata.get("quantization") if lm.loaded.checkpoint_metadata.get("quantized") else None
+    args.dtype = ("gguf " + "+".join(sorted(quant))) if quant else dtype_name(args.dtype)
     print(f"llamalab eval: loaded {args.model} in {time.perf_counter() - t0:.1f} s "
           f"(context {lm.max_length} tokens, {args.dtype}, batch {args.batch_size})", file=sys.stderr)
     return lm
@@ -177,8 +180,8 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
 def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"name or path of a checkpoint (default: {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto",
-                   help="weights' dtype: auto (default: bfloat16 where the CPU computes it natively, else "
-                        "float32), float32 or bfloat16")
+                   help="weights' dtype: auto (default: a quantized GGUF runs in its blocks; else bfloat16 "
+                        "where the CPU computes it natively, else float32), float32 or bfloat16")
     p.add_argument("--batch-size", type=int, default=16, help="continuations scored per forward pass (default 16)")
     p.add_argument("--max-length", type=int, default=None, help="context to use (default: the model's)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")

@@ -97,9 +97,10 @@ class EvalModel:
         self._prefix: tuple[tuple[int, ...], list[tuple[Tensor, Tensor]]] | None = None
 
     @classmethod
-    def load(cls, name_or_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+    def load(cls, name_or_path: str | os.PathLike[str], *, dtype: torch.dtype | None = torch.float32,
              batch_size: int = 16, max_length: int | None = None, device: str = "cpu") -> EvalModel:
-        """Load a checkpoint (path or registered name) for evaluation; fp32 by default."""
+        """Load a checkpoint (path or registered name) for evaluation; fp32 by default (None: as
+        stored, a quantized GGUF in its blocks, see :func:`llamalab.load`)."""
         from llamalab.api import load
 
         return cls(load(name_or_path, dtype=dtype, device=device), batch_size=batch_size,

@@ -147,6 +147,63 @@ class _Linear:
         return y
 
 
+class _QuantizedLinears:
+    """The products of one or more linear modules on the same input, side by side, where some hold
+    quantized blocks (:class:`~llamalab.quant.QuantizedLinear`): the same call as :class:`_Linear`.
+
+    When every module's blocks run on the quantized kernel, one call of it for all of them: x is
+    normalised (or SwiGLU-gated) and quantized to int8 once, and the residual is added to the fp32
+    sums. Otherwise (the reference path, or a mix with float weights) module by module.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        from llamalab.quant import QuantizedLinear
+
+        self.modules = modules
+        self.out_features = sum(m.out_features for m in modules)
+        self.kernel = all(isinstance(m, QuantizedLinear) and m.uses_kernel for m in modules)
+        if self.kernel:
+            from llamalab.quant.blocks import block_type
+
+            self.blocks = [m.blocks for m in modules]
+            self.ids = [block_type(m.type_name).ggml_id for m in modules]
+            # The op itself, not the checking wrapper: a decode step makes ~120 of these calls.
+            self.op = torch.ops.llamalab_quant.qmatmul.default
+
+    def __call__(self, x: Tensor, post: str = "none", other: Tensor | None = None,
+                 norm: tuple[nn.Module, Tensor] | None = None, swiglu: bool = False) -> Tensor:
+        """As :meth:`_Linear.__call__`, in ``x``'s dtype (computed in fp32)."""
+        if self.kernel:
+            nw, eps = (norm[1], norm[0].eps) if norm is not None else (None, 1e-5)
+            if x.dtype != torch.float32:
+                y = self.op(x.float(), self.blocks, self.ids, None if other is None or post != "add" else other.float(),
+                            nw, eps, swiglu)
+                return (y if post == "add" else _Linear._post(y, post, other)).to(x.dtype)
+            y = self.op(x, self.blocks, self.ids, other if post == "add" else None, nw, eps, swiglu)
+            return y if post == "add" else _Linear._post(y, post, other)
+        if norm is not None:
+            x = _rms_norm(x, norm[0])
+        if swiglu:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        ys = [m(x) for m in self.modules]
+        return _Linear._post(ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1), post, other)
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    from llamalab.quant import QuantizedLinear
+
+    return isinstance(module, QuantizedLinear)
+
+
+def _linears(modules: list[nn.Module], use_onednn: bool, use_gemv: bool, float_out: bool = False) -> Any:
+    """One product for ``modules`` on the same input: fused float weights, or quantized blocks."""
+    if any(_is_quantized(m) for m in modules):
+        return _QuantizedLinears(modules)
+    weight = modules[0].weight if len(modules) == 1 else _fuse(modules)
+    return _Linear(weight, use_onednn, use_gemv, float_out=float_out)
+
+
 class _Layer:
     """One TransformerBlock's weights, prepared for inference."""
 
@@ -156,11 +213,13 @@ class _Layer:
         # q/k/v in one matrix and w1/w3 in another: one large matrix-vector product streams
         # weights faster than three (or two) small ones. The model's own weights become views
         # of the fused matrices, so fp32 costs no extra memory (bf16 is reordered: a copy anyway).
-        self.wqkv = _Linear(_fuse([attn.wq, attn.wk, attn.wv]), use_onednn, use_gemv)
-        self.w13 = _Linear(_fuse([ffn.w1, ffn.w3]), use_onednn, use_gemv)
-        self.hidden = ffn.w1.weight.shape[0]
-        self.wo = _Linear(attn.wo.weight, use_onednn, use_gemv)
-        self.w2 = _Linear(ffn.w2.weight, use_onednn, use_gemv)
+        # Quantized blocks are not concatenated (a copy of the file's pages): the quantized
+        # kernel takes the three (two) weights in one call instead.
+        self.wqkv = _linears([attn.wq, attn.wk, attn.wv], use_onednn, use_gemv)
+        self.w13 = _linears([ffn.w1, ffn.w3], use_onednn, use_gemv)
+        self.hidden = ffn.w1.out_features
+        self.wo = _linears([attn.wo], use_onednn, use_gemv)
+        self.w2 = _linears([ffn.w2], use_onednn, use_gemv)
         # (module, fp32 weight): the kernel takes the norm's weight in fp32 (for an fp32 model
         # the module's own tensor, no copy).
         self.attention_norm = (block.attention_norm, block.attention_norm.weight.detach().float())
@@ -275,7 +334,7 @@ class DecodeModel(nn.Module):
             raise ValueError(f"gemv=True: llamalab's matrix-vector kernel cannot run this model ({why})")
         with torch.no_grad():
             self.layers = [_Layer(block, self.onednn, self.gemv) for block in model.layers]
-            self.output = _Linear(model.output.weight, self.onednn, self.gemv, float_out=True)
+            self.output = _linears([model.output], self.onednn, self.gemv, float_out=True)
         c = model.config
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
         self._compiled: Any = None

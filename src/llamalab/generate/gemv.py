@@ -30,11 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import sys
 import threading
-import time
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,37 +57,12 @@ _built: str | None = None  # '' once loaded, else why not
 
 def _build() -> str:
     """Build and load the extension; '' on success, else why not."""
-    if os.environ.get("LLAMALAB_GEMV", "1") == "0":
-        return "disabled by LLAMALAB_GEMV=0"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"the kernel is for x86-64, this machine is {platform.machine()}"
-    try:
-        from torch.utils import cpp_extension
+    from llamalab.cext import build_extension
 
-        build_dir = getattr(cpp_extension, "_get_build_directory", None)  # private: guarded
-        where = Path(build_dir(_NAME, False)) if build_dir is not None else None
-        fresh = where is not None and not (where / f"{_NAME}.so").exists()
-        if where is not None and (where / "lock").exists() and time.time() - (where / "lock").stat().st_mtime > 600:
-            # A build killed half-way leaves its lock file, on which torch's loader would wait
-            # forever; a real build takes seconds.
-            (where / "lock").unlink(missing_ok=True)
-        if fresh:
-            print("llamalab: building the decode kernel (once, ~10-30 s) ...", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        # -fopenmp: the kernel splits rows over torch's intra-op threads with at::parallel_for,
-        # which is an OpenMP region compiled into the caller.
-        # torch's loader rebuilds when the sources or the flags change, not a header: the
-        # header's checksum goes into the flags.
-        header = f"-DLLAMALAB_HEADER_CRC={zlib.crc32(_HEADER.read_bytes())}"
-        cpp_extension.load(name=_NAME, sources=[str(_SOURCE), str(_ATTENTION_SOURCE)],
-                           extra_cflags=["-O3", "-fopenmp", header],
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-        if fresh:
-            print(f"llamalab: built in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    except Exception as e:  # no compiler, no ninja, a failed build: oneDNN serves instead
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        first_error = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "")
-        return f"building {_SOURCE.name} failed: {first_error or type(e).__name__}"
+    reason = build_extension(_NAME, [_SOURCE, _ATTENTION_SOURCE], [_HEADER], disable_env="LLAMALAB_GEMV",
+                             what="decode kernel")
+    if reason:
+        return reason
     for op, rule in (("llamalab::gemv", _gemv_shape), ("llamalab::decode_attention", _attention_shape)):
         try:
             torch.library.register_fake(op)(rule)

@@ -41,7 +41,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--dtype", default="auto", choices=DTYPES,
-                   help="weights dtype (default auto: bfloat16 where the CPU computes it natively, else float32)")
+                   help="weights dtype (default auto: a quantized GGUF runs in its blocks; else bfloat16 where the "
+                        "CPU computes it natively, else float32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step: ~1.6-2x decode speed at float32 (~1.15-1.2x "
@@ -89,10 +90,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     name = args.name or model_id(args.model)
     t0 = time.perf_counter()
-    from llamalab.precision import hardware_line, parse_dtype
+    from llamalab.precision import hardware_line, parse_load_dtype
 
     print(hardware_line(), file=sys.stderr)
-    lm = llamalab.load(args.model, dtype=parse_dtype(args.dtype))
+    lm = llamalab.load(args.model, dtype=parse_load_dtype(args.dtype))
     generator = None
     if args.compile and lm.tokenizer is not None:  # (without one, create_app says so)
         from llamalab.generate import Generator

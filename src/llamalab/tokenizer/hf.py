@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -70,9 +71,9 @@ def _pick_template(value: Any) -> str | None:
     return None
 
 
-def _decoder_kinds(serialised: str) -> set[str]:
-    """Types of the decoder steps, read from the serialised tokenizer (Python hides them)."""
-    decoder = json.loads(serialised).get("decoder") or {}
+def _decoder_kinds(serialised: str | bytes) -> set[str]:
+    """Types of the decoder steps, read from the serialised decoder (Python hides them)."""
+    decoder = json.loads(serialised) or {}
     steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     kinds = {s.get("type") for s in steps if isinstance(s, Mapping)}
     if any(s.get("type") == "Replace" and s.get("content") == " " for s in steps if isinstance(s, Mapping)):
@@ -103,17 +104,15 @@ class HFTokenizer:
     ) -> None:
         """Wrap an in-memory tokenizer. `special_tokens` defaults to its special added tokens;
         `vocab_size` defaults to the tokenizer's own count (pass it when ids are not dense)."""
-        import tokenizers
-
         self._tok = tokenizer
         if special_tokens is None:
             special_tokens = {t.content: i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
         self.special_tokens: dict[str, int] = dict(special_tokens)
-        # A second copy that treats special-token text as plain text, so `allow_special=False`
-        # does not have to flip a flag on a tokenizer other threads may be using.
-        serialised = tokenizer.to_str()
-        self._plain = tokenizers.Tokenizer.from_str(serialised)
-        self._plain.encode_special_tokens = True
+        # `allow_special=False` encodes with the tokenizer's encode_special_tokens flag set (special-
+        # token text as plain text), flipped under a lock since other threads may be encoding. (A
+        # second copy of the tokenizer would cost a serialise/parse round trip, ~0.3-0.5 s of a
+        # 49k-token vocabulary's load.)
+        self._flag_lock = threading.Lock()
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.pad_id = pad_id
@@ -122,7 +121,7 @@ class HFTokenizer:
         self.add_bos_default = add_bos_default
         self.name = name
         self._n_vocab = vocab_size if vocab_size is not None else tokenizer.get_vocab_size(with_added_tokens=True)
-        kinds = _decoder_kinds(serialised)
+        kinds = _decoder_kinds(tokenizer.decoder.__getstate__() if tokenizer.decoder is not None else b"{}")
         self._byte_level = "ByteLevel" in kinds
         self._metaspace = not self._byte_level and bool(kinds & {"Metaspace", "ByteFallback"})
         self._added = {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
@@ -219,8 +218,12 @@ class HFTokenizer:
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False) -> list[int]:
         """Token ids for `text`; special-token strings are only recognised with `allow_special`."""
-        tok = self._tok if allow_special else self._plain
-        ids = tok.encode(text, add_special_tokens=False).ids
+        with self._flag_lock:
+            self._tok.encode_special_tokens = not allow_special
+            try:
+                ids = self._tok.encode(text, add_special_tokens=False).ids
+            finally:
+                self._tok.encode_special_tokens = False
         if bos:
             ids.insert(0, self._require(self.bos_id, "bos"))
         if eos:

@@ -1,0 +1,729 @@
+// Matrix products on GGUF quantized blocks, read where they lie (a memory map of the file), on
+// x86-64 CPUs: y = x W^T for W in Q8_0, Q4_0 or Q4_1 blocks and x in fp32.
+//
+// The way llama.cpp does it: each row of x is quantized once per call to int8 in blocks of 32
+// (one fp32 scale d_x per block, and d_x * sum(q_x) for the blocks' offsets), so that each block
+// of a weight row against the matching block of x is one integer dot product of 32 pairs, scaled
+// once. A block of 32 weights w_i = d * q_i + m (Q4_1: q_i in 0..15, m stored; Q4_0: q_i in 0..15,
+// m = -8 d; Q8_0: q_i in -128..127, m = 0) against x_i ~ d_x * p_i contributes
+//     d d_x * sum(q_i p_i)  +  m * d_x * sum(p_i)
+// The integer sums go into 8 int32 lanes (AVX2: VPMADDUBSW then VPMADDWD against ones; AVX-512
+// VNNI: one VPDPBUSD), are converted to fp32 and accumulated by one FMA with d d_x per block;
+// the offsets are a scalar FMA per block. Only the horizontal sum of the lanes is left for the end.
+//
+// Q8_0's weights are signed: VPMADDUBSW multiplies unsigned by signed bytes, so the AVX2 path
+// multiplies |w| by x carrying w's sign (VPSIGNB), as llama.cpp does; VPDPBUSD takes w + 128
+// (w xor 0x80) and the offset term subtracts 128 d d_x sum(p_i).
+//
+// Rows of W are walked in groups (4 rows; 8 on the AVX-512 path, which holds two rows per
+// register) against every row of x (decode: 1-4 rows; prefill: the whole prompt), so that one
+// block of x serves the group from registers and the group's weights, a few KB, stay in L1 while
+// the rows of x stream from L2. Threads split the groups of rows
+// (at::parallel_for), over several weights at once: the q, k and v projections of a layer (or
+// the gate and up projections) are one call whose outputs are concatenated, so x is normalised and
+// quantized once for all of them.
+//
+// Before the product x can be replaced by RMSNorm(x) * norm, or by SwiGLU of its two halves
+// (silu(gate) * up), computed in fp32 as in the decode kernel (generate/csrc/gemv.cpp); `other`
+// (the residual) is added to the fp32 sums.
+//
+// Paths (`isa` reports, `set_isa` / LLAMALAB_QUANT_ISA force): avx2 (AVX2, FMA, F16C) and
+// avx512vnni (AVX-512F/BW/VL + VNNI: 512-bit VPDPBUSD on two rows at once, below). A CPU with
+// neither runs the pure-PyTorch reference of llamalab/quant/blocks.py instead.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LLQ_X86 1
+#define LLQ_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LLQ_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#endif
+
+namespace {
+
+// GGML type ids (ggml.h, gguf-py's GGMLQuantizationType).
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
+constexpr int64_t kBlock = 32;  // weights per block in all three types
+constexpr int64_t kRowsAtOnce = 4;    // rows of W walked together by the 256-bit kernels
+constexpr int64_t kMaxGroupRows = 8;  // ... and by any kernel (the 512-bit ones: 4 pairs)
+
+int64_t block_bytes(int64_t type) {
+  switch (type) {
+    case kQ4_0: return 18;  // fp16 d, 16 bytes of nibbles
+    case kQ4_1: return 20;  // fp16 d, fp16 m, 16 bytes of nibbles
+    case kQ8_0: return 34;  // fp16 d, 32 int8
+    default: return 0;
+  }
+}
+
+const char* type_name(int64_t type) {
+  switch (type) {
+    case kQ4_0: return "Q4_0";
+    case kQ4_1: return "Q4_1";
+    case kQ8_0: return "Q8_0";
+    default: return "unknown";
+  }
+}
+
+enum Isa : int { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2 };
+const char* const kIsaNames[] = {"none", "avx2", "avx512vnni"};
+
+Isa cpu_best() {
+#ifdef LLQ_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return kAvx512Vnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return kAvx2;
+#endif
+  return kNone;
+}
+
+std::atomic<int> g_isa{-1};
+
+Isa current_isa() {
+  int isa = g_isa.load();
+  if (isa < 0) {
+    isa = cpu_best();
+    g_isa.store(isa);
+  }
+  return static_cast<Isa>(isa);
+}
+
+// One block of 32: q = round-half-even(x * 127 / max|x|); returns the sum of q, sets d = max|x| / 127.
+// Scalar, and (below) the same in AVX2 as llama.cpp writes it: a libm nearbyint per element cost
+// ~6 us per call at K = 576, ~1 ms of a SmolLM2 decode step.
+int quantize_block_scalar(const float* xb, int8_t* qb, float* d_out) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
+  const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+  int sum = 0;
+  for (int64_t i = 0; i < kBlock; ++i) {
+    qb[i] = static_cast<int8_t>(std::nearbyint(xb[i] * inv));  // |x * inv| <= 127
+    sum += qb[i];
+  }
+  *d_out = amax / 127.0f;
+  return sum;
+}
+
+#ifdef LLQ_X86
+LLQ_AVX2 int quantize_block_avx2(const float* xb, int8_t* qb, float* d_out) {
+  __m256 v[4];
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int j = 0; j < 4; ++j) {
+    v[j] = _mm256_loadu_ps(xb + 8 * j);
+    amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+  }
+  __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+  const float top = _mm_cvtss_f32(m4);
+  const __m256 mul = _mm256_set1_ps(top != 0.0f ? 127.0f / top : 0.0f);
+  __m256i q[4];
+  for (int j = 0; j < 4; ++j)
+    q[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], mul), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+  t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+  // int32 -> int8 by two saturating packs (within 128-bit lanes), then the dwords back in order.
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb),
+                      _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  *d_out = top / 127.0f;
+  return _mm_cvtsi128_si32(t);
+}
+#endif
+
+// x quantized per block of 32: int8 values, the block's scale, and its scale times the sum of the
+// values (the offsets' factor). Buffers reused from call to call (per thread).
+struct QuantizedX {
+  std::vector<int8_t> q;  // (m_rows, k)
+  std::vector<float> d;   // (m_rows, k / 32)
+  std::vector<float> ds;  // (m_rows, k / 32): fp16(d * sum(q)), Q4_1's offsets as llama.cpp has them
+  std::vector<float> dsum;  // (m_rows, k / 32): d * sum(q) in fp32 from the fp16 d (exact integer offsets)
+};
+
+// As llama.cpp's x86 quantize_row_q8_0 / q8_1 (its activations for these weight types), so that the
+// products are the ones llama.cpp computes on the same file: q = round-half-even(x * 127 / max|x|),
+// d = max|x| / 127 and d * sum(q) both kept as fp16 (block_q8_1's fields), used in fp32.
+void quantize_x(const float* xf, int64_t m_rows, int64_t k, bool simd, QuantizedX& out) {
+  const int64_t nb = k / kBlock;
+  const size_t blocks = static_cast<size_t>(m_rows * nb);
+  out.q.resize(static_cast<size_t>(m_rows * k));
+  out.d.resize(blocks);
+  out.ds.resize(blocks);
+  out.dsum.resize(blocks);
+  for (int64_t i = 0; i < m_rows * nb; ++i) {
+    float d;
+#ifdef LLQ_X86
+    const int sum = simd ? quantize_block_avx2(xf + i * kBlock, out.q.data() + i * kBlock, &d)
+                         : quantize_block_scalar(xf + i * kBlock, out.q.data() + i * kBlock, &d);
+#else
+    (void)simd;
+    const int sum = quantize_block_scalar(xf + i * kBlock, out.q.data() + i * kBlock, &d);
+#endif
+    const float d16 = static_cast<float>(c10::Half(d));
+    out.d[i] = d16;
+    out.ds[i] = static_cast<float>(c10::Half(d * static_cast<float>(sum)));
+    out.dsum[i] = d16 * static_cast<float>(sum);
+  }
+}
+
+// The rows of x as the product reads them, in fp32: x, RMSNorm(x) * norm, or silu(gate) * up.
+void prepare(const float* x, int64_t m_rows, int64_t k, const float* norm, double eps, bool swiglu,
+             std::vector<float>& out) {
+  out.resize(static_cast<size_t>(m_rows * k));
+  for (int64_t m = 0; m < m_rows; ++m) {
+    float* om = out.data() + m * k;
+    if (swiglu) {
+      const float* gate = x + m * 2 * k;
+      const float* up = gate + k;
+      for (int64_t c = 0; c < k; ++c) om[c] = gate[c] / (1.0f + std::exp(-gate[c])) * up[c];
+      continue;
+    }
+    const float* xm = x + m * k;
+    std::memcpy(om, xm, static_cast<size_t>(k) * sizeof(float));
+    if (norm != nullptr) {
+      float squares = 0.0f;
+      for (int64_t c = 0; c < k; ++c) squares += om[c] * om[c];
+      const float scale = 1.0f / std::sqrt(squares / static_cast<float>(k) + static_cast<float>(eps));
+      for (int64_t c = 0; c < k; ++c) om[c] = om[c] * scale * norm[c];
+    }
+  }
+}
+
+// One group of R weight rows (`w`, `row_bytes` apart) against one quantized row of x; sums[r].
+using DotRows = void (*)(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx, const float* dsx,
+                         int64_t nb, float* sums);
+
+#ifdef LLQ_X86
+LLQ_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+LLQ_AVX2 inline float half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// A Q4 block's 16 bytes of nibbles -> 32 bytes 0..15 in element order (low nibbles are elements
+// 0-15, high nibbles 16-31).
+LLQ_AVX2 inline __m256i nibbles(const uint8_t* qs) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+// Unsigned bytes u times signed bytes p, summed into 8 int32 lanes.
+LLQ_AVX2 inline __m256i dot_u8s8_avx2(__m256i u, __m256i p) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, p), _mm256_set1_epi16(1));
+}
+
+LLQ_VNNI inline __m256i dot_u8s8_vnni(__m256i u, __m256i p) {
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, p);
+}
+
+// Decode streams every weight from memory once: while a group of `rows` rows is multiplied, the
+// group `kPrefetchGroups` ahead is asked for, a slice per block (`at`: the slice's offset within a
+// group's bytes, `n` its length), so that the reads of the next groups overlap this one's arithmetic.
+constexpr int64_t kPrefetchGroups = 3;
+
+LLQ_AVX2 inline void prefetch_ahead(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t at, int64_t n) {
+  const char* ahead = reinterpret_cast<const char*>(w) + kPrefetchGroups * rows * row_bytes + at;
+  for (int64_t o = 0; o < n; o += 64) _mm_prefetch(ahead + o, _MM_HINT_T0);
+}
+
+// The kernels of one instruction set: ATTR its target attribute, DOT its unsigned x signed byte
+// dot product. (A macro, not a template: a function's target cannot depend on a template argument,
+// and the intrinsics cannot be inlined into a function compiled for less.)
+#define LLQ_DEFINE_KERNELS(SUFFIX, ATTR, DOT, VNNI)                                                     \
+  template <int64_t Type, int R>                                                                        \
+  ATTR void dot_q4_##SUFFIX(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,     \
+                            const float* dsx, int64_t nb, float* sums) {                                \
+    constexpr int64_t bytes = Type == kQ4_1 ? 20 : 18;                                                  \
+    constexpr int64_t qs_at = Type == kQ4_1 ? 4 : 2;                                                    \
+    __m256 acc[R];                                                                                      \
+    float off[R];                                                                                       \
+    for (int r = 0; r < R; ++r) {                                                                       \
+      acc[r] = _mm256_setzero_ps();                                                                     \
+      off[r] = 0.0f;                                                                                    \
+    }                                                                                                   \
+    for (int64_t b = 0; b < nb; ++b) {                                                                  \
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b * kBlock));          \
+      const float db = dx[b], sb = dsx[b];                                                              \
+      if (R > 1) prefetch_ahead(w, row_bytes, R, b * bytes * R, bytes * R);                             \
+      for (int r = 0; r < R; ++r) {                                                                     \
+        const uint8_t* blk = w + r * row_bytes + b * bytes;                                             \
+        const float d = half(blk);                                                                      \
+        const __m256i s = DOT(nibbles(blk + qs_at), p);                                                 \
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * db), acc[r]);                \
+        off[r] += (Type == kQ4_1 ? half(blk + 2) : -8.0f * d) * sb;                                     \
+      }                                                                                                 \
+    }                                                                                                   \
+    for (int r = 0; r < R; ++r) sums[r] = hsum8(acc[r]) + off[r];                                       \
+  }                                                                                                     \
+  template <int R>                                                                                      \
+  ATTR void dot_q8_##SUFFIX(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,     \
+                            const float* dsx, int64_t nb, float* sums) {                                \
+    __m256 acc[R];                                                                                      \
+    float off[R];                                                                                       \
+    for (int r = 0; r < R; ++r) {                                                                       \
+      acc[r] = _mm256_setzero_ps();                                                                     \
+      off[r] = 0.0f;                                                                                    \
+    }                                                                                                   \
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));                                    \
+    for (int64_t b = 0; b < nb; ++b) {                                                                  \
+      const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b * kBlock));          \
+      const float db = dx[b], sb = dsx[b];                                                              \
+      if (R > 1) prefetch_ahead(w, row_bytes, R, b * 34 * R, 34 * R);                                   \
+      for (int r = 0; r < R; ++r) {                                                                     \
+        const uint8_t* blk = w + r * row_bytes + b * 34;                                                \
+        const float d = half(blk);                                                                      \
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));                \
+        __m256i s;                                                                                      \
+        if (VNNI) { /* sum (q + 128) p, less 128 sum p */                                               \
+          s = DOT(_mm256_xor_si256(q, flip), p);                                                        \
+          off[r] -= 128.0f * d * sb;                                                                    \
+        } else { /* |q| times p with q's sign */                                                        \
+          s = DOT(_mm256_sign_epi8(q, q), _mm256_sign_epi8(p, q));                                      \
+        }                                                                                               \
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * db), acc[r]);                \
+      }                                                                                                 \
+    }                                                                                                   \
+    for (int r = 0; r < R; ++r) sums[r] = hsum8(acc[r]) + off[r];                                       \
+  }
+
+LLQ_DEFINE_KERNELS(avx2, LLQ_AVX2, dot_u8s8_avx2, false)
+LLQ_DEFINE_KERNELS(vnni, LLQ_VNNI, dot_u8s8_vnni, true)
+#undef LLQ_DEFINE_KERNELS
+
+// ---- AVX-512 VNNI: two weight rows per 512-bit register ------------------------------------------
+// A block of row r and the same block of row r + 1 share one register (row r in bytes 0-31, r + 1 in
+// 32-63) against x's block in both halves, so one VPDPBUSD does both rows' 32 products. The blocks'
+// fp16 scales come 8 blocks x 2 rows at a time by one gather of the dwords at the blocks' starts
+// (d, and Q4_1's m beside it), are multiplied by x's 8 scales once, and each block picks its lane
+// by a permute: per block and pair of rows about 11 instructions, against ~30 for two rows of the
+// 256-bit kernel above. The offsets (m * s, or -8 d / -128 d times d_x sum(p)) go into the same
+// accumulators, 8 blocks per FMA. Lanes 0-7 of a pair's accumulator sum to row r, 8-15 to r + 1.
+constexpr int64_t block_bytes_of(int64_t type) { return type == kQ4_1 ? 20 : type == kQ4_0 ? 18 : 34; }
+
+// The byte offsets of 8 blocks (`bb` bytes each) in two rows `rb` bytes apart: lanes 0-7, 8-15.
+LLQ_VNNI inline __m512i block_offsets(int32_t rb, int32_t bb) {
+  return _mm512_setr_epi32(0, bb, 2 * bb, 3 * bb, 4 * bb, 5 * bb, 6 * bb, 7 * bb, rb, rb + bb, rb + 2 * bb,
+                           rb + 3 * bb, rb + 4 * bb, rb + 5 * bb, rb + 6 * bb, rb + 7 * bb);
+}
+
+// Up to 8 floats (the lanes of `m`; the others 0), in both halves of a register.
+LLQ_VNNI inline __m512 twice(const float* p, __mmask8 m) {
+  const __m256d v = _mm256_castps_pd(_mm256_maskz_loadu_ps(m, p));
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(v), v, 1));
+}
+
+LLQ_VNNI inline float hsum16_low(__m512 v) { return hsum8(_mm512_castps512_ps256(v)); }
+LLQ_VNNI inline float hsum16_high(__m512 v) {
+  return hsum8(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+template <int64_t Type, int P>
+LLQ_VNNI void dot_pairs_vnni512(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,
+                                const float* dsx, int64_t nb, float* sums) {
+  constexpr int64_t bytes = block_bytes_of(Type);
+  constexpr int64_t qs_at = Type == kQ4_1 ? 4 : 2;
+  const int32_t rb = static_cast<int32_t>(row_bytes);
+  const int32_t bb = static_cast<int32_t>(bytes);
+  // Byte offset of lane i's block: block i % 8 of row i / 8 (of the pair).
+  const __m512i offsets = block_offsets(rb, bb);
+  const __m512i pick_base = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 8, 8);
+  // [r.lo | r1.lo] and [r.hi | r1.hi] -> [r.lo, r.hi, r1.lo, r1.hi] (qwords).
+  const __m512i interleave = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, nb - b0));
+    const __mmask8 m8 = static_cast<__mmask8>((1u << n) - 1);
+    const __mmask16 m16 = static_cast<__mmask16>(m8 | (m8 << 8));
+    const __m512 dxx = twice(dx + b0, m8), sxx = twice(dsx + b0, m8);
+    __m512 scale[P];
+    for (int p = 0; p < P; ++p) {
+      const uint8_t* base = w + 2 * p * row_bytes + b0 * bytes;
+      const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m16, offsets, base, 1);
+      const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+      scale[p] = _mm512_mul_ps(d, dxx);
+      if constexpr (Type == kQ4_1) {
+        const __m512 m = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)));
+        acc[p] = _mm512_fmadd_ps(m, sxx, acc[p]);
+      } else {
+        acc[p] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(Type == kQ4_0 ? -8.0f : -128.0f)), sxx, acc[p]);
+      }
+    }
+    for (int i = 0; i < n; ++i) {
+      const int64_t b = b0 + i;
+      prefetch_ahead(w, row_bytes, 2 * P, b * bytes * 2 * P, bytes * 2 * P);
+      const __m512i x = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b * kBlock)));
+      const __m512i pick = _mm512_add_epi32(pick_base, _mm512_set1_epi32(i));
+      for (int p = 0; p < P; ++p) {
+        const uint8_t* r0 = w + 2 * p * row_bytes + b * bytes;
+        __m512i z;
+        if constexpr (Type == kQ8_0) {
+          z = _mm512_inserti64x4(
+              _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + 2))),
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + row_bytes + 2)), 1);
+          z = _mm512_xor_si512(z, flip);  // q + 128, unsigned
+        } else {
+          const __m256i v = _mm256_inserti128_si256(
+              _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + qs_at))),
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row_bytes + qs_at)), 1);
+          const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+          z = _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), interleave, _mm512_castsi256_si512(hi));
+        }
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z, x);
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(pick, scale[p]), acc[p]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    sums[2 * p] = hsum16_low(acc[p]);
+    sums[2 * p + 1] = hsum16_high(acc[p]);
+  }
+}
+#endif
+
+// Q4_0 / Q4_1 on AVX-512 VNNI, four weight rows per 512-bit register: the 16 bytes of nibbles of
+// the same block in rows r..r+3 fill one register; its low nibbles (elements 0-15 of each row)
+// against x's first 16 bytes broadcast to all four lanes, and its high nibbles (16-31) against the
+// next 16, are two VPDPBUSD into the same int32 lanes (same block, same scale): per block and 4
+// rows ~11 instructions, half of them on port 0, the rest shared (measured ~1.6x the pair kernel).
+// Lanes 4j..4j+3 hold row r+j. The scales come as in the pair kernel, by gathers of 8 blocks x 2
+// rows, and each block's four are picked by one two-source permute; the offsets accumulate apart,
+// in the gathers' lane order (lanes 0-7: the first row of a pair, 8-15: the second).
+template <int64_t Type, int Q>
+LLQ_VNNI void dot_quads_vnni512(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,
+                                const float* dsx, int64_t nb, float* sums) {
+  constexpr int64_t bytes = Type == kQ4_1 ? 20 : 18;
+  constexpr int64_t qs_at = Type == kQ4_1 ? 4 : 2;
+  const int32_t rb = static_cast<int32_t>(row_bytes);
+  const int32_t bb = static_cast<int32_t>(bytes);
+  const __m512i offsets = block_offsets(rb, bb);
+  // Block i's scale for rows r..r+3: lane i of the first pair's vector (r), 8 + i (r+1), then of the
+  // second pair's (16 + i, 24 + i in the two-source permute's numbering), each four times.
+  const __m512i pick_base = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[Q], off[2 * Q];
+  for (int q = 0; q < Q; ++q) acc[q] = _mm512_setzero_ps();
+  for (int p = 0; p < 2 * Q; ++p) off[p] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, nb - b0));
+    const __mmask8 m8 = static_cast<__mmask8>((1u << n) - 1);
+    const __mmask16 m16 = static_cast<__mmask16>(m8 | (m8 << 8));
+    const __m512 dxx = twice(dx + b0, m8), sxx = twice(dsx + b0, m8);
+    __m512 scale[2 * Q];
+    for (int p = 0; p < 2 * Q; ++p) {
+      const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m16, offsets,
+                                                    w + 2 * p * row_bytes + b0 * bytes, 1);
+      const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+      scale[p] = _mm512_mul_ps(d, dxx);
+      if constexpr (Type == kQ4_1) {
+        off[p] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))), sxx, off[p]);
+      } else {
+        off[p] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(-8.0f)), sxx, off[p]);
+      }
+    }
+    for (int i = 0; i < n; ++i) {
+      const int64_t b = b0 + i;
+      prefetch_ahead(w, row_bytes, 4 * Q, b * bytes * 4 * Q, bytes * 4 * Q);
+      const int8_t* xb = qx + b * kBlock;
+      const __m512i xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb)));
+      const __m512i xhi = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16)));
+      const __m512i pick = _mm512_add_epi32(pick_base, _mm512_set1_epi32(i));
+      for (int q = 0; q < Q; ++q) {
+        const uint8_t* r0 = w + 4 * q * row_bytes + b * bytes + qs_at;
+        __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
+        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row_bytes)), 1);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 2 * row_bytes)), 2);
+        v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 3 * row_bytes)), 3);
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low4), xlo);
+        s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xhi);
+        const __m512 sc = _mm512_permutex2var_ps(scale[2 * q], pick, scale[2 * q + 1]);
+        acc[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[q]);
+      }
+    }
+  }
+  for (int q = 0; q < Q; ++q) {
+    alignas(64) float a[16], o0[16], o1[16];
+    _mm512_store_ps(a, acc[q]);
+    _mm512_store_ps(o0, off[2 * q]);
+    _mm512_store_ps(o1, off[2 * q + 1]);
+    for (int j = 0; j < 4; ++j) {
+      const float* o = j < 2 ? o0 : o1;
+      const int half_at = (j & 1) * 8;
+      float v = a[4 * j] + a[4 * j + 1] + a[4 * j + 2] + a[4 * j + 3];
+      for (int l = 0; l < 8; ++l) v += o[half_at + l];
+      sums[4 * q + j] = v;
+    }
+  }
+}
+
+struct Kernels {
+  DotRows group = nullptr;  // `rows` rows at once
+  int64_t rows = 1;
+  DotRows pair = nullptr;   // 2 rows (nullptr: none)
+  DotRows one = nullptr;    // 1 row
+};
+
+Kernels kernels_for(int64_t type, Isa isa) {
+  Kernels k;
+#ifdef LLQ_X86
+  if (isa == kAvx512Vnni) {
+    switch (type) {
+      case kQ4_0: return {&dot_quads_vnni512<kQ4_0, 2>, 8, &dot_pairs_vnni512<kQ4_0, 1>, &dot_q4_vnni<kQ4_0, 1>};
+      case kQ4_1: return {&dot_quads_vnni512<kQ4_1, 2>, 8, &dot_pairs_vnni512<kQ4_1, 1>, &dot_q4_vnni<kQ4_1, 1>};
+      case kQ8_0: return {&dot_pairs_vnni512<kQ8_0, 4>, 8, &dot_pairs_vnni512<kQ8_0, 1>, &dot_q8_vnni<1>};
+      default: return k;
+    }
+  }
+  if (isa == kAvx2) {
+    switch (type) {
+      case kQ4_0: return {&dot_q4_avx2<kQ4_0, kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q4_avx2<kQ4_0, 1>};
+      case kQ4_1: return {&dot_q4_avx2<kQ4_1, kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q4_avx2<kQ4_1, 1>};
+      case kQ8_0: return {&dot_q8_avx2<kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q8_avx2<1>};
+      default: return k;
+    }
+  }
+#else
+  (void)type;
+  (void)isa;
+#endif
+  return k;
+}
+
+struct Weight {
+  const uint8_t* data;
+  int64_t rows, row_bytes, col;  // col: where its outputs start in y's rows
+  Kernels kernels;
+  bool s16;  // offsets from the fp16 d * sum(q) (Q4_1, as llama.cpp), else from the exact one
+};
+
+at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types,
+                   const std::optional<at::Tensor>& other, const std::optional<at::Tensor>& norm, double eps,
+                   bool swiglu) {
+  const Isa isa = current_isa();
+  TORCH_CHECK(isa != kNone, "qmatmul: this CPU has neither AVX2+FMA+F16C nor AVX-512 VNNI");
+  TORCH_CHECK(!weights.empty() && weights.size() == types.size(), "qmatmul: ", weights.size(), " weights and ",
+              types.size(), " types");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1,
+              "qmatmul: expected fp32 CPU input, got ", x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(!(swiglu && norm.has_value()), "qmatmul: swiglu and norm do not go together");
+  int64_t k = -1, n = 0;
+  std::vector<Weight> ws;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    const int64_t bb = block_bytes(types[i]);
+    TORCH_CHECK(bb > 0, "qmatmul: unsupported block type id ", types[i], " (expected Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)");
+    TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.device().is_cpu() && w.is_contiguous(),
+                "qmatmul: weight ", i, " must be a contiguous 2-D uint8 CPU tensor of blocks, got ", w.sizes(), " ",
+                w.scalar_type());
+    TORCH_CHECK(w.size(1) % bb == 0, "qmatmul: weight ", i, " rows of ", w.size(1), " bytes are not whole ",
+                type_name(types[i]), " blocks of ", bb, " bytes");
+    const int64_t wk = w.size(1) / bb * kBlock;
+    TORCH_CHECK(k < 0 || wk == k, "qmatmul: weights of ", k, " and ", wk, " columns in one call");
+    k = wk;
+    ws.push_back({w.data_ptr<uint8_t>(), w.size(0), w.size(1), n, kernels_for(types[i], isa), types[i] == kQ4_1});
+    n += w.size(0);
+  }
+  const int64_t kx = swiglu ? 2 * k : k;
+  TORCH_CHECK(x.size(-1) == kx, "qmatmul: input of ", x.size(-1), " features for weights of ", k, " columns",
+              swiglu ? " (swiglu: twice the columns, gate then up)" : "");
+  const at::Tensor x2 = x.reshape({-1, kx}).contiguous();
+  const int64_t m_rows = x2.size(0);
+  at::Tensor nw;
+  if (norm.has_value()) {
+    TORCH_CHECK(norm->dim() == 1 && norm->size(0) == k && norm->device().is_cpu(),
+                "qmatmul: `norm` must be a CPU vector of ", k, " weights, got ", norm->sizes());
+    nw = norm->to(at::kFloat).contiguous();
+  }
+  at::Tensor o;
+  if (other.has_value()) {
+    TORCH_CHECK(other->numel() == m_rows * n, "qmatmul: `other` must have the output's ", m_rows * n, " elements");
+    o = other->to(at::kFloat).reshape({m_rows, n}).contiguous();
+  }
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = n;
+  at::Tensor y = at::empty({m_rows, n}, x2.options());
+  if (m_rows == 0 || n == 0) return y.view(shape);
+  // Scratch kept per thread from call to call: a decode step makes ~120 calls, each would otherwise
+  // allocate and free these.
+  // (The parallel region below reaches them through these references: a thread_local named inside
+  // it would be each worker thread's own, empty, instance.)
+  thread_local std::vector<float> xf_scratch;
+  thread_local QuantizedX qx_scratch;
+  thread_local std::vector<std::pair<int32_t, int64_t>> groups_scratch;
+  std::vector<float>& xf = xf_scratch;
+  QuantizedX& qx = qx_scratch;
+  std::vector<std::pair<int32_t, int64_t>>& groups = groups_scratch;  // (weight, first row)
+  prepare(x2.data_ptr<float>(), m_rows, k, nw.defined() ? nw.data_ptr<float>() : nullptr, eps, swiglu, xf);
+  quantize_x(xf.data(), m_rows, k, isa >= kAvx2, qx);
+  const int64_t nb = k / kBlock;
+  // Groups of rows (each weight's kernel's group size) over all weights, split over the threads.
+  groups.clear();
+  for (size_t i = 0; i < ws.size(); ++i)
+    for (int64_t r = 0; r < ws[i].rows; r += ws[i].kernels.rows) groups.emplace_back(static_cast<int32_t>(i), r);
+  float* yp = y.data_ptr<float>();
+  const float* op = o.defined() ? o.data_ptr<float>() : nullptr;
+  // ~16 KB of Q4 weights per piece of work at the least: less is not worth a thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / (ws[0].kernels.rows * ws[0].row_bytes));
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), grain, [&](int64_t g0, int64_t g1) {
+    float sums[kMaxGroupRows];
+    for (int64_t g = g0; g < g1; ++g) {
+      const Weight& w = ws[groups[g].first];
+      const int64_t r0 = groups[g].second, rows = std::min(w.kernels.rows, w.rows - r0);
+      const uint8_t* wr = w.data + r0 * w.row_bytes;
+      for (int64_t m = 0; m < m_rows; ++m) {
+        const int8_t* q = qx.q.data() + m * k;
+        const float* d = qx.d.data() + m * nb;
+        const float* ds = (w.s16 ? qx.ds : qx.dsum).data() + m * nb;
+        if (rows == w.kernels.rows) {
+          w.kernels.group(wr, w.row_bytes, q, d, ds, nb, sums);
+        } else {  // the weight's last rows: pairs, then one
+          int64_t r = 0;
+          for (; w.kernels.pair != nullptr && r + 2 <= rows; r += 2)
+            w.kernels.pair(wr + r * w.row_bytes, w.row_bytes, q, d, ds, nb, sums + r);
+          for (; r < rows; ++r) w.kernels.one(wr + r * w.row_bytes, w.row_bytes, q, d, ds, nb, sums + r);
+        }
+        float* ym = yp + m * n + w.col + r0;
+        const float* om = op != nullptr ? op + m * n + w.col + r0 : nullptr;
+        for (int64_t r = 0; r < rows; ++r) ym[r] = om != nullptr ? sums[r] + om[r] : sums[r];
+      }
+    }
+  });
+  return y.view(shape);
+}
+
+// Blocks -> floats (fp32, or bf16 rounded to nearest even), rows split over the threads: a quantized
+// file dequantized at load (`--dtype float32|bfloat16`) in a fraction of the time torch's elementwise
+// ops or gguf-py's numpy take. Plain scalar code, which the compiler vectorises.
+at::Tensor dequantize(const at::Tensor& blocks, int64_t type, bool bf16) {
+  const int64_t bb = block_bytes(type);
+  TORCH_CHECK(bb > 0, "dequantize: unsupported block type id ", type, " (expected Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)");
+  TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
+                  blocks.size(1) % bb == 0,
+              "dequantize: expected contiguous uint8 (rows, whole ", type_name(type), " blocks), got ", blocks.sizes());
+  const int64_t rows = blocks.size(0), nb = blocks.size(1) / bb, k = nb * kBlock;
+  at::Tensor out = at::empty({rows, k}, blocks.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const uint8_t* src = blocks.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(static_cast<size_t>(k));
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = src + r * blocks.size(1) + b * bb;
+        uint16_t h;
+        std::memcpy(&h, blk, 2);
+        const float d = static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+        float* o = row.data() + b * kBlock;
+        if (type == kQ8_0) {
+          for (int64_t i = 0; i < kBlock; ++i) o[i] = d * static_cast<float>(static_cast<int8_t>(blk[2 + i]));
+        } else {
+          float m = -8.0f * d;
+          const uint8_t* qs = blk + 2;
+          if (type == kQ4_1) {
+            std::memcpy(&h, blk + 2, 2);
+            m = static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+            qs = blk + 4;
+          }
+          // Q4_0's d (q - 8) as d q - 8 d: the same fp32 value (each term and the result fit fp32's
+          // mantissa: an fp16 d times a 4-bit q), so equal to gguf-py's bit for bit.
+          for (int64_t i = 0; i < 16; ++i) {
+            o[i] = d * static_cast<float>(qs[i] & 0x0F) + m;
+            o[16 + i] = d * static_cast<float>(qs[i] >> 4) + m;
+          }
+        }
+      }
+      if (bf16) {
+        c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + r * k;
+        for (int64_t c = 0; c < k; ++c) o[c] = c10::BFloat16(row[c]);
+      } else {
+        std::memcpy(out.data_ptr<float>() + r * k, row.data(), static_cast<size_t>(k) * sizeof(float));
+      }
+    }
+  });
+  return out;
+}
+
+// x quantized as the kernel quantizes it (int8 values, block scales d, d * sum(values)), for tests.
+std::vector<at::Tensor> quantize_activations(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) % kBlock == 0,
+              "quantize_activations: expected a 2-D fp32 tensor of whole blocks of 32 columns");
+  const at::Tensor xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), k = xc.size(1);
+  QuantizedX qx;
+  quantize_x(xc.data_ptr<float>(), m_rows, k, current_isa() >= kAvx2, qx);
+  at::Tensor q = at::empty({m_rows, k}, xc.options().dtype(at::kChar));
+  at::Tensor d = at::empty({m_rows, k / kBlock}, xc.options());
+  at::Tensor ds = at::empty({m_rows, k / kBlock}, xc.options());
+  std::memcpy(q.data_ptr(), qx.q.data(), qx.q.size());
+  std::memcpy(d.data_ptr(), qx.d.data(), qx.d.size() * sizeof(float));
+  std::memcpy(ds.data_ptr(), qx.ds.data(), qx.ds.size() * sizeof(float));
+  return {q, d, ds};  // dsum is d * q.sum(-1), computable from the first two
+}
+
+std::vector<std::string> isas() {
+  std::vector<std::string> out;
+  for (int i = kAvx2; i <= cpu_best(); ++i) out.emplace_back(kIsaNames[i]);
+  return out;
+}
+
+std::string get_isa() { return kIsaNames[current_isa()]; }
+
+std::string set_isa(const std::string& name) {
+  const std::string previous = get_isa();
+  if (name == "auto") {
+    g_isa.store(cpu_best());
+    return previous;
+  }
+  for (int i = kAvx2; i <= kAvx512Vnni; ++i) {
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(i <= cpu_best(), "qmatmul: the ", name, " path needs instructions this CPU lacks (its best is ",
+                  kIsaNames[cpu_best()], ")");
+      g_isa.store(i);
+      return previous;
+    }
+  }
+  TORCH_CHECK(false, "qmatmul: unknown path '", name, "': expected auto, avx2 or avx512vnni");
+}
+
+}  // namespace
+
+TORCH_LIBRARY(llamalab_quant, m) {
+  m.def("isas() -> str[]", &isas);
+  m.def("isa() -> str", &get_isa);
+  m.def("set_isa(str name) -> str", &set_isa);
+  m.def("quantize_activations(Tensor x) -> Tensor[]", &quantize_activations);
+  m.def("dequantize(Tensor blocks, int type, bool bf16=False) -> Tensor", &dequantize);
+  m.def("qmatmul(Tensor x, Tensor[] weights, int[] types, Tensor? other=None, Tensor? norm=None, "
+        "float eps=1e-5, bool swiglu=False) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llamalab_quant, CPU, m) { m.impl("qmatmul", &qmatmul); }

@@ -1,0 +1,370 @@
+"""llamalab.quant: GGUF blocks kept as stored, the quantized kernels, and models that run on them.
+
+References: gguf-py (``gguf.quants.quantize`` makes the blocks, ``gguf.quants.dequantize`` reads
+them back), float64 arithmetic on the dequantized weights and activations (the kernels must equal
+it within their fp32 accumulation), transformers' GGUF loader (the dequantized model) and, when
+llama-cpp-python is installed, llama.cpp's own greedy output on the real file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_checkpoint import hf_logits, make_hf_model, tokens_for, train_tokenizer, transformers_gguf, write_gguf  # noqa: E402
+
+import llamalab  # noqa: E402
+from llamalab.quant import QuantizedEmbedding, QuantizedLinear, kernels  # noqa: E402
+from llamalab.quant.blocks import dequantize, dequantize_rows, row_bytes  # noqa: E402
+
+TYPES = ["Q8_0", "Q4_0", "Q4_1"]
+needs_kernel = pytest.mark.skipif(not kernels.kernel_available(), reason=f"no quantized kernel: {kernels.unavailable_reason()}")
+
+
+def _blocks(w: torch.Tensor, type_name: str) -> torch.Tensor:
+    """``w`` quantized by gguf-py (the independent quantizer), as (rows, row_bytes) uint8."""
+    return torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[type_name]))
+
+
+def _expected_isas() -> list[str]:
+    """The kernel paths this CPU should offer, from /proc/cpuinfo (not from the kernel itself)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    isas = ["avx2"] if {"avx2", "fma", "f16c"} <= set(flags) else []
+    if isas and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags):
+        isas.append("avx512vnni")
+    return isas
+
+
+def _reference(x: torch.Tensor, blocks: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact float64 product of the quantized activations and weights, sum |x||w| bound).
+
+    The activations as the kernel quantizes them (checked separately against the formula); for
+    Q4_1 the offsets use llama.cpp's fp16 ``d * sum(q)`` (block_q8_1's ``s``), as the kernel does.
+    """
+    k = x.shape[1]
+    q, d, s = torch.ops.llamalab_quant.quantize_activations(x)
+    xq = (q.double().view(len(x), -1, 32) * d.double().unsqueeze(-1)).view(len(x), k)
+    w = dequantize(blocks, type_name, k).double()
+    exact = xq @ w.T
+    if type_name == "Q4_1":
+        mins = blocks.view(blocks.shape[0], -1, 20)[..., 2:4].contiguous().view(torch.float16).double().squeeze(-1)
+        exact = exact + (mins @ (s.double() - d.double() * q.double().view(len(x), -1, 32).sum(-1)).T).T
+    return exact, xq.abs() @ w.abs().T
+
+
+# ---------------------------------------------------------------- blocks
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_dequantize_equals_gguf_py(type_name: str) -> None:
+    w = torch.randn(37, 96, generator=torch.Generator().manual_seed(0)) * 0.1
+    blocks = _blocks(w, type_name)
+    assert blocks.shape == (37, row_bytes(type_name, 96))
+    ref = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[type_name])
+    assert torch.equal(dequantize(blocks, type_name, 96, fast=False), torch.from_numpy(ref))
+    if kernels.kernel_available():  # the C++ loop, and its bf16 rounding
+        assert torch.equal(dequantize(blocks, type_name, 96), torch.from_numpy(ref))
+        assert torch.equal(dequantize(blocks, type_name, 96, torch.bfloat16), torch.from_numpy(ref).bfloat16())
+    rows = torch.tensor([[3, 0], [36, 3]])
+    assert torch.equal(dequantize_rows(blocks, type_name, 96, rows), torch.from_numpy(ref)[rows])
+
+
+def test_row_bytes_needs_whole_blocks() -> None:
+    assert row_bytes("Q4_1", 64) == 40 and row_bytes("Q8_0", 32) == 34 and row_bytes("Q6_K", 256) == 210
+    with pytest.raises(ValueError, match="whole blocks of 32"):
+        row_bytes("Q4_0", 48)
+    with pytest.raises(ValueError, match="unknown block type"):
+        row_bytes("Q3_X", 32)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+@needs_kernel
+def test_paths_offered_are_what_the_cpu_has() -> None:
+    assert kernels.available_isas() == _expected_isas()
+    assert kernels.isa() == _expected_isas()[-1]
+
+
+@needs_kernel
+def test_activation_quantization_is_llama_cpps() -> None:
+    """q = round-half-even(x * 127 / max|x|), d = fp16(max|x| / 127), s = fp16(d * sum q) per block of 32."""
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(1)) * 4
+    x[1, :32] = 0.0  # an all-zero block: d = 0, q = 0
+    x[2, 32:64] = torch.linspace(-2.5, 2.5, 32)  # values on ties after scaling
+    q, d, s = torch.ops.llamalab_quant.quantize_activations(x)
+    blocks = x.view(3, 4, 32)
+    amax = blocks.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    want_q = torch.round(blocks * inv.unsqueeze(-1)).to(torch.int8)  # torch.round: half to even
+    assert torch.equal(q.view(3, 4, 32), want_q)
+    assert torch.equal(d, (amax / 127.0).half().float())
+    assert torch.equal(s, ((amax / 127.0) * want_q.sum(-1).float()).half().float())
+    assert torch.equal(q[1, :32], torch.zeros(32, dtype=torch.int8)) and d[1, 0] == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("n,k,m", [(1, 32, 1), (3, 64, 2), (7, 576, 1), (13, 576, 5), (64, 1536, 17)])
+def test_kernel_equals_float64_reference(type_name: str, n: int, k: int, m: int) -> None:
+    g = torch.Generator().manual_seed(n * 1000 + k + m)
+    blocks = _blocks(torch.randn(n, k, generator=g) * 0.05, type_name)
+    x = torch.randn(m, k, generator=g) * 3
+    exact, bound = _reference(x, blocks, type_name)
+    for isa in kernels.available_isas():
+        with kernels.use_isa(isa):
+            y = kernels.qmatmul(x, [blocks], [type_name])
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        # fp32 accumulation of k products: a few ulps of the sum of magnitudes.
+        assert ((y.double() - exact).abs() / bound).max() < 1e-6, isa
+
+
+@needs_kernel
+def test_one_call_for_several_weights_is_their_concatenation() -> None:
+    g = torch.Generator().manual_seed(2)
+    ws = [_blocks(torch.randn(n, 96, generator=g), t) for n, t in ((9, "Q4_1"), (5, "Q8_0"), (6, "Q4_0"))]
+    x = torch.randn(2, 1, 96, generator=g)
+    together = kernels.qmatmul(x, ws, ["Q4_1", "Q8_0", "Q4_0"])
+    apart = torch.cat([kernels.qmatmul(x, [w], [t]) for w, t in zip(ws, ["Q4_1", "Q8_0", "Q4_0"])], dim=-1)
+    assert together.shape == (2, 1, 20) and torch.equal(together, apart)
+
+
+@needs_kernel
+def test_norm_swiglu_and_residual_inside_the_call() -> None:
+    g = torch.Generator().manual_seed(3)
+    blocks = _blocks(torch.randn(10, 64, generator=g), "Q4_1")
+    x, gamma, res = torch.randn(3, 64, generator=g), torch.rand(64, generator=g) + 0.5, torch.randn(3, 10, generator=g)
+    normed = F.rms_norm(x, (64,), eps=1e-5) * gamma
+    assert torch.allclose(kernels.qmatmul(x, [blocks], ["Q4_1"], res, norm=gamma, eps=1e-5),
+                          kernels.qmatmul(normed, [blocks], ["Q4_1"]) + res, atol=1e-5, rtol=1e-5)
+    gate_up = torch.randn(3, 128, generator=g)
+    gated = F.silu(gate_up[:, :64]) * gate_up[:, 64:]
+    assert torch.allclose(kernels.qmatmul(gate_up, [blocks], ["Q4_1"], swiglu=True),
+                          kernels.qmatmul(gated, [blocks], ["Q4_1"]), atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_rejects_bad_input() -> None:
+    blocks = _blocks(torch.randn(4, 64), "Q8_0")
+    with pytest.raises(RuntimeError, match="fp32 CPU input"):
+        kernels.qmatmul(torch.randn(1, 64, dtype=torch.bfloat16), [blocks], ["Q8_0"])
+    with pytest.raises(RuntimeError, match="input of 32 features for weights of 64 columns"):
+        kernels.qmatmul(torch.randn(1, 32), [blocks], ["Q8_0"])
+    with pytest.raises(RuntimeError, match="not whole Q4_1 blocks"):
+        kernels.qmatmul(torch.randn(1, 64), [blocks], ["Q4_1"])
+    with pytest.raises(RuntimeError, match="weights of 64 and 32 columns"):
+        kernels.qmatmul(torch.randn(1, 64), [blocks, _blocks(torch.randn(4, 32), "Q8_0")], ["Q8_0", "Q8_0"])
+    with pytest.raises(ValueError, match="unknown block type"):
+        kernels.qmatmul(torch.randn(1, 64), [blocks], ["Q9_9"])
+
+
+def test_forcing_a_path_the_cpu_lacks_is_an_error() -> None:
+    env = {**os.environ, "LLAMALAB_QUANT_ISA": "avx9000"}
+    out = subprocess.run([sys.executable, "-c", "from llamalab.quant import kernels; print(kernels.isa())"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("none: LLAMALAB_QUANT_ISA=avx9000") and "unknown path" in out
+
+
+# ---------------------------------------------------------------- modules
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantized_linear_kernel_and_reference_paths(type_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(4)
+    blocks = _blocks(torch.randn(24, 64, generator=g) * 0.1, type_name)
+    lin = QuantizedLinear(blocks, type_name, 64)
+    x = torch.randn(2, 3, 64, generator=g)
+    exact = x @ dequantize(blocks, type_name, 64).T
+    if lin.uses_kernel:
+        got = lin(x)
+        assert got.shape == (2, 3, 24)
+        # The int8 activations: ~1/254 of each block's largest value.
+        assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+    monkeypatch.setattr(kernels, "_built", "forced off for this test")
+    assert not lin.uses_kernel
+    assert torch.allclose(lin(x), exact, atol=1e-5)  # the reference: dequantize, then F.linear
+    assert lin(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="expected uint8 blocks"):
+        QuantizedLinear(blocks[:, :-1], type_name, 64)
+
+
+def test_quantized_embedding_reads_rows() -> None:
+    blocks = _blocks(torch.randn(50, 64), "Q8_0")
+    emb = QuantizedEmbedding(blocks, "Q8_0", 64)
+    tokens = torch.tensor([[0, 49, 7]])
+    assert torch.equal(emb(tokens), dequantize(blocks, "Q8_0", 64)[tokens])
+    assert emb.weight.dtype == torch.float32 and emb.weight.device.type == "cpu"
+
+
+# ---------------------------------------------------------------- models from GGUF files
+
+
+@pytest.fixture(scope="module")
+def tok() -> Any:
+    return train_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def small_hf() -> Any:
+    return make_hf_model("llama2-gqa", seed=8, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                         num_key_value_heads=2, initializer_range=0.05)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_gguf_runs_in_its_blocks(type_name: str, tmp_path: Path, tok: Any, small_hf: Any,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_gguf(tmp_path / f"tiny-{type_name}.gguf", small_hf, type_name, tok)
+    lm = llamalab.load(path, dtype=None)
+    model = lm.model
+    assert lm.checkpoint_metadata["quantized"] is True
+    layer = model.layers[0]
+    assert all(isinstance(getattr(layer.attention, n), QuantizedLinear) for n in ("wq", "wk", "wv", "wo"))
+    assert all(isinstance(getattr(layer.feed_forward, n), QuantizedLinear) for n in ("w1", "w2", "w3"))
+    assert isinstance(model.tok_embeddings, QuantizedEmbedding) and isinstance(model.output, QuantizedLinear)
+    # No copy: the blocks are views of the file's memory map.
+    assert not layer.attention.wq.blocks.untyped_storage().resizable()
+    x = tokens_for(small_hf.config.vocab_size)
+    ref = hf_logits(transformers_gguf(path), x)  # the dequantized model, independent loader
+    with torch.no_grad():
+        got = model(x)
+        if layer.attention.wq.uses_kernel:
+            assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+            assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+        monkeypatch.setattr(kernels, "_built", "forced off for this test")
+        assert torch.allclose(model(x), ref, atol=1e-4, rtol=1e-4)  # the reference path is the dequantized model
+
+
+@needs_kernel
+def test_decode_model_on_blocks_equals_the_plain_quantized_model(tmp_path: Path, tok: Any, small_hf: Any) -> None:
+    from llamalab.generate.fast import optimize_for_decode
+
+    path = write_gguf(tmp_path / "tiny-Q4_1.gguf", small_hf, "Q4_1", tok)
+    model = llamalab.load(path, dtype=None).model
+    fast = optimize_for_decode(model)
+    x = tokens_for(small_hf.config.vocab_size, batch=1)
+    with torch.no_grad():
+        plain = model(x)
+        full = fast(x)  # prefill through the fused calls
+        assert torch.allclose(full, plain, atol=1e-4, rtol=1e-4)
+        fast.setup_cache(1, x.shape[1])
+        steps = [fast(x[:, :4], input_pos=torch.arange(4))[:, -1]]
+        for pos in range(4, x.shape[1]):  # one-token steps: the kernel's decode path
+            steps.append(fast(x[:, pos:pos + 1], input_pos=torch.tensor([pos]))[:, -1])
+        assert torch.allclose(torch.stack(steps, 1), plain[:, 3:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_float_dtype_dequantizes_at_load(tmp_path: Path, tok: Any, small_hf: Any) -> None:
+    path = write_gguf(tmp_path / "tiny-Q8_0.gguf", small_hf, "Q8_0", tok)
+    model = llamalab.load(path, dtype=torch.float32).model
+    assert isinstance(model.layers[0].attention.wq, torch.nn.Linear)
+    x = tokens_for(small_hf.config.vocab_size)
+    with torch.no_grad():
+        assert torch.allclose(model(x), hf_logits(transformers_gguf(path), x), atol=1e-4, rtol=1e-4)
+
+
+def test_k_quants_without_a_kernel_are_dequantized_with_a_line(tmp_path: Path, tok: Any,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    hf = make_hf_model("llama2-gqa", seed=8, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                       num_key_value_heads=2, initializer_range=0.05)
+    types = {f"blk.{i}.ffn_down.weight": "Q6_K" for i in range(hf.config.num_hidden_layers)}
+    path = write_gguf(tmp_path / "mixed.gguf", hf, "Q4_1", tok, tensor_types=types)
+    model = llamalab.load(path, dtype=None).model
+    assert isinstance(model.layers[0].feed_forward.w2, torch.nn.Linear)
+    assert isinstance(model.layers[0].feed_forward.w1, QuantizedLinear)
+    err = capsys.readouterr().err
+    assert f"no kernel yet for {hf.config.num_hidden_layers} Q6_K weight(s): dequantized to fp32 at load" in err
+
+
+# ---------------------------------------------------------------- the real model
+
+
+def _real_model() -> Path:
+    from llamalab.checkpoint.base import CheckpointError
+    from llamalab.checkpoint.registry import resolve
+
+    try:
+        return resolve("smollm2-135m-instruct")
+    except CheckpointError as e:
+        pytest.skip(str(e))
+
+
+# llama.cpp's logits at every position of each id list read from stdin (also used by test_gguf_write).
+LLAMA_CPP_LOGITS = r"""
+import json, sys, numpy as np
+# llamalab's llama.cpp opener without importing llamalab (which imports torch: two OpenMP users in
+# one process have crashed llama.cpp here).
+import importlib.util, pathlib
+_spec = importlib.util.spec_from_file_location("llamalab_llama_cpp", pathlib.Path(
+    importlib.util.find_spec("llamalab").origin).parent / "quant" / "llama_cpp.py")
+_peer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_peer)
+open_llama_cpp = _peer.open_llama_cpp
+# An fp32 KV cache, as ours (llama.cpp's default is fp16).
+llm = open_llama_cpp(sys.argv[1], n_ctx=512, n_threads=2, logits_all=True, type_k=0, type_v=0)
+out = []
+for ids in json.load(sys.stdin):
+    llm.reset()
+    llm.eval(ids)
+    out.append(np.asarray(llm.scores[:len(ids)]).tolist())
+print(json.dumps(out))
+"""
+
+TEXTS = ["The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+         "movable metal type, oil-based ink and a screw press.",
+         "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+         "<|im_start|>user\nWhat is 17 * 23?<|im_end|>\n<|im_start|>assistant\n17 * 23 = 391."]
+
+
+@needs_kernel
+def test_real_file_runs_quantized_without_copying_it() -> None:
+    path = _real_model()
+    lm = llamalab.load(path, dtype=None)
+    model = lm.model
+    kinds = {type(m).__name__ + ":" + m.type_name for m in model.modules() if hasattr(m, "type_name")}
+    assert kinds == {"QuantizedLinear:Q4_1", "QuantizedLinear:Q8_0", "QuantizedEmbedding:Q8_0"}
+    assert model.output.blocks.data_ptr() == model.tok_embeddings.blocks.data_ptr()  # the tied head
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert float_bytes < 1_000_000  # the norms only: every matrix stays in the file's blocks
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_real_file_next_token_distributions_match_llama_cpp() -> None:
+    """Teacher-forced on three texts, every position: our quantized model's next-token distribution
+    against llama.cpp's on the same file (its own kernels, the same int8 activations).
+
+    Greedy text is not compared token for token: the two differ by fp32 summation order, and a
+    near-tie anywhere parts the continuations (measured: 4-64 equal tokens by prompt).
+    """
+    pytest.importorskip("llama_cpp")
+    path = _real_model()
+    lm = llamalab.load(path, dtype=None)
+    texts = [lm.tokenizer.encode(t, allow_special=True) for t in TEXTS]
+    # llama.cpp in its own process: its OpenMP runtime and torch's do not share one well.
+    run = subprocess.run([sys.executable, "-c", LLAMA_CPP_LOGITS, str(path)], input=json.dumps(texts),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    agree = total = 0
+    for ids, theirs in zip(texts, json.loads(run.stdout)):
+        ref = torch.tensor(theirs)
+        with torch.no_grad():
+            ours = lm.model(torch.tensor([ids]))[0]
+        kl = F.kl_div(ours.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+        assert kl.max() < 0.1, kl.max()  # measured: 0.04
+        agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+    assert agree >= 0.9 * total  # measured: 93 of 96
