@@ -119,7 +119,10 @@ def test_activation_quantization_is_llama_cpps() -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("type_name", TYPES)
-@pytest.mark.parametrize("n,k,m", [(1, 32, 1), (3, 64, 2), (7, 576, 1), (13, 576, 5), (64, 1536, 17)])
+# Row counts off the kernels' groups of 4 and 8; 2-5 and 17 rows of x: the prefill kernels that take
+# 2, 3 or 4 rows of x at once, and their remainders.
+@pytest.mark.parametrize("n,k,m", [(1, 32, 1), (3, 64, 2), (7, 576, 1), (16, 96, 2), (13, 576, 3), (13, 576, 5),
+                                   (64, 1536, 17)])
 def test_kernel_equals_float64_reference(type_name: str, n: int, k: int, m: int) -> None:
     g = torch.Generator().manual_seed(n * 1000 + k + m)
     blocks = _blocks(torch.randn(n, k, generator=g) * 0.05, type_name)
@@ -368,3 +371,18 @@ def test_real_file_next_token_distributions_match_llama_cpp() -> None:
         agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ids)
     assert agree >= 0.9 * total  # measured: 93 of 96
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_round_to_nearest_is_gguf_pys_bit_for_bit(type_name: str) -> None:
+    from llamalab.quant.blocks import quantize
+
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(40, 128, generator=g) * torch.rand(40, 1, generator=g) * 3
+    w[0] = 0.0  # a row of zero blocks
+    w[1, :32] = torch.linspace(-1, 1, 32)  # values on the rounding ties
+    w[2, 32:64] = 7.0  # a constant block (max == min)
+    w[3, :32] = -torch.arange(32.0) / 4  # the extreme negative
+    w = w.to(torch.bfloat16).float()  # coarse values: many exact halves after scaling
+    want = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[type_name])
+    assert np.array_equal(quantize(w, type_name).numpy(), want)

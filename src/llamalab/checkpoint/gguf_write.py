@@ -4,8 +4,9 @@ Written with gguf-py's ``GGUFWriter``: llama.cpp's tensor names (``blk.N.attn_q.
 its ``llama.*`` metadata keys, the q/k weights in Meta's interleaved rotary layout (what
 llama.cpp's own converter leaves after undoing HF's permutation), ``rope_freqs.weight`` for a
 Llama 3.1 RoPE scaling, no ``output.weight`` for a tied head. Matrices are stored in the asked
-type (F32, F16, BF16, or round-to-nearest Q8_0 / Q4_0 / Q4_1 by ``gguf.quants.quantize``), norms
-in F32, as llama.cpp's converter does.
+type (F32, F16, BF16, or round-to-nearest Q8_0 / Q4_0 / Q4_1), norms
+in F32, as llama.cpp's converter does. Q8_0/Q4_0/Q4_1 go through
+:func:`llamalab.quant.blocks.quantize` (bit-equal to gguf-py's, tested), BF16 through gguf-py.
 
 Tokenizers: a GGUF source's ``tokenizer.*`` fields are copied as they are; a byte-level BPE
 tokenizer (``tokenizer.json``, GPT-2 style split) is written as llama.cpp's "gpt2" model with its
@@ -119,6 +120,11 @@ def _tensor_bytes(arr: np.ndarray, kind: str) -> tuple[np.ndarray, Any]:
     if kind == "f16":
         return arr.astype(np.float16), None
     qtype = gguf.GGMLQuantizationType[kind.upper()]
+    if kind in ("q8_0", "q4_0", "q4_1"):
+        # llamalab's round-to-nearest: bit-equal to gguf-py's quantizer, in torch (~10x faster).
+        from llamalab.quant.blocks import quantize
+
+        return quantize(torch.from_numpy(arr), kind.upper()).numpy(), qtype
     return gguf.quants.quantize(arr, qtype), qtype
 
 

@@ -106,3 +106,51 @@ def dequantize_rows(blocks: Tensor, type_name: str, in_features: int, rows: Tens
     """Rows ``rows`` (any shape of indices) of the quantized matrix, as (*rows.shape, in_features)."""
     picked = blocks[rows.reshape(-1)]
     return dequantize(picked, type_name, in_features, dtype).reshape(*rows.shape, in_features)
+
+
+def _round_half_away(v: Tensor) -> Tensor:
+    """Round to nearest, halves away from zero, exactly as gguf-py's ``np_roundf`` (and C's roundf)."""
+    a = v.abs()
+    floored = a.floor()
+    return torch.sign(v) * (floored + (2 * (a - floored)).floor())
+
+
+def quantize(weight: Tensor, type_name: str) -> Tensor:
+    """Round-to-nearest of a (rows, in) float weight into GGUF blocks: uint8 (rows, row_bytes).
+
+    Q8_0, Q4_0 and Q4_1 in torch, operation for operation as ``gguf.quants.quantize`` computes
+    them in float32 (bit-equal: tests/test_quant.py): Q8_0 ``d = max|w| / 127``, ``q = round(w / d)``;
+    Q4_0 ``d = w_m / -8`` for the block's value of largest magnitude ``w_m``, ``q = trunc(w / d +
+    8.5)`` clipped to 0..15; Q4_1 ``d = (max - min) / 15``, ``m = min``, ``q = trunc((w - min) / d +
+    0.5)``. A block of zeros has d = 0 and q = 0 (Q4_0: 8).
+    """
+    t = block_type(type_name)
+    if not t.kernel:
+        raise ValueError(f"quantize: {type_name} is not one of {', '.join(KERNEL_TYPES)}")
+    rows, cols = weight.shape
+    row_bytes(type_name, cols)  # checks whole blocks
+    x = weight.detach().to(torch.float32).reshape(rows, cols // 32, 32)
+
+    def inverse(d: Tensor) -> Tensor:
+        return torch.where(d == 0, torch.zeros_like(d), 1 / d)
+
+    if type_name == "Q8_0":
+        d = x.abs().amax(-1, keepdim=True) / 127
+        q = _round_half_away(x * inverse(d)).to(torch.int8).view(torch.uint8)
+        fields = [d.half().view(torch.uint8)]
+    else:
+        if type_name == "Q4_0":
+            extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True))
+            d = extreme / -8
+            q = torch.trunc(x * inverse(d) + 8.5)
+            fields = [d.half().view(torch.uint8)]
+        else:
+            low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+            d = (high - low) / 15
+            q = torch.trunc((x - low) * inverse(d) + 0.5)
+            fields = [d.half().view(torch.uint8), low.half().view(torch.uint8)]
+        # As gguf-py: to uint8 (values are >= 0 here), then clipped to 4 bits; elements 0-15 in the
+        # low nibbles, 16-31 in the high ones.
+        q = q.to(torch.uint8).clamp(0, 15)
+        q = q[..., :16] | (q[..., 16:] << 4)
+    return torch.cat([*fields, q], dim=-1).reshape(rows, -1)

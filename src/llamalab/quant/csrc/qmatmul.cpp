@@ -60,6 +60,7 @@ constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
 constexpr int64_t kBlock = 32;  // weights per block in all three types
 constexpr int64_t kRowsAtOnce = 4;    // rows of W walked together by the 256-bit kernels
 constexpr int64_t kMaxGroupRows = 8;  // ... and by any kernel (the 512-bit ones: 4 pairs)
+constexpr int64_t kMaxRowsOfX = 4;    // rows of x a multi-row kernel takes at once
 
 int64_t block_bytes(int64_t type) {
   switch (type) {
@@ -487,11 +488,117 @@ LLQ_VNNI void dot_quads_vnni512(const uint8_t* w, int64_t row_bytes, const int8_
   }
 }
 
+// ---- AVX-512 VNNI, several rows of x at once (prefill) --------------------------------------------
+// The kernels above take one row of x per call, so a prompt of M rows unpacks each weight block and
+// gathers its scales M times. These take MX (2-4) rows of x against one group of 8 weight rows: a
+// block's unpacked weights and its weight scales (picked per lane once) serve every row of x, each
+// row adding only its dot products, a broadcast of its block scale and an FMA. `sums` is
+// (MX, 8): row m of x against weight row j at sums[8 m + j]. x's rows are `k` (= 32 nb) apart.
+template <int64_t Type, int MX>
+LLQ_VNNI void dot_group_mx_vnni512(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,
+                                   const float* dsx, int64_t nb, float* sums) {
+  constexpr bool q8 = Type == kQ8_0;
+  constexpr int64_t bytes = block_bytes_of(Type);
+  constexpr int64_t qs_at = Type == kQ4_1 ? 4 : 2;
+  constexpr int kUnits = q8 ? 4 : 2;  // registers per group of 8 rows: 4 pairs, or 2 quads (Q4)
+  const int64_t k = nb * kBlock;
+  const __m512i offsets = block_offsets(static_cast<int32_t>(row_bytes), static_cast<int32_t>(bytes));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i pick_pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 8, 8, 8, 8, 8, 8, 8, 8);
+  const __m512i pick_quad = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
+  __m512 acc[kUnits][MX];
+  __m512 off[4][MX];  // the offsets, in the gathers' layout (per pair of rows)
+  for (int u = 0; u < kUnits; ++u)
+    for (int m = 0; m < MX; ++m) acc[u][m] = _mm512_setzero_ps();
+  for (int p = 0; p < 4; ++p)
+    for (int m = 0; m < MX; ++m) off[p][m] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, nb - b0));
+    const __mmask8 m8 = static_cast<__mmask8>((1u << n) - 1);
+    const __mmask16 m16 = static_cast<__mmask16>(m8 | (m8 << 8));
+    __m512 dw[4];  // the weights' block scales of each pair of rows (not times x's)
+    for (int p = 0; p < 4; ++p) {
+      const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m16, offsets,
+                                                    w + 2 * p * row_bytes + b0 * bytes, 1);
+      dw[p] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+      const __m512 o = Type == kQ4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)))
+                                     : _mm512_mul_ps(dw[p], _mm512_set1_ps(q8 ? -128.0f : -8.0f));
+      for (int m = 0; m < MX; ++m) off[p][m] = _mm512_fmadd_ps(o, twice(dsx + m * nb + b0, m8), off[p][m]);
+    }
+    for (int i = 0; i < n; ++i) {
+      const int64_t b = b0 + i;
+      prefetch_ahead(w, row_bytes, 8, b * bytes * 8, bytes * 8);
+      for (int u = 0; u < kUnits; ++u) {
+        __m512 sw;  // each lane's weight scale for block b
+        __m512i lo, hi;
+        if constexpr (q8) {
+          const uint8_t* r0 = w + 2 * u * row_bytes + b * bytes + 2;
+          lo = _mm512_xor_si512(
+              _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0))),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + row_bytes)), 1),
+              flip);
+          hi = lo;
+          sw = _mm512_permutexvar_ps(_mm512_add_epi32(pick_pair, _mm512_set1_epi32(i)), dw[u]);
+        } else {
+          const uint8_t* r0 = w + 4 * u * row_bytes + b * bytes + qs_at;
+          __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
+          v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row_bytes)), 1);
+          v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 2 * row_bytes)), 2);
+          v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 3 * row_bytes)), 3);
+          lo = _mm512_and_si512(v, low4);
+          hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+          sw = _mm512_permutex2var_ps(dw[2 * u], _mm512_add_epi32(pick_quad, _mm512_set1_epi32(i)), dw[2 * u + 1]);
+        }
+        for (int m = 0; m < MX; ++m) {
+          const int8_t* xb = qx + m * k + b * kBlock;
+          __m512i s;
+          if constexpr (q8) {
+            s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_broadcast_i64x4(
+                                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb))));
+          } else {
+            s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_broadcast_i32x4(
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb))));
+            s = _mm512_dpbusd_epi32(s, hi, _mm512_broadcast_i32x4(
+                                        _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + 16))));
+          }
+          acc[u][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(sw, _mm512_set1_ps(dx[m * nb + b])),
+                                      acc[u][m]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MX; ++m) {
+    alignas(64) float a[16], o[16];
+    float* out = sums + 8 * m;
+    for (int j = 0; j < 8; ++j) out[j] = 0.0f;
+    for (int p = 0; p < 4; ++p) {  // offsets: lanes 0-7 row 2p, 8-15 row 2p + 1
+      _mm512_store_ps(o, off[p][m]);
+      for (int l = 0; l < 8; ++l) {
+        out[2 * p] += o[l];
+        out[2 * p + 1] += o[8 + l];
+      }
+    }
+    for (int u = 0; u < kUnits; ++u) {
+      _mm512_store_ps(a, acc[u][m]);
+      if constexpr (q8) {  // pair u: lanes 0-7 row 2u, 8-15 row 2u + 1
+        for (int l = 0; l < 8; ++l) {
+          out[2 * u] += a[l];
+          out[2 * u + 1] += a[8 + l];
+        }
+      } else {  // quad u: lanes 4j..4j+3 row 4u + j
+        for (int j = 0; j < 4; ++j) out[4 * u + j] += a[4 * j] + a[4 * j + 1] + a[4 * j + 2] + a[4 * j + 3];
+      }
+    }
+  }
+}
+
 struct Kernels {
   DotRows group = nullptr;  // `rows` rows at once
   int64_t rows = 1;
   DotRows pair = nullptr;   // 2 rows (nullptr: none)
   DotRows one = nullptr;    // 1 row
+  DotRows group_x[kMaxRowsOfX + 1] = {};  // [mx]: a group against mx rows of x (sums (mx, rows)); none: per row
 };
 
 Kernels kernels_for(int64_t type, Isa isa) {
@@ -499,9 +606,18 @@ Kernels kernels_for(int64_t type, Isa isa) {
 #ifdef LLQ_X86
   if (isa == kAvx512Vnni) {
     switch (type) {
-      case kQ4_0: return {&dot_quads_vnni512<kQ4_0, 2>, 8, &dot_pairs_vnni512<kQ4_0, 1>, &dot_q4_vnni<kQ4_0, 1>};
-      case kQ4_1: return {&dot_quads_vnni512<kQ4_1, 2>, 8, &dot_pairs_vnni512<kQ4_1, 1>, &dot_q4_vnni<kQ4_1, 1>};
-      case kQ8_0: return {&dot_pairs_vnni512<kQ8_0, 4>, 8, &dot_pairs_vnni512<kQ8_0, 1>, &dot_q8_vnni<1>};
+      case kQ4_0:
+        return {&dot_quads_vnni512<kQ4_0, 2>, 8, &dot_pairs_vnni512<kQ4_0, 1>, &dot_q4_vnni<kQ4_0, 1>,
+                {nullptr, nullptr, &dot_group_mx_vnni512<kQ4_0, 2>, &dot_group_mx_vnni512<kQ4_0, 3>,
+                 &dot_group_mx_vnni512<kQ4_0, 4>}};
+      case kQ4_1:
+        return {&dot_quads_vnni512<kQ4_1, 2>, 8, &dot_pairs_vnni512<kQ4_1, 1>, &dot_q4_vnni<kQ4_1, 1>,
+                {nullptr, nullptr, &dot_group_mx_vnni512<kQ4_1, 2>, &dot_group_mx_vnni512<kQ4_1, 3>,
+                 &dot_group_mx_vnni512<kQ4_1, 4>}};
+      case kQ8_0:
+        return {&dot_pairs_vnni512<kQ8_0, 4>, 8, &dot_pairs_vnni512<kQ8_0, 1>, &dot_q8_vnni<1>,
+                {nullptr, nullptr, &dot_group_mx_vnni512<kQ8_0, 2>, &dot_group_mx_vnni512<kQ8_0, 3>,
+                 &dot_group_mx_vnni512<kQ8_0, 4>}};
       default: return k;
     }
   }
@@ -601,10 +717,22 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
       const Weight& w = ws[groups[g].first];
       const int64_t r0 = groups[g].second, rows = std::min(w.kernels.rows, w.rows - r0);
       const uint8_t* wr = w.data + r0 * w.row_bytes;
-      for (int64_t m = 0; m < m_rows; ++m) {
+      for (int64_t m = 0; m < m_rows;) {
         const int8_t* q = qx.q.data() + m * k;
         const float* d = qx.d.data() + m * nb;
         const float* ds = (w.s16 ? qx.ds : qx.dsum).data() + m * nb;
+        const int64_t mx = std::min(kMaxRowsOfX, m_rows - m);
+        if (rows == w.kernels.rows && mx > 1 && w.kernels.group_x[mx] != nullptr) {  // prefill: mx rows at once
+          float block[kMaxRowsOfX * kMaxGroupRows];
+          w.kernels.group_x[mx](wr, w.row_bytes, q, d, ds, nb, block);
+          for (int64_t j = 0; j < mx; ++j) {
+            float* ym = yp + (m + j) * n + w.col + r0;
+            const float* om = op != nullptr ? op + (m + j) * n + w.col + r0 : nullptr;
+            for (int64_t r = 0; r < rows; ++r) ym[r] = om != nullptr ? block[8 * j + r] + om[r] : block[8 * j + r];
+          }
+          m += mx;
+          continue;
+        }
         if (rows == w.kernels.rows) {
           w.kernels.group(wr, w.row_bytes, q, d, ds, nb, sums);
         } else {  // the weight's last rows: pairs, then one
@@ -616,6 +744,7 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
         float* ym = yp + m * n + w.col + r0;
         const float* om = op != nullptr ? op + m * n + w.col + r0 : nullptr;
         for (int64_t r = 0; r < rows; ++r) ym[r] = om != nullptr ? sums[r] + om[r] : sums[r];
+        ++m;
       }
     }
   });
