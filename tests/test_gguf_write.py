@@ -132,3 +132,130 @@ def test_llama_cpp_reads_what_we_write(tmp_path: Path, tok: Any) -> None:
     theirs = torch.tensor(json.loads(run.stdout)[0])
     want = hf_logits(hf, torch.tensor([ids]))[0]
     torch.testing.assert_close(theirs, want, atol=1e-3, rtol=1e-3)  # llama.cpp's fp32 path, its own order
+
+
+def _sentencepiece_hf_dir(tmp_path: Path, **options: Any) -> tuple[Any, Path, Any]:
+    """An HF dir with a LLaMA-style tokenizer.model: BPE, byte fallback, digits split, no normalization."""
+    spm = pytest.importorskip("sentencepiece")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([TEXT, "hello world, a tiny corpus for sentencepiece 2024", "Zürich café ünïcode"] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=300,
+                                   model_type="bpe", byte_fallback=True, split_digits=True, unk_id=0, bos_id=1,
+                                   eos_id=2, minloglevel=2, **({"normalization_rule_name": "identity",
+                                                                 "remove_extra_whitespaces": False} | options))
+    from test_checkpoint import make_hf_model as _make, save_hf as _save
+
+    hf = _make("llama1-mha", seed=15)
+    src = _save(hf, tmp_path / "src")
+    import shutil
+
+    shutil.copyfile(tmp_path / "sp.model", src / "tokenizer.model")
+    return hf, src, spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+
+
+def _llama_cpp_tokenize(path: Path, texts: list[str]) -> list[list[int]]:
+    """llama.cpp's tokenization of ``texts`` with the vocabulary of the GGUF at ``path`` (its own process:
+    llama.cpp and torch in one process crash)."""
+    code = ("import json, sys, llama_cpp\n"
+            "llm = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)\n"
+            "print(json.dumps([llm.tokenize(t.encode(), add_bos=False) for t in json.loads(sys.stdin.read())]))\n")
+    run = subprocess.run([sys.executable, "-c", code, str(path)], input=json.dumps(texts), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout)
+
+
+SP_TEXTS = ["the quick brown fox 123 hello zebra!", "Zürich café ünïcode 2024 — emoji 🦙", "  two  spaces\nnewline"]
+
+
+def test_sentencepiece_vocabulary_round_trips_through_gguf(tmp_path: Path) -> None:
+    """LLaMA 1/2's SentencePiece tokenizer written as llama.cpp's "llama" vocabulary: read back by
+    llamalab's GGUF reader and by transformers' GGUF tokenizer loader, both encoding as sentencepiece."""
+    hf, src, sp = _sentencepiece_hf_dir(tmp_path)
+    out = write_checkpoint(read_checkpoint(src), tmp_path / "m.gguf", to="gguf", tensor_type="f32")
+    reader = gguf.GGUFReader(out)
+    field = reader.fields["tokenizer.ggml.model"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    types = reader.fields["tokenizer.ggml.token_type"]
+    kinds = [int(types.parts[i][0]) for i in types.data]
+    assert kinds[0] == 2 and kinds[1] == 3 and kinds[2] == 3 and kinds.count(6) == 256  # unk, bos/eos, bytes
+    ours = llamalab.load(out).tokenizer
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=out.name)
+    for text in SP_TEXTS:
+        want = sp.encode(text)
+        assert ours.encode(text) == want, text
+        if "  " not in text:  # transformers' GGUF converter (a Metaspace pre-tokenizer) splits runs of
+            # spaces otherwise than sentencepiece does, whatever the file: not a fact about ours
+            assert theirs.encode(text, add_special_tokens=False) == want, text
+        assert ours.decode(want) == sp.decode(want)
+    x = tokens_for(hf.config.vocab_size)
+    assert_same_logits(llamalab.load(out).model, hf_logits(hf, x), x)
+
+
+def test_sentencepiece_that_normalizes_is_refused(tmp_path: Path) -> None:
+    _, src, _ = _sentencepiece_hf_dir(tmp_path, normalization_rule_name="nmt_nfkc", remove_extra_whitespaces=True)
+    with pytest.raises(CheckpointError, match="normalizes text"):
+        write_checkpoint(read_checkpoint(src), tmp_path / "m.gguf", to="gguf", tensor_type="f32")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_our_sentencepiece_gguf_as_sentencepiece(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    _, src, sp = _sentencepiece_hf_dir(tmp_path)
+    out = write_checkpoint(read_checkpoint(src), tmp_path / "m.gguf", to="gguf", tensor_type="f32")
+    assert _llama_cpp_tokenize(out, SP_TEXTS) == [sp.encode(t) for t in SP_TEXTS]
+
+
+def _tiktoken_hf_dir(tmp_path: Path) -> tuple[Path, Any]:
+    """An HF dir with a Llama 3-style tiktoken tokenizer.model learned here (test_tokenizer's recipe)."""
+    import base64
+
+    from test_checkpoint import make_hf_model as _make, save_hf as _save
+    from test_tokenizer import LLAMA3_REGEX, gpt2_byte_alphabet, make_corpus
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(make_corpus(seed=3, n_docs=800), trainer=trainer)
+    table = gpt2_byte_alphabet()
+    singles = sorted((t for t in bpe.get_vocab() if len(t) == 1), key=lambda t: table[t])
+    merged = [t for _, t in sorted((i, t) for t, i in bpe.get_vocab().items() if len(t) > 1)]
+    lines = [f"{base64.b64encode(bytes(table[c] for c in t)).decode()} {r}" for r, t in enumerate(singles + merged)]
+    hf = _make("llama2-gqa", seed=4, vocab_size=len(lines) + 256)
+    src = _save(hf, tmp_path / "src")
+    (src / "tokenizer.model").write_text("\n".join(lines) + "\n")
+    return src, llamalab.load(src).tokenizer
+
+
+TT_TEXTS = ["The quick brown fox jumps over 1234567 lazy dogs.", "  indented\n\n\ttabs and 'quotes' don't",
+            "naïve café — ünïcode ✓"]
+
+
+def test_tiktoken_vocabulary_round_trips_through_gguf(tmp_path: Path) -> None:
+    """Llama 3's tiktoken ranks written as llama.cpp's byte-level "llama-bpe" vocabulary with merges
+    derived from the ranks: llamalab's GGUF reader tokenizes as tiktoken itself does."""
+    src, tt = _tiktoken_hf_dir(tmp_path)
+    assert type(tt).__name__ == "TiktokenTokenizer"
+    out = write_checkpoint(read_checkpoint(src), tmp_path / "m.gguf", to="gguf", tensor_type="f32")
+    reader = gguf.GGUFReader(out)
+    field = reader.fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama-bpe"
+    back = llamalab.load(out).tokenizer
+    for text in TT_TEXTS:
+        assert back.encode(text) == tt.encode(text), text
+    assert back.encode("<|eot_id|>hi", allow_special=True) == tt.encode("<|eot_id|>hi", allow_special=True)
+    assert back.bos_id == tt.bos_id and back.eos_id == tt.eos_id
+
+
+@pytest.mark.slow
+def test_llama_cpp_tokenizes_our_tiktoken_gguf_as_tiktoken(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    src, tt = _tiktoken_hf_dir(tmp_path)
+    out = write_checkpoint(read_checkpoint(src), tmp_path / "m.gguf", to="gguf", tensor_type="f32")
+    assert _llama_cpp_tokenize(out, TT_TEXTS) == [tt.encode(t) for t in TT_TEXTS]

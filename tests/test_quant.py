@@ -60,8 +60,9 @@ def _reference(x: torch.Tensor, blocks: torch.Tensor, type_name: str) -> tuple[t
     xq = (q.double().view(len(x), -1, 32) * d.double().unsqueeze(-1)).view(len(x), k)
     w = dequantize(blocks, type_name, k).double()
     exact = xq @ w.T
-    if type_name == "Q4_1":
-        mins = blocks.view(blocks.shape[0], -1, 20)[..., 2:4].contiguous().view(torch.float16).double().squeeze(-1)
+    if type_name in ("Q4_1", "Q5_1"):
+        bb = 20 if type_name == "Q4_1" else 24
+        mins = blocks.view(blocks.shape[0], -1, bb)[..., 2:4].contiguous().view(torch.float16).double().squeeze(-1)
         exact = exact + (mins @ (s.double() - d.double() * q.double().view(len(x), -1, 32).sum(-1)).T).T
     return exact, xq.abs() @ w.abs().T
 
@@ -283,13 +284,13 @@ def test_k_quants_without_a_kernel_are_dequantized_with_a_line(tmp_path: Path, t
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     hf = make_hf_model("llama2-gqa", seed=8, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                        num_key_value_heads=2, initializer_range=0.05)
-    types = {f"blk.{i}.ffn_down.weight": "Q6_K" for i in range(hf.config.num_hidden_layers)}
+    types = {f"blk.{i}.ffn_down.weight": "Q3_K" for i in range(hf.config.num_hidden_layers)}
     path = write_gguf(tmp_path / "mixed.gguf", hf, "Q4_1", tok, tensor_types=types)
     model = llamalab.load(path, dtype=None).model
     assert isinstance(model.layers[0].feed_forward.w2, torch.nn.Linear)
     assert isinstance(model.layers[0].feed_forward.w1, QuantizedLinear)
     err = capsys.readouterr().err
-    assert f"no kernel yet for {hf.config.num_hidden_layers} Q6_K weight(s): dequantized to fp32 at load" in err
+    assert f"no kernel yet for {hf.config.num_hidden_layers} Q3_K weight(s): dequantized to fp32 at load" in err
 
 
 # ---------------------------------------------------------------- the real model
@@ -386,3 +387,65 @@ def test_round_to_nearest_is_gguf_pys_bit_for_bit(type_name: str) -> None:
     w = w.to(torch.bfloat16).float()  # coarse values: many exact halves after scaling
     want = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[type_name])
     assert np.array_equal(quantize(w, type_name).numpy(), want)
+
+
+# ------------------------------------------------------- Q5_0 / Q5_1 / Q4_K / Q6_K kernels
+
+MORE_TYPES = ["Q5_0", "Q5_1", "Q4_K", "Q6_K"]
+
+
+def _more_blocks(n: int, k: int, type_name: str, seed: int) -> torch.Tensor:
+    """Blocks of ``type_name``: gguf-py's quantizer for Q5_0/Q5_1; random K-quant blocks (sane fp16
+    scales, every bit pattern of the rest) read by gguf-py's dequantizer in the reference."""
+    g = torch.Generator().manual_seed(seed)
+    if type_name in ("Q5_0", "Q5_1"):
+        return _blocks(torch.randn(n, k, generator=g) * 0.1, type_name)
+    from test_checkpoint import _random_kquant
+
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(_random_kquant((n, k), gguf.GGMLQuantizationType[type_name], rng))
+
+
+@needs_kernel
+@pytest.mark.parametrize("type_name", MORE_TYPES)
+@pytest.mark.parametrize("n,k,m", [(1, 256, 1), (7, 512, 2), (13, 1536, 3), (16, 256, 5)])
+def test_more_types_kernel_equals_float64_reference(type_name: str, n: int, k: int, m: int) -> None:
+    blocks = _more_blocks(n, k, type_name, seed=n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    exact, bound = _reference(x, blocks, type_name)
+    for isa in kernels.available_isas():
+        with kernels.use_isa(isa):
+            y = kernels.qmatmul(x, [blocks], [type_name])
+        assert ((y.double() - exact).abs() <= 1e-6 * bound + 1e-30).all(), (isa, type_name)
+
+
+@needs_kernel
+def test_more_types_in_one_call_with_the_others() -> None:
+    """A Q4_K_M-like layer: Q4_K, Q6_K and Q8_0 weights of one input, outputs side by side."""
+    k = 512
+    parts = [(_more_blocks(12, k, "Q4_K", 1), "Q4_K"), (_more_blocks(5, k, "Q6_K", 2), "Q6_K"),
+             (_blocks(torch.randn(9, k) * 0.1, "Q8_0"), "Q8_0"), (_more_blocks(3, k, "Q5_0", 3), "Q5_0")]
+    x = torch.randn(3, k)
+    y = kernels.qmatmul(x, [b for b, _ in parts], [t for _, t in parts])
+    want = torch.cat([_reference(x, b, t)[0] for b, t in parts], dim=1)
+    assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_more_types_run_quantized_in_a_model(tmp_path: Path) -> None:
+    """A GGUF with Q4_K / Q6_K / Q5_0 layers keeps them in blocks (and runs them on the kernel)."""
+    from llamalab.checkpoint import read_checkpoint
+    from llamalab.quant.gguf import quantized_model
+
+    tok = train_tokenizer()
+    hf = make_hf_model("llama2-gqa", seed=3, hidden_size=256, intermediate_size=512)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, hf, "Q4_K", tok)
+    ckpt = read_checkpoint(path)
+    model = quantized_model(ckpt)
+    assert isinstance(model.layers[0].attention.wq, QuantizedLinear)
+    assert model.layers[0].attention.wq.type_name == "Q4_K"
+    x = tokens_for(hf.config.vocab_size)
+    with torch.no_grad():
+        ours = model(x)
+        plain = llamalab.load(path, dtype=torch.float32).model(x)
+    assert (ours - plain).abs().max() < 0.05 * plain.abs().max()

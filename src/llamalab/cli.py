@@ -27,6 +27,7 @@ examples:
   llamalab rejection-sample --config configs/finetune/cpu-rejection-sampling.toml
   llamalab gatt eval --model smollm2-135m-instruct --dialogues data/gatt/eval.jsonl
   llamalab eval --tasks hellaswag,piqa,mmlu --limit 100 --out runs/eval.json
+  llamalab quantize smollm2-135m-instruct out/smol-q4_0.gguf --type q4_0 --gptq --calib data/calib.txt
 """
 
 
@@ -263,7 +264,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-format", choices=["template", "llama3", "llama2"], default=None,
                    help="chat format (default: the checkpoint's template, else Llama 3's or Llama 2's)")
     p.add_argument("--dtype", default="auto",
-                   help="auto, float32 or bfloat16 (default auto: a quantized GGUF (Q8_0/Q4_0/Q4_1) runs in its "
+                   help="auto, float32 or bfloat16 (default auto: a quantized GGUF (Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q6_K) runs in its "
                         "blocks on llamalab's quantized kernels; other checkpoints in bfloat16 where the CPU "
                         "computes it natively (AVX512-BF16, AMX) or on a GPU, else float32; a float dtype "
                         "dequantizes a GGUF at load). bfloat16 weights decode ~1.5x faster "
@@ -337,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
+    from llamalab.quant.cli import add_quantize_parser
+
+    add_quantize_parser(sub)
+
     p = sub.add_parser("info", help="describe a checkpoint, or this machine", formatter_class=fmt,
                        description="Format, config, parameter count and memory needs of a checkpoint; without "
                                    "one, this machine: CPU and vector extensions, the precision `auto` picks, "
@@ -358,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", help="output directory (must not exist); for --to gguf the output file")
     p.add_argument("--to", choices=["native", "hf", "meta", "gguf"], default="native", help="output format")
     p.add_argument("--shards", type=int, default=1, help="model-parallel shards for --to meta (default 1)")
-    p.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"],
-                   help="--to gguf: the matrices' type (default f16; q8_0/q4_0/q4_1: round-to-nearest blocks)")
+    p.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q3_k"],
+                   help="--to gguf: the matrices' type (default f16; q8_0/q4_0/q4_1/q4_k/q3_k: round-to-nearest "
+                        "blocks, the embedding too; `llamalab quantize` for GPTQ and a q8_0 embedding)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools", formatter_class=fmt,

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["iter_jsonl_texts"]
+__all__ = ["iter_jsonl_texts", "read_documents"]
 
 
 def iter_jsonl_texts(path: Path, field: str = "text", error: type[Exception] = ValueError) -> Iterator[str]:
@@ -31,3 +31,20 @@ def iter_jsonl_texts(path: Path, field: str = "text", error: type[Exception] = V
                 raise error(f"{path}:{lineno}: expected a string {field!r} field, found "
                             f"{'none' if text is None else type(text).__name__}")
             yield text
+
+
+def read_documents(path: str | Path, what: str = "a .txt or .jsonl file") -> list[str]:
+    """A file's documents: the whole of a text file, or each ``{"text": ...}`` line of a .jsonl file.
+
+    A missing file is an OSError and non-UTF-8 text a ValueError, both naming the file and ``what``
+    was expected of it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise OSError(f"{path}: no such file (expected {what})")
+    if path.suffix == ".jsonl":
+        return list(iter_jsonl_texts(path))
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); expected {what}") from None

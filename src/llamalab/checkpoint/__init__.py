@@ -179,6 +179,13 @@ def describe(source: str | os.PathLike[str]) -> dict[str, Any]:
         from llamalab.checkpoint.hf import hf_tensor_types, hf_tokenizer, read_hf_config
 
         config, types, tok = read_hf_config(path), hf_tensor_types(path), hf_tokenizer(path)
+        from llamalab.quant.gptq_format import quantization_config
+
+        q = quantization_config(path)
+        if q is not None:
+            extra["quantization"] = (f"gptq {q['bits']}-bit, group {q.get('group_size')}, "
+                                     f"{'symmetric' if q.get('sym') else 'asymmetric'}"
+                                     f"{', act-order' if q.get('desc_act') else ''} (dequantized at load)")
     elif kind == "native":
         from llamalab.checkpoint.native import load_tokenizer_from, read_native_config, safetensors_dtypes
 

@@ -72,6 +72,9 @@ def weight_files(path: Path) -> tuple[str, dict[str, Path] | list[Path]]:
         return "bin", read_safetensors_index(path / BIN_INDEX)
     if (path / "pytorch_model.bin").is_file():
         return "bin", [path / "pytorch_model.bin"]
+    lone = sorted(path.glob("*.safetensors"))
+    if len(lone) == 1:  # AutoGPTQ's "gptq_model-4bit-128g.safetensors" and the like
+        return "safetensors", lone
     raise CheckpointError(f"{path}: config.json but no weights; expected model.safetensors, {SAFETENSORS_INDEX}, "
                           f"pytorch_model.bin or {BIN_INDEX}")
 
@@ -107,7 +110,10 @@ def read_hf(path: Path) -> Checkpoint:
     Tensors stay memory-mapped; the q/k rows are permuted back to Meta's layout when a
     tensor is looked up (a :class:`LazyStateDict`), so no second copy is held.
     """
+    from llamalab.quant.gptq_format import gptq_modules, quantization_config
+
     config = read_hf_config(path)
+    qcfg = quantization_config(path)
     kind, listing = weight_files(path)
     files = _files_of(listing)
     # Every tensor an index promises must be in the shard it names.
@@ -116,7 +122,16 @@ def read_hf(path: Path) -> Checkpoint:
     entries: dict[str, tuple[tuple[int, ...], Callable[[], Tensor]]] = {}
     dtypes: Counter[str] = Counter()
     for file in files:
-        tensors = read_safetensors(file) if kind == "safetensors" else _read_bin(file)
+        tensors = dict(read_safetensors(file) if kind == "safetensors" else _read_bin(file))
+        if qcfg is not None:  # GPTQ linears: dequantized when looked up, then as any HF weight
+            hf_want = {convert.meta_name_to_hf(n): s for n, s in want.items()}
+            for q in (f"{n.rsplit('.', 1)[0]}.{s}" for n in list(tensors) for s in ("qzeros", "scales", "g_idx")):
+                promised.pop(q, None)
+            for hf_name, build in gptq_modules(tensors, qcfg, hf_want, file).items():
+                promised.pop(hf_name.removesuffix(".weight") + ".qweight", None)
+                meta_name = convert.hf_name_to_meta(hf_name)
+                entries[meta_name] = (want[meta_name], partial(_gptq_to_meta, hf_name, build, config))
+                dtypes[f"gptq-{qcfg['bits']}bit"] += 1
         dtypes.update(str(t.dtype).removeprefix("torch.") for t in tensors.values())
         for hf_name, t in tensors.items():
             promised.pop(hf_name, None)
@@ -147,6 +162,10 @@ def _to_meta(hf_name: str, t: Tensor, config: ModelConfig) -> Tensor:
     return convert.hf_to_meta_tensor(hf_name, t, config)[1]  # type: ignore[index]
 
 
+def _gptq_to_meta(hf_name: str, build: Callable[[], Tensor], config: ModelConfig) -> Tensor:
+    return convert.hf_to_meta_tensor(hf_name, build(), config)[1]  # type: ignore[index]
+
+
 def hf_tensor_types(path: Path) -> dict[str, int]:
     """dtype -> tensor count, from safetensors headers (a .bin is memory-mapped, not read)."""
     kind, listing = weight_files(path)
@@ -166,14 +185,21 @@ def hf_tokenizer(path: Path) -> Any:
 
 
 def write_hf(checkpoint: Checkpoint, dst: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
-             max_shard_size: int = 5 * 2**30) -> Path:
+             max_shard_size: int = 5 * 2**30, replace: dict[str, Tensor] | None = None,
+             drop: set[str] | None = None, quantization_config: dict[str, Any] | None = None) -> Path:
     """Write an HF ``LlamaForCausalLM`` directory that ``from_pretrained`` and ``AutoTokenizer`` load.
 
     Tied embeddings are written as ``tie_word_embeddings: true`` without ``lm_head.weight``.
+    ``drop`` (Meta names) leaves weights out and ``replace`` adds HF-named tensors as they are, with
+    ``quantization_config`` in config.json (and quantize_config.json): how GPTQ directories are
+    written (:mod:`llamalab.quant.gptq_format`).
     """
     config = checkpoint.config
+    drop = drop or set()
 
     def rename(name: str) -> str | None:
+        if name in drop:
+            return None
         return None if config.tie_embeddings and name == "output.weight" else convert.meta_name_to_hf(name)
 
     def to_hf(name: str, t: Tensor) -> Tensor:
@@ -181,6 +207,10 @@ def write_hf(checkpoint: Checkpoint, dst: str | os.PathLike[str], *, dtype: torc
         return t if dtype is None else t.to(dtype)
 
     hf_sd = converted(checkpoint.state_dict, rename, to_hf)
+    if replace:
+        entries = {k: hf_sd._entries[k] for k in hf_sd}
+        entries.update({k: (tuple(v.shape), partial(lambda v: v, v)) for k, v in replace.items()})
+        hf_sd = LazyStateDict(entries)
     tok = checkpoint.tokenizer
     if str(getattr(tok, "name", "")).startswith("tiktoken:"):
         warnings.warn(f"{dst}: a tiktoken (Llama 3) tokenizer.model is copied as is; transformers needs a "
@@ -189,7 +219,11 @@ def write_hf(checkpoint: Checkpoint, dst: str | os.PathLike[str], *, dtype: torc
     eos = getattr(tok, "eos_id", None)
     with atomic_output_dir(dst) as tmp:
         _, dtypes = write_safetensors(hf_sd, tmp, max_shard_size=max_shard_size)
-        cfg = convert.config_to_hf(config, bos_id=bos, eos_id=eos, torch_dtype=dtypes.most_common(1)[0][0])
+        floats = [(d, n) for d, n in dtypes.most_common() if "float" in d] or dtypes.most_common(1)
+        cfg = convert.config_to_hf(config, bos_id=bos, eos_id=eos, torch_dtype=floats[0][0])
+        if quantization_config is not None:
+            cfg["quantization_config"] = quantization_config
+            (tmp / "quantize_config.json").write_text(json.dumps(quantization_config, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         gen: dict[str, Any] = {"_from_model_config": True}
         if bos is not None:

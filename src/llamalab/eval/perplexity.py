@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from llamalab.eval.base import TaskResult
 from llamalab.eval.lm import sliding_windows
-from llamalab.textio import iter_jsonl_texts
+from llamalab.textio import read_documents
 
 if TYPE_CHECKING:
     from llamalab.eval.lm import EvalModel
@@ -78,15 +78,7 @@ def text_perplexity(lm: EvalModel, texts: Sequence[str], *, window: int | None =
 
 def read_texts(path: str | os.PathLike[str]) -> list[str]:
     """A file's documents: the whole of a text file, or each ``{"text": ...}`` line of a .jsonl file."""
-    path = Path(path)
-    if not path.is_file():
-        raise OSError(f"{path}: no such file (expected a .txt or .jsonl file to score)")
-    if path.suffix == ".jsonl":
-        return list(iter_jsonl_texts(path))
-    try:
-        return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); expected a .txt or .jsonl file") from None
+    return read_documents(path, "a .txt or .jsonl file to score")
 
 
 def file_perplexity(lm: EvalModel, path: str | os.PathLike[str], *, window: int | None = None,

@@ -36,12 +36,17 @@ class BlockType:
 BLOCK_TYPES: dict[str, BlockType] = {t.name: t for t in (
     BlockType("Q4_0", 2, 32, 18, True),
     BlockType("Q4_1", 3, 32, 20, True),
+    BlockType("Q5_0", 6, 32, 22, True),
+    BlockType("Q5_1", 7, 32, 24, True),
     BlockType("Q8_0", 8, 32, 34, True),
-    BlockType("Q4_K", 12, 256, 144, False),
-    BlockType("Q6_K", 14, 256, 210, False),
+    BlockType("Q3_K", 11, 256, 110, False),
+    BlockType("Q4_K", 12, 256, 144, True),
+    BlockType("Q6_K", 14, 256, 210, True),
 )}
 
 KERNEL_TYPES = tuple(name for name, t in BLOCK_TYPES.items() if t.kernel)
+# The types dequantized in torch here (and by the C++ loop); the others through gguf-py.
+TORCH_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
 
 def block_type(name: str) -> BlockType:
@@ -80,12 +85,12 @@ def dequantize(blocks: Tensor, type_name: str, in_features: int, dtype: torch.dt
     """
     t = block_type(type_name)
     out = blocks.shape[0]
-    if t.kernel and fast and blocks.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+    if type_name in TORCH_TYPES and fast and blocks.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         from llamalab.quant.kernels import kernel_available
 
         if kernel_available():  # the C++ loop: ~10x torch's elementwise ops on these shapes
             return torch.ops.llamalab_quant.dequantize(blocks.contiguous(), t.ggml_id, dtype == torch.bfloat16)
-    if not t.kernel:
+    if type_name not in TORCH_TYPES:
         import gguf
 
         values = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[type_name])
@@ -124,9 +129,9 @@ def quantize(weight: Tensor, type_name: str) -> Tensor:
     8.5)`` clipped to 0..15; Q4_1 ``d = (max - min) / 15``, ``m = min``, ``q = trunc((w - min) / d +
     0.5)``. A block of zeros has d = 0 and q = 0 (Q4_0: 8).
     """
-    t = block_type(type_name)
-    if not t.kernel:
-        raise ValueError(f"quantize: {type_name} is not one of {', '.join(KERNEL_TYPES)}")
+    if type_name not in TORCH_TYPES:
+        raise ValueError(f"quantize: {type_name} is not one of {', '.join(TORCH_TYPES)} (llamalab.quant.grids "
+                         f"writes the others)")
     rows, cols = weight.shape
     row_bytes(type_name, cols)  # checks whole blocks
     x = weight.detach().to(torch.float32).reshape(rows, cols // 32, 32)

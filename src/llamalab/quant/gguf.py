@@ -2,7 +2,7 @@
 
 :func:`quantized_model` builds the model on the meta device and puts in, from outside, a
 :class:`~llamalab.quant.linear.QuantizedLinear` for every linear weight stored in a block type
-llamalab's kernels multiply (Q8_0, Q4_0, Q4_1) and a
+llamalab's kernels multiply (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) and a
 :class:`~llamalab.quant.linear.QuantizedEmbedding` for a quantized embedding table (the tied head
 then multiplies the same blocks). Those weights stay views of the file's memory map: nothing is
 dequantized or copied, and pages are read when first used. Everything else (norms, F32/F16
@@ -51,7 +51,7 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 def quantized_model(ckpt: Checkpoint, *, device: torch.device | str = "cpu", quiet: bool = False) -> Transformer:
     """The Transformer of a GGUF checkpoint with its quantized weights kept in their blocks.
 
-    Linear weights in Q8_0 / Q4_0 / Q4_1 run on the kernels of :mod:`llamalab.quant.kernels`;
+    Linear weights in Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q6_K run on the kernels of :mod:`llamalab.quant.kernels`;
     other quantized linear weights (K-quants ...) are dequantized to fp32 here, and one line on
     stderr says which (unless ``quiet``). Activations, norms and the KV cache are fp32.
     """

@@ -1,6 +1,6 @@
 """llamalab's products on GGUF blocks (``csrc/qmatmul.cpp``): built on first use, dispatched per CPU.
 
-:func:`qmatmul` multiplies fp32 activations by one or more Q8_0 / Q4_0 / Q4_1 weights kept in
+:func:`qmatmul` multiplies fp32 activations by one or more Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q6_K weights kept in
 their blocks: each row of x is quantized to int8 per block of 32 (as llama.cpp's q8 activations),
 each block pair is one integer dot product scaled once (AVX2 ``VPMADDUBSW``/``VPMADDWD``, or
 AVX-512 VNNI ``VPDPBUSD``), and several weights that read the same x (a layer's q, k and v) are
@@ -110,7 +110,7 @@ def use_isa(name: str) -> Iterator[None]:
 def qmatmul(x: Tensor, weights: Sequence[Tensor], types: Sequence[str], other: Tensor | None = None, *,
             norm: Tensor | None = None, eps: float = 1e-5, swiglu: bool = False) -> Tensor:
     """``x W_1^T | x W_2^T | ...`` (fp32, (..., sum of rows)), ``weights`` uint8 (rows, row_bytes) blocks
-    of ``types`` (Q8_0, Q4_0, Q4_1), all with x's columns; ``x`` fp32 (..., in).
+    of ``types`` (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K), all with x's columns; ``x`` fp32 (..., in).
 
     ``norm``: RMSNorm(x) * norm first (``eps`` as the model's); ``swiglu``: x holds gate and up
     (2 x in features), multiply silu(gate) * up; ``other``: added to the result (the residual).

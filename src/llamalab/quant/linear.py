@@ -19,7 +19,7 @@ class QuantizedLinear(nn.Module):
     """``y = x W^T`` with W kept as GGUF blocks (``blocks``: uint8 (out, row_bytes), often a view
     of the file's memory map).
 
-    Block types with a kernel (Q8_0, Q4_0, Q4_1) multiply in their blocks on llamalab's kernel
+    Block types with a kernel (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q6_K) multiply in their blocks on llamalab's kernel
     where it runs; elsewhere, and for the types without one, the weight is dequantized per call
     (the pure-PyTorch reference: correct anywhere, slow).
     """

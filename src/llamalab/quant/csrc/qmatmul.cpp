@@ -1,5 +1,5 @@
 // Matrix products on GGUF quantized blocks, read where they lie (a memory map of the file), on
-// x86-64 CPUs: y = x W^T for W in Q8_0, Q4_0 or Q4_1 blocks and x in fp32.
+// x86-64 CPUs: y = x W^T for W in Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K or Q6_K blocks and x in fp32.
 //
 // The way llama.cpp does it: each row of x is quantized once per call to int8 in blocks of 32
 // (one fp32 scale d_x per block, and d_x * sum(q_x) for the blocks' offsets), so that each block
@@ -56,8 +56,8 @@
 namespace {
 
 // GGML type ids (ggml.h, gguf-py's GGMLQuantizationType).
-constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
-constexpr int64_t kBlock = 32;  // weights per block in all three types
+constexpr int64_t kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ6_K = 14;
+constexpr int64_t kBlock = 32;  // weights per block of x (and of the 32-block types)
 constexpr int64_t kRowsAtOnce = 4;    // rows of W walked together by the 256-bit kernels
 constexpr int64_t kMaxGroupRows = 8;  // ... and by any kernel (the 512-bit ones: 4 pairs)
 constexpr int64_t kMaxRowsOfX = 4;    // rows of x a multi-row kernel takes at once
@@ -67,15 +67,31 @@ int64_t block_bytes(int64_t type) {
     case kQ4_0: return 18;  // fp16 d, 16 bytes of nibbles
     case kQ4_1: return 20;  // fp16 d, fp16 m, 16 bytes of nibbles
     case kQ8_0: return 34;  // fp16 d, 32 int8
+    case kQ5_0: return 22;  // fp16 d, 32 fifth bits, 16 bytes of nibbles
+    case kQ5_1: return 24;  // fp16 d, fp16 m, fifth bits, nibbles
+    case kQ4_K: return 144;  // super-block of 256: fp16 d, dmin, 12 bytes of 6-bit scales/mins, 128 of nibbles
+    case kQ6_K: return 210;  // super-block of 256: 128 bytes low nibbles, 64 of high 2 bits, 16 int8 scales, fp16 d
     default: return 0;
   }
 }
+
+// The same for the 32-block types, at compile time.
+constexpr int64_t block_bytes_of(int64_t type) {
+  return type == kQ4_1 ? 20 : type == kQ4_0 ? 18 : type == kQ5_0 ? 22 : type == kQ5_1 ? 24 : 34;
+}
+
+// Weights per block: 256 for the K-quants' super-blocks, else 32.
+int64_t block_weights(int64_t type) { return type == kQ4_K || type == kQ6_K ? 256 : kBlock; }
 
 const char* type_name(int64_t type) {
   switch (type) {
     case kQ4_0: return "Q4_0";
     case kQ4_1: return "Q4_1";
     case kQ8_0: return "Q8_0";
+    case kQ5_0: return "Q5_0";
+    case kQ5_1: return "Q5_1";
+    case kQ4_K: return "Q4_K";
+    case kQ6_K: return "Q6_K";
     default: return "unknown";
   }
 }
@@ -246,6 +262,16 @@ LLQ_VNNI inline __m256i dot_u8s8_vnni(__m256i u, __m256i p) {
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, p);
 }
 
+// The 32 fifth bits of a Q5 block (a little-endian uint32: bit i for element i) -> 0x10 in byte i.
+LLQ_AVX2 inline __m256i fifth_bits(const uint8_t* qh) {
+  uint32_t x32;
+  std::memcpy(&x32, qh, 4);
+  const __m256i pick = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<long long>(0x8040201008040201ULL));
+  const __m256i bytes = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(x32)), pick), bit);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, bit), _mm256_set1_epi8(0x10));
+}
+
 // Decode streams every weight from memory once: while a group of `rows` rows is multiplied, the
 // group `kPrefetchGroups` ahead is asked for, a slice per block (`at`: the slice's offset within a
 // group's bytes, `n` its length), so that the reads of the next groups overlap this one's arithmetic.
@@ -260,11 +286,13 @@ LLQ_AVX2 inline void prefetch_ahead(const uint8_t* w, int64_t row_bytes, int64_t
 // dot product. (A macro, not a template: a function's target cannot depend on a template argument,
 // and the intrinsics cannot be inlined into a function compiled for less.)
 #define LLQ_DEFINE_KERNELS(SUFFIX, ATTR, DOT, VNNI)                                                     \
+  /* Q4_0 / Q4_1, and Q5_0 / Q5_1 (the fifth bits or-ed into the nibbles) */                          \
   template <int64_t Type, int R>                                                                        \
   ATTR void dot_q4_##SUFFIX(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,     \
                             const float* dsx, int64_t nb, float* sums) {                                \
-    constexpr int64_t bytes = Type == kQ4_1 ? 20 : 18;                                                  \
-    constexpr int64_t qs_at = Type == kQ4_1 ? 4 : 2;                                                    \
+    constexpr bool five = Type == kQ5_0 || Type == kQ5_1, with_min = Type == kQ4_1 || Type == kQ5_1;   \
+    constexpr int64_t bytes = block_bytes_of(Type);                                                     \
+    constexpr int64_t qh_at = with_min ? 4 : 2, qs_at = qh_at + (five ? 4 : 0);                         \
     __m256 acc[R];                                                                                      \
     float off[R];                                                                                       \
     for (int r = 0; r < R; ++r) {                                                                       \
@@ -278,9 +306,11 @@ LLQ_AVX2 inline void prefetch_ahead(const uint8_t* w, int64_t row_bytes, int64_t
       for (int r = 0; r < R; ++r) {                                                                     \
         const uint8_t* blk = w + r * row_bytes + b * bytes;                                             \
         const float d = half(blk);                                                                      \
-        const __m256i s = DOT(nibbles(blk + qs_at), p);                                                 \
+        __m256i q = nibbles(blk + qs_at);                                                               \
+        if (five) q = _mm256_or_si256(q, fifth_bits(blk + qh_at));                                      \
+        const __m256i s = DOT(q, p);                                                                    \
         acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * db), acc[r]);                \
-        off[r] += (Type == kQ4_1 ? half(blk + 2) : -8.0f * d) * sb;                                     \
+        off[r] += (with_min ? half(blk + 2) : (five ? -16.0f : -8.0f) * d) * sb;                        \
       }                                                                                                 \
     }                                                                                                   \
     for (int r = 0; r < R; ++r) sums[r] = hsum8(acc[r]) + off[r];                                       \
@@ -320,6 +350,114 @@ LLQ_DEFINE_KERNELS(avx2, LLQ_AVX2, dot_u8s8_avx2, false)
 LLQ_DEFINE_KERNELS(vnni, LLQ_VNNI, dot_u8s8_vnni, true)
 #undef LLQ_DEFINE_KERNELS
 
+// ---- Q5_0 / Q5_1 and the K-quants Q4_K / Q6_K, 256-bit ---------------------------------------------
+// The same scheme on the blocks' own layouts: each 32 weights of a row unpacked to unsigned bytes
+// (Q5: nibble | fifth bit << 4, 0..31; Q4_K: one nibble of a 32-byte run, 0..15; Q6_K: low nibble
+// | two high bits << 4, 0..63), one integer dot product with x's block, scaled per 32 (Q4_K: d times
+// the sub-block's 6-bit scale; its offset -dmin m times d_x sum(p)) or per 16 (Q6_K: the int32 lanes
+// 0-3 and 4-7 are the two halves, each with its int8 scale; the -32 in (q - 32) is a second dot
+// product of 32s with x). x's blocks of 32 line up with the super-blocks' sub-blocks: 8 per 256.
+
+// Q4_K's 12 bytes of 6-bit scales and mins (ggml's get_scale_min_k4) for the 8 sub-blocks, as two
+// vectors of 8 floats: the bytes rearranged in four 32-bit words (scales 0-3 | 4-7 | mins 0-3 | 4-7)
+// with masks and shifts, as llama.cpp does, then widened. (Decoding them a byte at a time cost as
+// much as the products.)
+LLQ_AVX2 inline void q4k_scales(const uint8_t* q, __m256& sc, __m256& mn) {
+  uint32_t u[4];
+  std::memcpy(u, q, 12);
+  constexpr uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+  const uint32_t mins_low = u[1] & k1;
+  u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+  u[2] = mins_low;
+  u[0] &= k1;
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+  sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+  mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+}
+
+#define LLQ_DEFINE_MORE_KERNELS(SUFFIX, ATTR, DOT)                                                      \
+  template <int R>                                                                                      \
+  ATTR void dot_q4k_##SUFFIX(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,    \
+                             const float* dsx, int64_t nb, float* sums) {                               \
+    const __m256i m4 = _mm256_set1_epi8(0x0F);                                                          \
+    __m256 acc[R], off[R];                                                                              \
+    for (int r = 0; r < R; ++r) {                                                                       \
+      acc[r] = _mm256_setzero_ps();                                                                     \
+      off[r] = _mm256_setzero_ps();                                                                     \
+    }                                                                                                   \
+    for (int64_t sb = 0; sb < nb / 8; ++sb) {                                                           \
+      if (R > 1) prefetch_ahead(w, row_bytes, R, sb * 144 * R, 144 * R);                                \
+      alignas(32) float scale[R][8];                                                                    \
+      const __m256 dxs = _mm256_loadu_ps(dx + sb * 8), sxs = _mm256_loadu_ps(dsx + sb * 8);             \
+      for (int r = 0; r < R; ++r) {                                                                     \
+        const uint8_t* blk = w + r * row_bytes + sb * 144;                                              \
+        __m256 sc, mn;                                                                                  \
+        q4k_scales(blk + 4, sc, mn);                                                                    \
+        _mm256_store_ps(scale[r], _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_set1_ps(half(blk))), dxs));    \
+        off[r] = _mm256_fnmadd_ps(_mm256_mul_ps(mn, _mm256_set1_ps(half(blk + 2))), sxs, off[r]);       \
+      }                                                                                                 \
+      for (int jp = 0; jp < 4; ++jp) {                                                                  \
+        const int64_t b0 = sb * 8 + 2 * jp;                                                             \
+        const __m256i p0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b0 * kBlock));      \
+        const __m256i p1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (b0 + 1) * kBlock));\
+        for (int r = 0; r < R; ++r) {                                                                   \
+          const __m256i raw = _mm256_loadu_si256(                                                       \
+              reinterpret_cast<const __m256i*>(w + r * row_bytes + sb * 144 + 16 + 32 * jp));          \
+          const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);\
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(lo, p0)), _mm256_set1_ps(scale[r][2 * jp]), acc[r]);\
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(DOT(hi, p1)), _mm256_set1_ps(scale[r][2 * jp + 1]), acc[r]);\
+        }                                                                                               \
+      }                                                                                                 \
+    }                                                                                                   \
+    for (int r = 0; r < R; ++r) sums[r] = hsum8(acc[r]) + hsum8(off[r]);                                \
+  }                                                                                                     \
+  template <int R>                                                                                      \
+  ATTR void dot_q6k_##SUFFIX(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,    \
+                             const float* /*dsx*/, int64_t nb, float* sums) {                          \
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), c32 = _mm256_set1_epi8(32);   \
+    __m256 acc[R];                                                                                      \
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();                                           \
+    for (int64_t sb = 0; sb < nb / 8; ++sb) {                                                           \
+      if (R > 1) prefetch_ahead(w, row_bytes, R, sb * 210 * R, 210 * R);                                \
+      for (int h = 0; h < 2; ++h) {                                                                     \
+        __m256i p[4], p32[4];                                                                           \
+        for (int t = 0; t < 4; ++t) {                                                                   \
+          p[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (sb * 8 + 4 * h + t) * kBlock));\
+          p32[t] = DOT(c32, p[t]);                                                                      \
+        }                                                                                               \
+        for (int r = 0; r < R; ++r) {                                                                   \
+          const uint8_t* blk = w + r * row_bytes + sb * 210;                                            \
+          const uint8_t* ql = blk + 64 * h;                                                             \
+          const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192) + 8 * h;                        \
+          const float d = half(blk + 208);                                                              \
+          const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql));                  \
+          const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32));             \
+          const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));  \
+          __m256i q[4];                                                                                 \
+          q[0] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m2), 4));\
+          q[1] = _mm256_or_si256(_mm256_and_si256(l1, m4),                                              \
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m2), 4)); \
+          q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),                        \
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m2), 4)); \
+          q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),                        \
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4)); \
+          for (int t = 0; t < 4; ++t) {                                                                 \
+            const __m256i s = _mm256_sub_epi32(DOT(q[t], p[t]), p32[t]);                                \
+            const float ds = d * dx[sb * 8 + 4 * h + t];                                                \
+            const __m256 scale = _mm256_set_m128(_mm_set1_ps(ds * sc[2 * t + 1]), _mm_set1_ps(ds * sc[2 * t]));\
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);                             \
+          }                                                                                             \
+        }                                                                                               \
+      }                                                                                                 \
+    }                                                                                                   \
+    for (int r = 0; r < R; ++r) sums[r] = hsum8(acc[r]);                                                \
+  }
+
+LLQ_DEFINE_MORE_KERNELS(avx2, LLQ_AVX2, dot_u8s8_avx2)
+LLQ_DEFINE_MORE_KERNELS(vnni, LLQ_VNNI, dot_u8s8_vnni)
+#undef LLQ_DEFINE_MORE_KERNELS
+
 // ---- AVX-512 VNNI: two weight rows per 512-bit register ------------------------------------------
 // A block of row r and the same block of row r + 1 share one register (row r in bytes 0-31, r + 1 in
 // 32-63) against x's block in both halves, so one VPDPBUSD does both rows' 32 products. The blocks'
@@ -328,7 +466,6 @@ LLQ_DEFINE_KERNELS(vnni, LLQ_VNNI, dot_u8s8_vnni, true)
 // by a permute: per block and pair of rows about 11 instructions, against ~30 for two rows of the
 // 256-bit kernel above. The offsets (m * s, or -8 d / -128 d times d_x sum(p)) go into the same
 // accumulators, 8 blocks per FMA. Lanes 0-7 of a pair's accumulator sum to row r, 8-15 to r + 1.
-constexpr int64_t block_bytes_of(int64_t type) { return type == kQ4_1 ? 20 : type == kQ4_0 ? 18 : 34; }
 
 // The byte offsets of 8 blocks (`bb` bytes each) in two rows `rb` bytes apart: lanes 0-7, 8-15.
 LLQ_VNNI inline __m512i block_offsets(int32_t rb, int32_t bb) {
@@ -421,11 +558,17 @@ LLQ_VNNI void dot_pairs_vnni512(const uint8_t* w, int64_t row_bytes, const int8_
 // Lanes 4j..4j+3 hold row r+j. The scales come as in the pair kernel, by gathers of 8 blocks x 2
 // rows, and each block's four are picked by one two-source permute; the offsets accumulate apart,
 // in the gathers' lane order (lanes 0-7: the first row of a pair, 8-15: the second).
+//
+// Q5_0 / Q5_1 the same way: the four rows' fifth bits (bits 0-15 of each row's uint32 for the low
+// nibbles, 16-31 for the high ones) make one 64-bit mask, which VPMOVM2B spreads to bytes, 0x10 where
+// set, or-ed into the nibbles; the offsets are -16 d (Q5_0) or m (Q5_1) times d_x sum(p).
 template <int64_t Type, int Q>
 LLQ_VNNI void dot_quads_vnni512(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,
                                 const float* dsx, int64_t nb, float* sums) {
-  constexpr int64_t bytes = Type == kQ4_1 ? 20 : 18;
-  constexpr int64_t qs_at = Type == kQ4_1 ? 4 : 2;
+  constexpr bool five = Type == kQ5_0 || Type == kQ5_1;
+  constexpr bool with_min = Type == kQ4_1 || Type == kQ5_1;
+  constexpr int64_t bytes = block_bytes_of(Type);
+  constexpr int64_t qs_at = (with_min ? 4 : 2) + (five ? 4 : 0);
   const int32_t rb = static_cast<int32_t>(row_bytes);
   const int32_t bb = static_cast<int32_t>(bytes);
   const __m512i offsets = block_offsets(rb, bb);
@@ -433,6 +576,8 @@ LLQ_VNNI void dot_quads_vnni512(const uint8_t* w, int64_t row_bytes, const int8_
   // second pair's (16 + i, 24 + i in the two-source permute's numbering), each four times.
   const __m512i pick_base = _mm512_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8, 16, 16, 16, 16, 24, 24, 24, 24);
   const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m128i rows4 = _mm_setr_epi32(0, rb, 2 * rb, 3 * rb);
+  const __m128i halves = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
   __m512 acc[Q], off[2 * Q];
   for (int q = 0; q < Q; ++q) acc[q] = _mm512_setzero_ps();
   for (int p = 0; p < 2 * Q; ++p) off[p] = _mm512_setzero_ps();
@@ -447,10 +592,10 @@ LLQ_VNNI void dot_quads_vnni512(const uint8_t* w, int64_t row_bytes, const int8_
                                                     w + 2 * p * row_bytes + b0 * bytes, 1);
       const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
       scale[p] = _mm512_mul_ps(d, dxx);
-      if constexpr (Type == kQ4_1) {
+      if constexpr (with_min) {
         off[p] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16))), sxx, off[p]);
       } else {
-        off[p] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(-8.0f)), sxx, off[p]);
+        off[p] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(five ? -16.0f : -8.0f)), sxx, off[p]);
       }
     }
     for (int i = 0; i < n; ++i) {
@@ -466,8 +611,20 @@ LLQ_VNNI void dot_quads_vnni512(const uint8_t* w, int64_t row_bytes, const int8_
         v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row_bytes)), 1);
         v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 2 * row_bytes)), 2);
         v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 3 * row_bytes)), 3);
-        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low4), xlo);
-        s = _mm512_dpbusd_epi32(s, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xhi);
+        __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        if constexpr (five) {
+          // The four rows' qh words in one gather; one shuffle packs their low halves into the low
+          // qword (the mask of the low nibbles) and their high halves into the high one.
+          const __m128i h4 = _mm_i32gather_epi32(reinterpret_cast<const int*>(r0 - 4), rows4, 1);
+          const __m128i packed = _mm_shuffle_epi8(h4, halves);
+          const uint64_t mlo = static_cast<uint64_t>(_mm_cvtsi128_si64(packed));
+          const uint64_t mhi = static_cast<uint64_t>(_mm_extract_epi64(packed, 1));
+          const __m512i bit5 = _mm512_set1_epi8(0x10);
+          lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_movm_epi8(mlo), bit5));
+          hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_movm_epi8(mhi), bit5));
+        }
+        __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo);
+        s = _mm512_dpbusd_epi32(s, hi, xhi);
         const __m512 sc = _mm512_permutex2var_ps(scale[2 * q], pick, scale[2 * q + 1]);
         acc[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[q]);
       }
@@ -485,6 +642,126 @@ LLQ_VNNI void dot_quads_vnni512(const uint8_t* w, int64_t row_bytes, const int8_
       for (int l = 0; l < 8; ++l) v += o[half_at + l];
       sums[4 * q + j] = v;
     }
+  }
+}
+
+// Q4_K on AVX-512 VNNI, two rows per 512-bit register: a 32-byte run of nibbles (two sub-blocks) of
+// row r in the low half, of row r + 1 in the high half; the low nibbles against x's block 2j broadcast
+// to both halves, the high ones against block 2j + 1. Each row's 8 sub-block scales d sc_j d_x are
+// one vector product per super-block, the two rows' side by side, and each sub-block's pair of
+// scales is picked by a permute; the offsets -dmin m_j d_x sum(p) are summed per row in scalars.
+template <int P>
+LLQ_VNNI void dot_q4k_pairs_vnni512(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,
+                                    const float* dsx, int64_t nb, float* sums) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[P];
+  __m256 off[2 * P];
+  for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
+  for (int r = 0; r < 2 * P; ++r) off[r] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    prefetch_ahead(w, row_bytes, 2 * P, sb * 144 * 2 * P, 144 * 2 * P);
+    const __m256 dxs = _mm256_loadu_ps(dx + sb * 8), sxs = _mm256_loadu_ps(dsx + sb * 8);
+    __m512 both[P];
+    for (int p = 0; p < P; ++p) {
+      __m256 half_scales[2];
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* blk = w + (2 * p + h) * row_bytes + sb * 144;
+        __m256 sc, mn;
+        q4k_scales(blk + 4, sc, mn);
+        off[2 * p + h] = _mm256_fnmadd_ps(_mm256_mul_ps(mn, _mm256_set1_ps(half(blk + 2))), sxs, off[2 * p + h]);
+        half_scales[h] = _mm256_mul_ps(_mm256_mul_ps(sc, _mm256_set1_ps(half(blk))), dxs);
+      }
+      both[p] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(half_scales[0])),
+                                                    _mm256_castps_pd(half_scales[1]), 1));  // AVX-512F only
+    }
+    for (int jp = 0; jp < 4; ++jp) {
+      const int64_t b0 = sb * 8 + 2 * jp;
+      const __m512i x0 = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b0 * kBlock)));
+      const __m512i x1 =
+          _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (b0 + 1) * kBlock)));
+      const __m512i pick_lo = _mm512_setr_epi32(2 * jp, 2 * jp, 2 * jp, 2 * jp, 2 * jp, 2 * jp, 2 * jp, 2 * jp,
+                                                8 + 2 * jp, 8 + 2 * jp, 8 + 2 * jp, 8 + 2 * jp, 8 + 2 * jp,
+                                                8 + 2 * jp, 8 + 2 * jp, 8 + 2 * jp);
+      const __m512i pick_hi = _mm512_add_epi32(pick_lo, _mm512_set1_epi32(1));
+      for (int p = 0; p < P; ++p) {
+        const uint8_t* q0 = w + 2 * p * row_bytes + sb * 144 + 16 + 32 * jp;
+        const __m512i v = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q0 + row_bytes)), 1);
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        const __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, x0);
+        const __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, x1);
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), _mm512_permutexvar_ps(pick_lo, both[p]), acc[p]);
+        acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), _mm512_permutexvar_ps(pick_hi, both[p]), acc[p]);
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    sums[2 * p] = hsum16_low(acc[p]) + hsum8(off[2 * p]);
+    sums[2 * p + 1] = hsum16_high(acc[p]) + hsum8(off[2 * p + 1]);
+  }
+}
+
+// Q6_K on AVX-512 VNNI, two rows per 512-bit register as Q4_K: each 32 weights of row r in the low
+// half, of row r + 1 in the high half, built from the low-nibble and high-bit runs of both rows at
+// once; the -32 is one dot product of 32s with x per block, shared by every row; each row's 16 int8
+// scales widen to 16 floats (times d) once per super-block, and a two-source permute picks the four
+// a block needs (lanes 0-3, 4-7: row r's two halves of 16; 8-11, 12-15: row r + 1's).
+// 32 bytes at `a` in the low half, 32 at `b` in the high half.
+LLQ_VNNI inline __m512i load_pair(const uint8_t* a, const uint8_t* b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b)), 1);
+}
+
+template <int P>
+LLQ_VNNI void dot_q6k_pairs_vnni512(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,
+                                    const float* /*dsx*/, int64_t nb, float* sums) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3), c32 = _mm512_set1_epi8(32);
+  __m512 acc[P];
+  for (int p = 0; p < P; ++p) acc[p] = _mm512_setzero_ps();
+  for (int64_t sb = 0; sb < nb / 8; ++sb) {
+    prefetch_ahead(w, row_bytes, 2 * P, sb * 210 * 2 * P, 210 * 2 * P);
+    __m512 rs[2 * P];  // each row's 16 scales times its d
+    for (int r = 0; r < 2 * P; ++r) {
+      const uint8_t* blk = w + r * row_bytes + sb * 210;
+      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 192));
+      rs[r] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(sc)), _mm512_set1_ps(half(blk + 208)));
+    }
+    for (int h = 0; h < 2; ++h) {
+      __m512i px[4], p32[4];
+      for (int t = 0; t < 4; ++t) {
+        px[t] = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + (sb * 8 + 4 * h + t) * kBlock)));
+        p32[t] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), c32, px[t]);
+      }
+      for (int p = 0; p < P; ++p) {
+        const uint8_t* b0 = w + 2 * p * row_bytes + sb * 210;
+        const uint8_t* b1 = b0 + row_bytes;
+        const __m512i l0 = load_pair(b0 + 64 * h, b1 + 64 * h), l1 = load_pair(b0 + 64 * h + 32, b1 + 64 * h + 32);
+        const __m512i hb = load_pair(b0 + 128 + 32 * h, b1 + 128 + 32 * h);
+        __m512i q[4];
+        q[0] = _mm512_or_si512(_mm512_and_si512(l0, m4), _mm512_slli_epi16(_mm512_and_si512(hb, m2), 4));
+        q[1] = _mm512_or_si512(_mm512_and_si512(l1, m4),
+                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 2), m2), 4));
+        q[2] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l0, 4), m4),
+                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 4), m2), 4));
+        q[3] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l1, 4), m4),
+                               _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(hb, 6), m2), 4));
+        for (int t = 0; t < 4; ++t) {
+          const int j0 = 8 * h + 2 * t, j1 = j0 + 1;
+          const __m512i pick = _mm512_setr_epi32(j0, j0, j0, j0, j1, j1, j1, j1, 16 + j0, 16 + j0, 16 + j0, 16 + j0,
+                                                 16 + j1, 16 + j1, 16 + j1, 16 + j1);
+          const __m512 scale = _mm512_mul_ps(_mm512_permutex2var_ps(rs[2 * p], pick, rs[2 * p + 1]),
+                                             _mm512_set1_ps(dx[sb * 8 + 4 * h + t]));
+          const __m512i sum = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q[t], px[t]), p32[t]);
+          acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[p]);
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    sums[2 * p] = hsum16_low(acc[p]);
+    sums[2 * p + 1] = hsum16_high(acc[p]);
   }
 }
 
@@ -618,6 +895,11 @@ Kernels kernels_for(int64_t type, Isa isa) {
         return {&dot_pairs_vnni512<kQ8_0, 4>, 8, &dot_pairs_vnni512<kQ8_0, 1>, &dot_q8_vnni<1>,
                 {nullptr, nullptr, &dot_group_mx_vnni512<kQ8_0, 2>, &dot_group_mx_vnni512<kQ8_0, 3>,
                  &dot_group_mx_vnni512<kQ8_0, 4>}};
+      // Q5: the quad kernel; Q4_K, Q6_K: pairs.
+      case kQ5_0: return {&dot_quads_vnni512<kQ5_0, 2>, 8, nullptr, &dot_q4_vnni<kQ5_0, 1>};
+      case kQ5_1: return {&dot_quads_vnni512<kQ5_1, 2>, 8, nullptr, &dot_q4_vnni<kQ5_1, 1>};
+      case kQ4_K: return {&dot_q4k_pairs_vnni512<4>, 8, &dot_q4k_pairs_vnni512<1>, &dot_q4k_vnni<1>};
+      case kQ6_K: return {&dot_q6k_pairs_vnni512<4>, 8, &dot_q6k_pairs_vnni512<1>, &dot_q6k_vnni<1>};
       default: return k;
     }
   }
@@ -626,6 +908,10 @@ Kernels kernels_for(int64_t type, Isa isa) {
       case kQ4_0: return {&dot_q4_avx2<kQ4_0, kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q4_avx2<kQ4_0, 1>};
       case kQ4_1: return {&dot_q4_avx2<kQ4_1, kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q4_avx2<kQ4_1, 1>};
       case kQ8_0: return {&dot_q8_avx2<kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q8_avx2<1>};
+      case kQ5_0: return {&dot_q4_avx2<kQ5_0, kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q4_avx2<kQ5_0, 1>};
+      case kQ5_1: return {&dot_q4_avx2<kQ5_1, kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q4_avx2<kQ5_1, 1>};
+      case kQ4_K: return {&dot_q4k_avx2<kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q4k_avx2<1>};
+      case kQ6_K: return {&dot_q6k_avx2<kRowsAtOnce>, kRowsAtOnce, nullptr, &dot_q6k_avx2<1>};
       default: return k;
     }
   }
@@ -658,16 +944,20 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   for (size_t i = 0; i < weights.size(); ++i) {
     const at::Tensor& w = weights[i];
     const int64_t bb = block_bytes(types[i]);
-    TORCH_CHECK(bb > 0, "qmatmul: unsupported block type id ", types[i], " (expected Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)");
+    TORCH_CHECK(bb > 0, "qmatmul: unsupported block type id ", types[i],
+                " (expected Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q6_K = 14)");
     TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.device().is_cpu() && w.is_contiguous(),
                 "qmatmul: weight ", i, " must be a contiguous 2-D uint8 CPU tensor of blocks, got ", w.sizes(), " ",
                 w.scalar_type());
     TORCH_CHECK(w.size(1) % bb == 0, "qmatmul: weight ", i, " rows of ", w.size(1), " bytes are not whole ",
                 type_name(types[i]), " blocks of ", bb, " bytes");
-    const int64_t wk = w.size(1) / bb * kBlock;
+    const int64_t wk = w.size(1) / bb * block_weights(types[i]);
     TORCH_CHECK(k < 0 || wk == k, "qmatmul: weights of ", k, " and ", wk, " columns in one call");
     k = wk;
-    ws.push_back({w.data_ptr<uint8_t>(), w.size(0), w.size(1), n, kernels_for(types[i], isa), types[i] == kQ4_1});
+    // Q4_1 / Q5_1 offsets from the fp16 d * sum(q) as llama.cpp's q8_1 activations have it; the others
+    // (llama.cpp: q8_0 and q8_K activations, no such field) from the exact fp32 one.
+    ws.push_back({w.data_ptr<uint8_t>(), w.size(0), w.size(1), n, kernels_for(types[i], isa),
+                  types[i] == kQ4_1 || types[i] == kQ5_1});
     n += w.size(0);
   }
   const int64_t kx = swiglu ? 2 * k : k;
@@ -755,7 +1045,7 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
 // file dequantized at load (`--dtype float32|bfloat16`) in a fraction of the time torch's elementwise
 // ops or gguf-py's numpy take. Plain scalar code, which the compiler vectorises.
 at::Tensor dequantize(const at::Tensor& blocks, int64_t type, bool bf16) {
-  const int64_t bb = block_bytes(type);
+  const int64_t bb = type == kQ4_0 || type == kQ4_1 || type == kQ8_0 ? block_bytes(type) : 0;
   TORCH_CHECK(bb > 0, "dequantize: unsupported block type id ", type, " (expected Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)");
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
                   blocks.size(1) % bb == 0,
