@@ -121,16 +121,30 @@ def _pack_q8_0(q: Tensor, p: dict[str, Tensor]) -> Tensor:
     return torch.cat([_bytes_of_half(d.unsqueeze(-1)), qs], dim=-1).reshape(rows, -1)
 
 
-def _fit_q4_0(w: Tensor) -> tuple[Grid, dict[str, Tensor]]:
-    rows, n = _check(w, 32, "Q4_0")
+def _fit_symmetric(w: Tensor, name: str, half_levels: int) -> tuple[Grid, dict[str, Tensor]]:
+    """Q4_0 (half_levels 8) / Q5_0 (16): ``d = w_m / -half_levels`` for the block's largest-magnitude
+    weight ``w_m``; gguf-py's ``trunc(w / d + half_levels + 0.5)``, i.e. floor for the block's own
+    weights (all >= -half_levels d)."""
+    rows, n = _check(w, 32, name)
     x = w.float().reshape(rows, n, 32)
     extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
-    d = extreme / -8
+    d = extreme / -half_levels
     zero = torch.zeros(rows, n * 32)
-    # gguf-py: trunc(w / d + 8.5), i.e. floor for the block's own weights (all >= -8 d).
-    grid = Grid(sub=zero, inv=_spread(_inverse(d), 32), add=8.5, step=_spread(_fp16(d), 32), offset=zero,
-                qzero=8.0, qmin=0, qmax=15)
+    grid = Grid(sub=zero, inv=_spread(_inverse(d), 32), add=half_levels + 0.5, step=_spread(_fp16(d), 32),
+                offset=zero, qzero=float(half_levels), qmin=0, qmax=2 * half_levels - 1)
     return grid, {"d": d}
+
+
+def _fit_min_max(w: Tensor, name: str, levels: int) -> tuple[Grid, dict[str, Tensor]]:
+    """Q4_1 (levels 16) / Q5_1 (32): ``d = (max - min) / (levels - 1)``, ``m = min``, gguf-py's
+    ``trunc((w - min) / d + 0.5)``."""
+    rows, n = _check(w, 32, name)
+    x = w.float().reshape(rows, n, 32)
+    low, high = x.amin(-1), x.amax(-1)
+    d = (high - low) / (levels - 1)
+    grid = Grid(sub=_spread(low, 32), inv=_spread(_inverse(d), 32), add=0.5, step=_spread(_fp16(d), 32),
+                offset=_spread(_fp16(low), 32), qzero=0.0, qmin=0, qmax=levels - 1)
+    return grid, {"d": d, "m": low}
 
 
 def _nibble_pack(q: Tensor) -> Tensor:
@@ -145,42 +159,11 @@ def _pack_q4_0(q: Tensor, p: dict[str, Tensor]) -> Tensor:
     return torch.cat([_bytes_of_half(p["d"].unsqueeze(-1)), qs], dim=-1).reshape(rows, -1)
 
 
-def _fit_q4_1(w: Tensor) -> tuple[Grid, dict[str, Tensor]]:
-    rows, n = _check(w, 32, "Q4_1")
-    x = w.float().reshape(rows, n, 32)
-    low, high = x.amin(-1), x.amax(-1)
-    d = (high - low) / 15
-    grid = Grid(sub=_spread(low, 32), inv=_spread(_inverse(d), 32), add=0.5, step=_spread(_fp16(d), 32),
-                offset=_spread(_fp16(low), 32), qzero=0.0, qmin=0, qmax=15)
-    return grid, {"d": d, "m": low}
-
-
 def _pack_q4_1(q: Tensor, p: dict[str, Tensor]) -> Tensor:
     rows = q.shape[0]
     qs = _nibble_pack(q.reshape(rows, -1, 32))
     return torch.cat([_bytes_of_half(p["d"].unsqueeze(-1)), _bytes_of_half(p["m"].unsqueeze(-1)), qs],
                      dim=-1).reshape(rows, -1)
-
-
-def _fit_q5_0(w: Tensor) -> tuple[Grid, dict[str, Tensor]]:
-    rows, n = _check(w, 32, "Q5_0")
-    x = w.float().reshape(rows, n, 32)
-    extreme = x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
-    d = extreme / -16
-    zero = torch.zeros(rows, n * 32)
-    grid = Grid(sub=zero, inv=_spread(_inverse(d), 32), add=16.5, step=_spread(_fp16(d), 32), offset=zero,
-                qzero=16.0, qmin=0, qmax=31)
-    return grid, {"d": d}
-
-
-def _fit_q5_1(w: Tensor) -> tuple[Grid, dict[str, Tensor]]:
-    rows, n = _check(w, 32, "Q5_1")
-    x = w.float().reshape(rows, n, 32)
-    low, high = x.amin(-1), x.amax(-1)
-    d = (high - low) / 31
-    grid = Grid(sub=_spread(low, 32), inv=_spread(_inverse(d), 32), add=0.5, step=_spread(_fp16(d), 32),
-                offset=_spread(_fp16(low), 32), qzero=0.0, qmin=0, qmax=31)
-    return grid, {"d": d, "m": low}
 
 
 def _q5_bits(q: Tensor) -> tuple[Tensor, Tensor]:
@@ -273,10 +256,10 @@ def _pack_q3_k(q: Tensor, p: dict[str, Tensor]) -> Tensor:
 
 FORMATS: dict[str, BlockFormat] = {f.name: f for f in (
     BlockFormat("Q8_0", 32, _fit_q8_0, _pack_q8_0),
-    BlockFormat("Q4_0", 32, _fit_q4_0, _pack_q4_0),
-    BlockFormat("Q4_1", 32, _fit_q4_1, _pack_q4_1),
-    BlockFormat("Q5_0", 32, _fit_q5_0, _pack_q5_0),
-    BlockFormat("Q5_1", 32, _fit_q5_1, _pack_q5_1),
+    BlockFormat("Q4_0", 32, lambda w: _fit_symmetric(w, "Q4_0", 8), _pack_q4_0),
+    BlockFormat("Q4_1", 32, lambda w: _fit_min_max(w, "Q4_1", 16), _pack_q4_1),
+    BlockFormat("Q5_0", 32, lambda w: _fit_symmetric(w, "Q5_0", 16), _pack_q5_0),
+    BlockFormat("Q5_1", 32, lambda w: _fit_min_max(w, "Q5_1", 32), _pack_q5_1),
     BlockFormat("Q4_K", 256, _fit_q4_k, _pack_q4_k),
     BlockFormat("Q3_K", 256, _fit_q3_k, _pack_q3_k),
 )}
