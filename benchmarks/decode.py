@@ -246,7 +246,8 @@ def main() -> None:
     reference: dict[str, str] = {}
     for dtype in dtypes:
         if dtype == "gguf":  # the file as stored: llamalab's quantized kernels against llama.cpp
-            peers = ["llamalab"] + ([] if args.no_plain else ["llamalab-plain"]) + (["llama.cpp"] if have_llama_cpp else [])
+            peers = (["llamalab"] + ([] if args.no_compile else ["llamalab+compile"])
+                     + ([] if args.no_plain else ["llamalab-plain"]) + (["llama.cpp"] if have_llama_cpp else []))
             reference[dtype] = "llama.cpp" if have_llama_cpp else "llamalab-plain"
         else:
             peers = (["llamalab"] + ([] if args.no_compile else ["llamalab+compile"])

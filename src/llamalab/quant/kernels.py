@@ -46,10 +46,11 @@ def _build() -> str:
     reason = build_extension(_NAME, [_SOURCE], disable_env="LLAMALAB_QUANT", what="quantized-matmul kernel")
     if reason:
         return reason
-    try:
-        torch.library.register_fake("llamalab_quant::qmatmul")(_shape)
-    except RuntimeError:  # registered already (loaded before in this process)
-        pass
+    for op, rule in (("qmatmul", _shape), ("dequantize", _dequantized_shape)):
+        try:
+            torch.library.register_fake(f"llamalab_quant::{op}")(rule)
+        except RuntimeError:  # registered already (loaded before in this process)
+            pass
     forced = os.environ.get("LLAMALAB_QUANT_ISA", "auto").strip().lower() or "auto"
     try:
         torch.ops.llamalab_quant.set_isa(forced)
@@ -64,6 +65,13 @@ def _shape(x: Tensor, weights: list[Tensor], types: list[int], other: Tensor | N
            norm: Tensor | None = None, eps: float = 1e-5, swiglu: bool = False) -> Tensor:
     """The output's shape for tracing: x's leading dimensions, then every weight's rows."""
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in weights)))
+
+
+def _dequantized_shape(blocks: Tensor, type: int, bf16: bool = False) -> Tensor:
+    """The dequantized matrix's shape for tracing (Q4_0 / Q4_1 / Q8_0 rows of whole blocks)."""
+    block_bytes = {2: 18, 3: 20, 8: 34}[type]
+    return blocks.new_empty((blocks.shape[0], blocks.shape[1] // block_bytes * 32),
+                            dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
 def unavailable_reason() -> str:

@@ -188,7 +188,9 @@ void quantize_x(const float* xf, int64_t m_rows, int64_t k, bool simd, Quantized
   out.d.resize(blocks);
   out.ds.resize(blocks);
   out.dsum.resize(blocks);
-  for (int64_t i = 0; i < m_rows * nb; ++i) {
+  // A prompt's rows split over the threads (a decode step's one row: inline).
+  at::parallel_for(0, m_rows * nb, std::max<int64_t>(1, 16384 / kBlock), [&](int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
     float d;
 #ifdef LLQ_X86
     const int sum = simd ? quantize_block_avx2(xf + i * kBlock, out.q.data() + i * kBlock, &d)
@@ -202,13 +204,15 @@ void quantize_x(const float* xf, int64_t m_rows, int64_t k, bool simd, Quantized
     out.ds[i] = static_cast<float>(c10::Half(d * static_cast<float>(sum)));
     out.dsum[i] = d16 * static_cast<float>(sum);
   }
+  });
 }
 
 // The rows of x as the product reads them, in fp32: x, RMSNorm(x) * norm, or silu(gate) * up.
 void prepare(const float* x, int64_t m_rows, int64_t k, const float* norm, double eps, bool swiglu,
              std::vector<float>& out) {
   out.resize(static_cast<size_t>(m_rows * k));
-  for (int64_t m = 0; m < m_rows; ++m) {
+  at::parallel_for(0, m_rows, std::max<int64_t>(1, 8192 / k), [&](int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
     float* om = out.data() + m * k;
     if (swiglu) {
       const float* gate = x + m * 2 * k;
@@ -225,6 +229,7 @@ void prepare(const float* x, int64_t m_rows, int64_t k, const float* norm, doubl
       for (int64_t c = 0; c < k; ++c) om[c] = om[c] * scale * norm[c];
     }
   }
+  });
 }
 
 // One group of R weight rows (`w`, `row_bytes` apart) against one quantized row of x; sums[r].
@@ -548,7 +553,6 @@ LLQ_VNNI void dot_pairs_vnni512(const uint8_t* w, int64_t row_bytes, const int8_
     sums[2 * p + 1] = hsum16_high(acc[p]);
   }
 }
-#endif
 
 // Q4_0 / Q4_1 on AVX-512 VNNI, four weight rows per 512-bit register: the 16 bytes of nibbles of
 // the same block in rows r..r+3 fill one register; its low nibbles (elements 0-15 of each row)
@@ -870,6 +874,244 @@ LLQ_VNNI void dot_group_mx_vnni512(const uint8_t* w, int64_t row_bytes, const in
   }
 }
 
+// ---- AVX-512 VNNI, many rows of x (prefill, batched decode): panels ------------------------------
+// A prompt of M rows reads each weight block M times. The kernels above unpack it (and gather and
+// convert its scales) on every read; here a group of 8 weight rows, of any block type, is unpacked
+// once into a panel that every row of x then reads from L1:
+//   values: per block of 32, per pair of rows, 64 bytes (row 2u's 32 unsigned values, then 2u + 1's),
+//   scales: per block, per pair, 16 floats: the int32 lanes' scales (lanes 0-3 elements 0-15 and 4-7
+//           elements 16-31 of row 2u, then of row 2u + 1: Q6_K's scales per 16, the others' per 32),
+//   mins:   per block, 8 floats: the offsets' factors of d_x sum(p) (Q4_1 / Q5_1 m, Q4_K -dmin m_j).
+// A weight w = scale u + min (Q8_0: u = q + 128, min -128 d; Q4_0 / Q5_0: -8 d / -16 d; Q4_1 / Q5_1:
+// m; Q4_K: -dmin m_j), the mins' terms one FMA per block for the 8 rows against d_x sum(p), as the
+// kernels above do; Q6_K's bias 32 (its lanes' scales differ by half block) is subtracted in the
+// int32 lanes instead, as 32 times x's lane sums (one more VPDPBUSD per block of x, shared by the
+// group). One kernel for all types then takes 1-4 rows of x at a time against the panel: per block,
+// pair of rows and row of x one VPDPBUSD, a conversion, a multiplication by x's scale and an FMA
+// (Q6_K: and a subtraction), every operand in registers (16 accumulators, 4 panels of values and
+// scales). Measured on the AVX-512 Xeon (1 thread, M = 128): ~30-35 GMAC/s for every type, as the
+// direct Q4_0 / Q4_1 / Q8_0 kernels and ~2x theirs for Q5_0, Q4_K, Q6_K: the vector port, not memory,
+// is the limit (4-5 instructions per 64 multiply-adds).
+constexpr int64_t kPanelRows = 8;
+constexpr int64_t kPanelMinRowsOfXAvx2 = 4;  // rows of x from which AVX2 takes panels
+
+struct Panel {
+  std::vector<uint8_t> values;  // (nb, 4, 64)
+  std::vector<float> scales;    // (nb, 4, 16)
+  std::vector<float> mins;      // (nb, 8)
+  void resize(int64_t nb) {
+    values.resize(static_cast<size_t>(nb * 256));
+    scales.resize(static_cast<size_t>(nb * 64));
+    mins.resize(static_cast<size_t>(nb * 8));
+  }
+};
+
+// The bias subtracted in the int32 lanes: Q6_K's (its lanes' scales differ by half block); the other
+// biased types (Q8_0 128, Q4_0 8, Q5_0 16) take -bias d as their blocks' min instead, one FMA per
+// block for 8 rows, instead of one subtraction per block and pair of rows.
+constexpr uint8_t panel_bias(int64_t type) { return type == kQ6_K ? 32 : 0; }
+constexpr bool panel_mins(int64_t type) { return type != kQ6_K; }
+
+// Row r (0-7) of a panel, from one weight row of nb blocks of 32 (the K-quants: nb / 8 super-blocks).
+// (AVX2 only: the panels of both paths.)
+LLQ_AVX2 void unpack_row(int64_t type, const uint8_t* row, int64_t nb, Panel& p, int r) {
+  uint8_t* values = p.values.data() + (r >> 1) * 64 + (r & 1) * 32;  // block b at + 256 b
+  float* scales = p.scales.data() + (r >> 1) * 16 + (r & 1) * 8;     // block b at + 64 b
+  float* mins = p.mins.data() + r;                                    // block b at + 8 b
+  // (Its own target attribute: a lambda does not take its caller's.)
+  const auto put = [values, scales, mins](int64_t b, __m256i v, float s_lo, float s_hi, float m)
+      __attribute__((target("avx2,fma,f16c"))) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + 256 * b), v);
+    _mm256_storeu_ps(scales + 64 * b, _mm256_set_m128(_mm_set1_ps(s_hi), _mm_set1_ps(s_lo)));
+    mins[8 * b] = m;
+  };
+  if (type == kQ4_K) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    for (int64_t sb = 0; sb < nb / 8; ++sb) {
+      const uint8_t* blk = row + sb * 144;
+      const float d = half(blk), dmin = half(blk + 2);
+      alignas(32) float sc[8], mn[8];
+      __m256 scv, mnv;
+      q4k_scales(blk + 4, scv, mnv);
+      _mm256_store_ps(sc, scv);
+      _mm256_store_ps(mn, mnv);
+      for (int jp = 0; jp < 4; ++jp) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * jp));
+        const int j = 2 * jp;
+        put(sb * 8 + j, _mm256_and_si256(raw, m4), d * sc[j], d * sc[j], -dmin * mn[j]);
+        put(sb * 8 + j + 1, _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4), d * sc[j + 1], d * sc[j + 1],
+            -dmin * mn[j + 1]);
+      }
+    }
+    return;
+  }
+  if (type == kQ6_K) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    for (int64_t sb = 0; sb < nb / 8; ++sb) {
+      const uint8_t* blk = row + sb * 210;
+      const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+      const float d = half(blk + 208);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h));
+        const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 64 * h + 32));
+        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 128 + 32 * h));
+        const __m256i q[4] = {
+            _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, m2), 4)),
+            _mm256_or_si256(_mm256_and_si256(l1, m4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m2), 4)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m2), 4)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                            _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4))};
+        for (int t = 0; t < 4; ++t)
+          put(sb * 8 + 4 * h + t, q[t], d * sc[8 * h + 2 * t], d * sc[8 * h + 2 * t + 1], 0.0f);
+      }
+    }
+    return;
+  }
+  const bool five = type == kQ5_0 || type == kQ5_1, with_min = type == kQ4_1 || type == kQ5_1;
+  const int64_t bytes = block_bytes(type), qh_at = with_min ? 4 : 2, qs_at = qh_at + (five ? 4 : 0);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * bytes;
+    const float d = half(blk);
+    __m256i v;
+    if (type == kQ8_0) {
+      v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2)),
+                           _mm256_set1_epi8(static_cast<char>(0x80)));  // q + 128
+    } else {
+      v = nibbles(blk + qs_at);
+      if (five) v = _mm256_or_si256(v, fifth_bits(blk + qh_at));
+    }
+    put(b, v, d, d, with_min ? half(blk + 2) : (type == kQ8_0 ? -128.0f : five ? -16.0f : -8.0f) * d);
+  }
+}
+
+// Rows `rows`..7 of a panel contribute nothing (a weight's last, partial group).
+void clear_rows(Panel& p, int64_t nb, int64_t rows) {
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t r = rows; r < kPanelRows; ++r) {
+      std::memset(p.values.data() + b * 256 + (r >> 1) * 64 + (r & 1) * 32, 0, 32);
+      std::fill_n(p.scales.data() + b * 64 + (r >> 1) * 16 + (r & 1) * 8, 8, 0.0f);
+      p.mins[static_cast<size_t>(b * 8 + r)] = 0.0f;
+    }
+}
+
+// The 8 row sums of four pair accumulators (lanes 0-7 row 2u, 8-15 row 2u + 1), in row order.
+LLQ_VNNI inline __m256 panel_sums(const __m512* a) {
+  // Quarters [row 2u lanes 0-3 + 4-7 | ...]: rows 0-3 in x, rows 4-7 in y, 4 partial sums each.
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(a[0], a[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(a[2], a[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(a[2], a[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  // Per quarter q: [x0 + x1, x2 + x3, y0 + y1, y2 + y3], then element 0 row q's sum, element 2 row 4 + q's.
+  __m512 s = _mm512_add_ps(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+  s = _mm512_add_ps(s, _mm512_permute_ps(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_castps512_ps256(_mm512_permutexvar_ps(order, s));
+}
+
+// MX rows of x (`k` = 32 nb apart) against a panel: out[8 m + r] for row m of x and row r of the panel.
+template <int MX, bool Bias, bool Mins>
+LLQ_VNNI void panel_dot(const Panel& p, int64_t nb, uint8_t bias, const int8_t* qx, const float* dx,
+                        const float* dsx, float* out) {
+  const int64_t k = nb * kBlock;
+  const __m512i biasv = _mm512_set1_epi8(static_cast<char>(bias));
+  __m512 acc[MX][4];
+  __m256 off[MX];
+  for (int m = 0; m < MX; ++m) {
+    for (int u = 0; u < 4; ++u) acc[m][u] = _mm512_setzero_ps();
+    off[m] = _mm256_setzero_ps();
+  }
+  const uint8_t* values = p.values.data();
+  const float* scales = p.scales.data();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i z[4];
+    __m512 s[4];
+    for (int u = 0; u < 4; ++u) {
+      z[u] = _mm512_loadu_si512(values + 256 * b + 64 * u);
+      s[u] = _mm512_loadu_ps(scales + 64 * b + 16 * u);
+    }
+    for (int m = 0; m < MX; ++m) {
+      const __m512i xb =
+          _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + m * k + b * kBlock)));
+      const __m512 dm = _mm512_set1_ps(dx[m * nb + b]);
+      __m512i bx = _mm512_setzero_si512();
+      if constexpr (Bias) bx = _mm512_dpbusd_epi32(_mm512_setzero_si512(), biasv, xb);
+      for (int u = 0; u < 4; ++u) {
+        __m512i i = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z[u], xb);
+        if constexpr (Bias) i = _mm512_sub_epi32(i, bx);
+        acc[m][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_mul_ps(s[u], dm), acc[m][u]);
+      }
+      if constexpr (Mins)
+        off[m] = _mm256_fmadd_ps(_mm256_loadu_ps(p.mins.data() + 8 * b), _mm256_set1_ps(dsx[m * nb + b]), off[m]);
+    }
+  }
+  for (int m = 0; m < MX; ++m) _mm256_storeu_ps(out + 8 * m, _mm256_add_ps(panel_sums(acc[m]), off[m]));
+}
+
+using PanelDot = void (*)(const Panel&, int64_t, uint8_t, const int8_t*, const float*, const float*, float*);
+
+template <bool Bias, bool Mins>
+PanelDot panel_dot_for(int64_t mx) {
+  switch (mx) {
+    case 1: return &panel_dot<1, Bias, Mins>;
+    case 2: return &panel_dot<2, Bias, Mins>;
+    case 3: return &panel_dot<3, Bias, Mins>;
+    default: return &panel_dot<4, Bias, Mins>;
+  }
+}
+
+PanelDot panel_dot_for(int64_t type, int64_t mx) {
+  return panel_mins(type) ? panel_dot_for<false, true>(mx) : panel_dot_for<true, false>(mx);
+}
+
+// The same on AVX2, one row of x against the 8 rows of a panel (row r's block b: values at 256 b +
+// 32 r, scales at 64 b + 8 r), 8 accumulators: per block and row VPMADDUBSW, VPMADDWD, a conversion,
+// a multiplication by x's scale and an FMA, panel operands from L1. VPMADDUBSW's int16 pair sums
+// hold these types' values (u <= 63: 2 x 63 x 127 < 32768); Q8_0 (u = q + 128) would saturate and
+// keeps its direct kernel.
+LLQ_AVX2 inline __m256 panel_sums_avx2(const __m256* a) {
+  // Pairwise horizontal adds of 8 vectors down to one vector of their 8 sums.
+  const __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 q0 = _mm256_hadd_ps(h01, h23), q1 = _mm256_hadd_ps(h45, h67);
+  // q0: [r0 r1 r2 r3 | r0 r1 r2 r3] halves (low: lanes 0-3 of each row, high: 4-7); q1 likewise for r4-r7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
+template <bool Bias, bool Mins>
+LLQ_AVX2 void panel_dot_avx2(const Panel& p, int64_t nb, uint8_t bias, const int8_t* qx, const float* dx,
+                             const float* dsx, float* out) {
+  const __m256i ones = _mm256_set1_epi16(1), biasv = _mm256_set1_epi8(static_cast<char>(bias));
+  __m256 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 off = _mm256_setzero_ps();
+  const uint8_t* values = p.values.data();
+  const float* scales = p.scales.data();
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b * kBlock));
+    const __m256 dm = _mm256_set1_ps(dx[b]);
+    __m256i bx = _mm256_setzero_si256();
+    if constexpr (Bias) bx = _mm256_madd_epi16(_mm256_maddubs_epi16(biasv, xb), ones);
+    for (int r = 0; r < 8; ++r) {
+      const __m256i z = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(values + 256 * b + 32 * r));
+      __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(z, xb), ones);
+      if constexpr (Bias) i = _mm256_sub_epi32(i, bx);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(_mm256_loadu_ps(scales + 64 * b + 8 * r), dm),
+                               acc[r]);
+    }
+    if constexpr (Mins) off = _mm256_fmadd_ps(_mm256_loadu_ps(p.mins.data() + 8 * b), _mm256_set1_ps(dsx[b]), off);
+  }
+  _mm256_storeu_ps(out, _mm256_add_ps(panel_sums_avx2(acc), off));
+}
+
+PanelDot panel_dot_avx2_for(int64_t type) {
+  return panel_mins(type) ? &panel_dot_avx2<false, true> : &panel_dot_avx2<true, false>;
+}
+#endif
+
+
+
 struct Kernels {
   DotRows group = nullptr;  // `rows` rows at once
   int64_t rows = 1;
@@ -926,7 +1168,9 @@ struct Weight {
   const uint8_t* data;
   int64_t rows, row_bytes, col;  // col: where its outputs start in y's rows
   Kernels kernels;
-  bool s16;  // offsets from the fp16 d * sum(q) (Q4_1, as llama.cpp), else from the exact one
+  int64_t type;
+  bool s16;
+  bool panel = false;  // multiplied through panels (below)  // offsets from the fp16 d * sum(q) (Q4_1, as llama.cpp), else from the exact one
 };
 
 at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types,
@@ -956,7 +1200,7 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
     k = wk;
     // Q4_1 / Q5_1 offsets from the fp16 d * sum(q) as llama.cpp's q8_1 activations have it; the others
     // (llama.cpp: q8_0 and q8_K activations, no such field) from the exact fp32 one.
-    ws.push_back({w.data_ptr<uint8_t>(), w.size(0), w.size(1), n, kernels_for(types[i], isa),
+    ws.push_back({w.data_ptr<uint8_t>(), w.size(0), w.size(1), n, kernels_for(types[i], isa), types[i],
                   types[i] == kQ4_1 || types[i] == kQ5_1});
     n += w.size(0);
   }
@@ -993,18 +1237,52 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   prepare(x2.data_ptr<float>(), m_rows, k, nw.defined() ? nw.data_ptr<float>() : nullptr, eps, swiglu, xf);
   quantize_x(xf.data(), m_rows, k, isa >= kAvx2, qx);
   const int64_t nb = k / kBlock;
-  // Groups of rows (each weight's kernel's group size) over all weights, split over the threads.
+  // Groups of rows (each weight's kernel's group size, or a panel's) over all weights, split over the
+  // threads.
   groups.clear();
-  for (size_t i = 0; i < ws.size(); ++i)
-    for (int64_t r = 0; r < ws[i].rows; r += ws[i].kernels.rows) groups.emplace_back(static_cast<int32_t>(i), r);
+  for (size_t i = 0; i < ws.size(); ++i) {
+    Weight& w = ws[i];
+#ifdef LLQ_X86
+    // Panels where they were measured faster: from 4 rows of x for the types without multi-row
+    // kernels (Q5, K-quants), from 16 for the others.
+    w.panel = isa == kAvx512Vnni ? m_rows >= (w.kernels.group_x[2] != nullptr ? 16 : 4)
+                                 : isa == kAvx2 && w.type != kQ8_0 && m_rows >= kPanelMinRowsOfXAvx2;
+#endif
+    for (int64_t r = 0; r < w.rows; r += w.panel ? kPanelRows : w.kernels.rows)
+      groups.emplace_back(static_cast<int32_t>(i), r);
+  }
   float* yp = y.data_ptr<float>();
   const float* op = o.defined() ? o.data_ptr<float>() : nullptr;
-  // ~16 KB of Q4 weights per piece of work at the least: less is not worth a thread.
-  const int64_t grain = std::max<int64_t>(1, 16384 / (ws[0].kernels.rows * ws[0].row_bytes));
+  // ~16 KB of Q4 weights times rows of x per piece of work at the least: less is not worth a thread.
+  const int64_t grain = std::max<int64_t>(1, 16384 / (ws[0].kernels.rows * ws[0].row_bytes * m_rows));
   at::parallel_for(0, static_cast<int64_t>(groups.size()), grain, [&](int64_t g0, int64_t g1) {
     float sums[kMaxGroupRows];
     for (int64_t g = g0; g < g1; ++g) {
       const Weight& w = ws[groups[g].first];
+#ifdef LLQ_X86
+      if (w.panel) {  // the group unpacked once into a panel, then every row of x against it
+        thread_local Panel panel;  // each worker thread's own
+        panel.resize(nb);
+        const int64_t r0 = groups[g].second, rows = std::min(kPanelRows, w.rows - r0);
+        for (int64_t r = 0; r < rows; ++r)
+          unpack_row(w.type, w.data + (r0 + r) * w.row_bytes, nb, panel, static_cast<int>(r));
+        if (rows < kPanelRows) clear_rows(panel, nb, rows);
+        const uint8_t bias = panel_bias(w.type);
+        const float* ds = (w.s16 ? qx.ds : qx.dsum).data();
+        for (int64_t m = 0; m < m_rows; m += isa == kAvx2 ? 1 : kMaxRowsOfX) {
+          const int64_t mx = isa == kAvx2 ? 1 : std::min(kMaxRowsOfX, m_rows - m);
+          float block[kMaxRowsOfX * kPanelRows];
+          (isa == kAvx2 ? panel_dot_avx2_for(w.type) : panel_dot_for(w.type, mx))(
+              panel, nb, bias, qx.q.data() + m * k, qx.d.data() + m * nb, ds + m * nb, block);
+          for (int64_t j = 0; j < mx; ++j) {
+            float* ym = yp + (m + j) * n + w.col + r0;
+            const float* om = op != nullptr ? op + (m + j) * n + w.col + r0 : nullptr;
+            for (int64_t r = 0; r < rows; ++r) ym[r] = om != nullptr ? block[8 * j + r] + om[r] : block[8 * j + r];
+          }
+        }
+        continue;
+      }
+#endif
       const int64_t r0 = groups[g].second, rows = std::min(w.kernels.rows, w.rows - r0);
       const uint8_t* wr = w.data + r0 * w.row_bytes;
       for (int64_t m = 0; m < m_rows;) {
@@ -1140,9 +1418,12 @@ TORCH_LIBRARY(llamalab_quant, m) {
   m.def("isa() -> str", &get_isa);
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("quantize_activations(Tensor x) -> Tensor[]", &quantize_activations);
-  m.def("dequantize(Tensor blocks, int type, bool bf16=False) -> Tensor", &dequantize);
+  m.def("dequantize(Tensor blocks, int type, bool bf16=False) -> Tensor");  // CPU below; shape rule in kernels.py
   m.def("qmatmul(Tensor x, Tensor[] weights, int[] types, Tensor? other=None, Tensor? norm=None, "
         "float eps=1e-5, bool swiglu=False) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llamalab_quant, CPU, m) { m.impl("qmatmul", &qmatmul); }
+TORCH_LIBRARY_IMPL(llamalab_quant, CPU, m) {
+  m.impl("qmatmul", &qmatmul);
+  m.impl("dequantize", &dequantize);
+}
