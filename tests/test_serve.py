@@ -109,6 +109,47 @@ def test_models_and_health(server: Any) -> None:
     assert health["status"] == "ok" and health["model"] == NAME
 
 
+def _metrics(server: Any) -> dict[str, float]:
+    """GET /metrics parsed by prometheus-client's own parser: {sample name{labels}: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{server.base}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "le")
+            if "le" in sample.labels:
+                continue
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def test_metrics_count_what_a_request_did(server: Any, lm: Any) -> None:
+    """One greedy completion of 5 tokens moves the counters by exactly what it did: 5 tokens out,
+    its prompt's tokens in, one first-token latency, 4 inter-token gaps, one 200 on its route."""
+    wait_idle(server)
+    before = _metrics(server)
+    ids = lm.tokenizer.encode(COUNTING, bos=lm.tokenizer.add_bos_default)
+    answer = server.client.completions.create(model=NAME, prompt=COUNTING, max_tokens=5, temperature=0)
+    assert answer.choices[0].finish_reason == "length"
+    wait_idle(server)
+    after = _metrics(server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("llamalab_completion_tokens_total") == 5
+    assert delta("llamalab_prompt_tokens_total") == len(ids) == answer.usage.prompt_tokens
+    assert delta("llamalab_time_to_first_token_seconds_count") == 1
+    assert delta("llamalab_inter_token_latency_seconds_count") == 4
+    assert delta("llamalab_batch_size_count") >= 4  # decode steps after the prefill's token
+    assert delta("llamalab_http_requests_total{endpoint=/v1/completions,status=200}") == 1
+    assert after["llamalab_queue_length"] == 0 and after["llamalab_batch_running"] == 0
+    httpx.get(f"{server.base}/no/such/route")
+    assert _metrics(server).get("llamalab_http_requests_total{endpoint=unmatched,status=404}", 0) >= 1
+
+
 def test_completion_greedy_equals_engine(server: Any, lm: Any, engine: Any) -> None:
     prompt = "The capital of France is"
     ids = lm.tokenizer.encode(prompt, bos=lm.tokenizer.add_bos_default)
@@ -222,6 +263,29 @@ def test_logprobs(server: Any, lm: Any, engine: Any) -> None:
 
 
 # --------------------------------------------------------------------------- concurrency
+
+
+def test_batched_greedy_answers_equal_each_alone(server: Any, lm: Any, engine: Any) -> None:
+    """Eight streaming chats at once, decoded together (continuous batching): each answer equals the
+    engine's greedy answer to that question alone."""
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
+                 "Say hello in Spanish.", "What do bees make?", "Name a planet.", "What colour is the sky?",
+                 "Who wrote Hamlet?"]
+    want = [lm.tokenizer.decode(engine(chat_ids(lm, q), max_new_tokens=24, stop_ids=tuple(lm.tokenizer.stop_ids)).ids)
+            for q in questions]
+    server.worker.batcher.peak = 0
+
+    def ask(q: str) -> str:
+        chunks = server.client.chat.completions.create(model=NAME, messages=user(q), max_tokens=24, temperature=0,
+                                                       stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, questions))
+    assert server.worker.batcher.peak >= 4  # they did run together
+    assert len(set(got)) == len(got) and min(len(g) for g in got) > 5  # real, distinct answers
+    for g, w, q in zip(got, want, questions):
+        assert g == w.removesuffix("<|im_end|>"), q
 
 
 def test_concurrent_requests_get_their_own_answers(server: Any) -> None:
@@ -354,20 +418,43 @@ def test_client_disconnect_during_a_plain_request_stops_it(server: Any) -> None:
 
 
 def test_disconnect_while_queued_skips_the_job(server: Any) -> None:
-    """A client that leaves before its turn costs nothing: its job is dropped unstarted."""
+    """A client that leaves while its request waits for a free row of the batch costs nothing: its
+    job is dropped unstarted, and the running ones go on."""
     body = {"model": NAME, "prompt": COUNTING, "max_tokens": 3000, "temperature": 0}
     skipped, completed = server.worker.skipped, server.worker.completed
-    with httpx.stream("POST", f"{server.base}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
-        lines = r.iter_lines()  # (keep the iterator: dropping it closes the connection)
-        next(lines)  # the long job runs ...
-        with pytest.raises(httpx.TimeoutException):  # ... so this one waits in the queue; its client leaves
+    rows = server.worker.batcher.max_batch
+    with ExitStackOfStreams(server.base, {**body, "stream": True}, rows):  # every row busy ...
+        with pytest.raises(httpx.TimeoutException):  # ... so this one waits; its client leaves
             httpx.post(f"{server.base}/v1/completions", json=body, timeout=0.3)
         deadline = time.monotonic() + 5
-        while not (server.worker.waiting and server.worker._queue.queue[0].cancelled.is_set()):
-            assert time.monotonic() < deadline, "the queued job was not cancelled"
+        while server.worker.skipped == skipped:
+            assert time.monotonic() < deadline, "the queued job was not dropped"
             time.sleep(0.01)
+        assert server.worker.running == rows
     assert wait_idle(server, timeout=10) < 5
-    assert (server.worker.completed - completed, server.worker.skipped - skipped) == (1, 1)
+    assert (server.worker.completed - completed, server.worker.skipped - skipped) == (rows, 1)
+
+
+class ExitStackOfStreams:
+    """``n`` streaming requests held open (each past its first event) inside a ``with``."""
+
+    def __init__(self, base: str, body: dict[str, Any], n: int) -> None:
+        self.base, self.body, self.n = base, body, n
+        self.streams: list[Any] = []
+        self.lines: list[Any] = []
+
+    def __enter__(self) -> ExitStackOfStreams:
+        for _ in range(self.n):
+            cm = httpx.stream("POST", f"{self.base}/v1/completions", json=self.body, timeout=60)
+            r = cm.__enter__()
+            self.streams.append(cm)
+            self.lines.append(r.iter_lines())  # (keep the iterator: dropping it closes the connection)
+            next(self.lines[-1])
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for cm in self.streams:
+            cm.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------- CLI

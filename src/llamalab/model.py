@@ -83,6 +83,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def rows(self, start: int, n: int) -> KVCache:
+        """A cache over rows ``start .. start + n - 1`` of this one, sharing its memory: what is written
+        through it is written here (a batch's newcomers prefill into their own rows this way)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[start:start + n], persistent=False)
+        view.register_buffer("v", self.v[start:start + n], persistent=False)
+        return view
+
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k, v`` (B, H_kv, S, D) at ``input_pos`` ((S,) or (B, S)); return the batch's cache."""
         bsz = k.shape[0]

@@ -1,13 +1,14 @@
 """The OpenAI-compatible HTTP API: ``create_app(loaded_model, model_name)`` -> a FastAPI app.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both also as server-sent
-events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``.
+events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``,
+``GET /metrics`` (Prometheus, ``metrics.py``).
 
 Every request is checked here, before it is queued: body shape and ranges (``schemas.py``),
 model name, settings llamalab cannot honour, and prompt + ``max_tokens`` against the context.
 Errors are OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx
-status for anything the client can fix. Generation itself runs on one worker thread, one request
-at a time in arrival order (``worker.py`` says why).
+status for anything the client can fix. Generation runs on one worker thread: requests decoded
+together by continuous batching (``worker.py``, ``generate/batching.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamalab.generate.chat import chat_stop_ids
 from llamalab.serve.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
-from llamalab.serve.worker import CANCELLED, DONE, ERROR, PIECE, GenerationWorker, Job
+from llamalab.serve.worker import CANCELLED, DONE, ERROR, PIECE, BatchingWorker, GenerationWorker, Job
 
 __all__ = ["APIError", "create_app"]
 
@@ -37,6 +38,9 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 DEFAULT_TEMPERATURE = 1.0
 MAX_STOP_SEQUENCES = 4
 DISCONNECT_POLL_S = 0.25
+# Positions per request in the batch's KV cache when not told: a slot of the model's whole context
+# (128K for Llama 3.1) would be gigabytes per request.
+DEFAULT_CTX_SIZE = 4096
 
 
 class APIError(Exception):
@@ -56,28 +60,71 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
+class _CountRequests:
+    """Counts answered requests by route and status for ``/metrics``: a plain ASGI middleware (Starlette's
+    ``BaseHTTPMiddleware`` would stand between the endpoints and the connection, hiding a client's
+    disconnect from ``request.is_disconnected()``)."""
+
+    def __init__(self, app: Any, metrics: Any) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = {"code": 500}
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")  # the route's template, so that unknown paths make one label
+            self.metrics.on_request(getattr(route, "path", "unmatched"), status["code"])
+
+
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
 def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = None,
-               default_max_tokens: int = 512) -> FastAPI:
+               default_max_tokens: int = 512, parallel: int = 4, ctx_size: int | None = None) -> FastAPI:
     """The FastAPI app serving ``loaded_model`` (a ``llamalab.LoadedModel``) as ``model_name``.
 
-    ``generator``: anything with ``Generator``'s ``generate``/``stream``/``last_result``
-    (default: ``llamalab.generate.Generator`` over the model and its tokenizer).
+    ``generator``: a ``llamalab.generate.Generator`` (default: one over the model and its
+    tokenizer), whose requests are decoded together, up to ``parallel`` at once, in a KV cache of
+    ``ctx_size`` positions per request (default: the model's context, at most 4096); or anything
+    else with ``Generator``'s ``generate``/``stream``/``last_result``, run one request at a time.
     ``default_max_tokens``: the chat endpoint's answer limit when the request sets none (also
     capped by what the context leaves); completions default to OpenAI's 16.
     """
+    from llamalab.generate import Generator
+
     tok = loaded_model.tokenizer
     if tok is None:
         raise ValueError(f"{model_name}: the checkpoint has no tokenizer; the server needs one to read prompts")
+    if parallel < 1:
+        raise ValueError(f"parallel={parallel}: expected at least 1 request decoded at a time")
     if generator is None:
-        from llamalab.generate import Generator
-
         generator = Generator(loaded_model.model, tok, vocab_limit=tok.vocab_size)
-    worker = GenerationWorker(generator)
-    service = _Service(tok, loaded_model.config.max_seq_len, model_name, worker, default_max_tokens)
+    context = loaded_model.config.max_seq_len
+    if isinstance(generator, Generator):
+        ctx_size = ctx_size or min(context, DEFAULT_CTX_SIZE)
+        if not 1 <= ctx_size <= context:
+            raise ValueError(f"ctx_size={ctx_size}: expected 1..{context} (the model's context)")
+        worker: Any = BatchingWorker(generator, max_batch=parallel, max_seq_len=ctx_size)
+        context = ctx_size
+    else:
+        worker = GenerationWorker(generator)
+    from llamalab.serve.metrics import ServerMetrics
+
+    metrics = ServerMetrics(worker)
+    if isinstance(worker, BatchingWorker):
+        worker.on_step, worker.on_finish = metrics.on_step, metrics.on_finish
+    service = _Service(tok, context, model_name, worker, default_max_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,6 +138,9 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
                   lifespan=lifespan)
     app.state.worker = worker
     app.state.service = service
+    app.state.metrics = metrics
+
+    app.add_middleware(_CountRequests, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -106,7 +156,7 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path} (see /v1/models, /v1/completions, " \
-                      "/v1/chat/completions, /health)"
+                      "/v1/chat/completions, /health, /metrics)"
         err = APIError(exc.status_code, message, code=code,
                        type="invalid_request_error" if exc.status_code < 500 else "server_error")
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -118,7 +168,13 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, "busy": worker.busy, "waiting": worker.waiting,
-                "completed": worker.completed, "skipped": worker.skipped}
+                "running": getattr(worker, "running", int(worker.busy)), "completed": worker.completed,
+                "skipped": worker.skipped}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -202,7 +258,7 @@ class _JobStreamingResponse(StreamingResponse):
 class _Service:
     """What the endpoints do, given the tokenizer, the context length and the worker."""
 
-    def __init__(self, tok: Any, context: int, model_name: str, worker: GenerationWorker,
+    def __init__(self, tok: Any, context: int, model_name: str, worker: Any,
                  default_max_tokens: int) -> None:
         self.tok = tok
         self.context = context

@@ -20,7 +20,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 SERVE_EPILOG = """\
 example:
-  llamalab serve --model smollm2-135m-instruct --port 8000
+  llamalab serve --model smollm2-135m-instruct --port 8000 --parallel 8
 
 then:
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
@@ -34,7 +34,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVE_EPILOG,
         description="Serve a checkpoint over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions "
-                    "(streaming too), /v1/models, /health. Requests run one at a time in arrival order.")
+                    "(streaming too), /v1/models, /health. Requests are decoded together: each joins the running "
+                    "batch at the next token and leaves it when done (continuous batching, --parallel at a time).")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"name or path of a checkpoint (default: {DEFAULT_MODEL})")
     p.add_argument("--name", default=None,
                    help="model id the API reports and requests must name (default: --model, or a path's folder name)")
@@ -47,6 +48,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the one-token decode step: ~1.6-2x decode speed at float32 (~1.15-1.2x "
                         "at bfloat16) on CPU; compiles for ~20-80 s before serving")
+    p.add_argument("--parallel", type=int, default=4,
+                   help="requests decoded together (KV cache rows; default 4); more wait in arrival order")
+    p.add_argument("--ctx-size", type=int, default=None,
+                   help="positions per request, prompt and answer (default: the model's context, at most 4096); "
+                        "the KV cache holds --parallel x --ctx-size positions")
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="chat answer limit when a request sets none (default 512)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -85,6 +91,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.default_max_tokens < 1:
         raise ValueError(f"--default-max-tokens {args.default_max_tokens}: expected at least 1")
+    if args.parallel < 1:
+        raise ValueError(f"--parallel {args.parallel}: expected at least 1")
     _check_port_free(args.host, args.port)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +109,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         generator = Generator(lm.model, lm.tokenizer, vocab_limit=lm.tokenizer.vocab_size, compile=True)
         print("llamalab serve: compiling the decode step (--compile) before serving ...", file=sys.stderr, flush=True)
         print(f"llamalab serve: compiled in {generator.warm_up():.1f} s", file=sys.stderr, flush=True)
-    app = create_app(lm, name, generator=generator, default_max_tokens=args.default_max_tokens)
+    context = lm.config.max_seq_len
+    if args.ctx_size is not None and not 1 <= args.ctx_size <= context:
+        raise ValueError(f"--ctx-size {args.ctx_size}: expected 1..{context} (the model's context)")
+    app = create_app(lm, name, generator=generator, default_max_tokens=args.default_max_tokens,
+                     parallel=args.parallel, ctx_size=args.ctx_size)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"llamalab serve: loaded {name} in {time.perf_counter() - t0:.1f} s; "
           f"serving http://{shown}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)

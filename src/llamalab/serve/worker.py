@@ -1,11 +1,13 @@
-"""One generation at a time, in arrival order, on a thread beside the event loop.
+"""Generation on a thread beside the event loop: requests decoded together, or one at a time.
 
-Why a single worker: generation is CPU-bound and the model holds one KV cache, so two
-generations at once would only split the same cores (each finishing later) and would need a
-cache per request. A FIFO queue in front of one thread keeps every request's state its own,
-answers in arrival order, and leaves the asyncio event loop free to accept connections, answer
-``/health`` and notice disconnects while a generation runs (PyTorch releases the GIL inside its
-kernels).
+:class:`BatchingWorker` (what ``llamalab serve`` runs) hands every request to a
+:class:`~llamalab.generate.batching.ContinuousBatcher`: requests join the running decode batch at
+the next token boundary and leave it as soon as they finish, so N clients share each read of the
+weights instead of waiting for one another. :class:`GenerationWorker` runs one request at a time
+in arrival order, for generators that are not a llamalab model (anything with ``generate``,
+``stream`` and ``last_result``). Either way one thread does the work: generation is CPU-bound,
+and the thread leaves the asyncio event loop free to accept connections, answer ``/health`` and
+notice disconnects while a step runs (PyTorch releases the GIL inside its kernels).
 
 The event loop talks to the worker through a :class:`Job`: the worker pushes events (text
 pieces, then the results, or an error) into the job's ``asyncio.Queue`` with
@@ -20,10 +22,11 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Job", "GenerationWorker"]
+__all__ = ["Job", "GenerationWorker", "BatchingWorker"]
 
 log = logging.getLogger("llamalab.serve")
 
@@ -80,15 +83,7 @@ class GenerationWorker:
 
     def stop(self, timeout: float | None = 10.0) -> None:
         """Finish the running job, cancel the queued ones, and end the thread."""
-        pending: list[Job] = []
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                pending.append(job)
-        for job in pending:
+        for job in _drain(self._queue):
             job.cancelled.set()
             job.emit(CANCELLED)
         self._queue.put(None)
@@ -141,3 +136,179 @@ class GenerationWorker:
             job.emit(CANCELLED)
         else:
             job.emit(DONE, [gen.last_result])
+
+
+class BatchingWorker:
+    """A daemon thread stepping a :class:`~llamalab.generate.batching.ContinuousBatcher` over the
+    :class:`Job` s submitted: each job's prompts are sequences of the batch (``n`` completions are
+    ``n`` rows), a job's events as :class:`GenerationWorker` sends them.
+
+    ``max_batch``: rows decoded together (llama.cpp's parallel slots); ``max_seq_len``: positions
+    per row (prompt + answer), default the model's context. ``on_step(batch_size, seconds)``
+    and ``on_finish(request)`` (optional) see every step and every finished sequence (metrics).
+    """
+
+    def __init__(self, generator: Any, *, max_batch: int = 4, max_seq_len: int | None = None,
+                 on_step: Any = None, on_finish: Any = None) -> None:
+        from llamalab.generate.batching import ContinuousBatcher
+
+        self.generator = generator
+        self.batcher = ContinuousBatcher(generator, max_batch=max_batch, max_seq_len=max_seq_len)
+        self.max_seq_len = self.batcher.max_seq_len
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[Job, list[Any]]] = {}  # id(job) -> (job, its BatchRequests)
+        self.on_step, self.on_finish = on_step, on_finish
+        self.completed = 0
+        self.skipped = 0
+        self._taking = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether jobs are in hand (being taken in, waiting in the batch, or decoded)."""
+        return self._taking or bool(self._active) or self.batcher.has_work()
+
+    @property
+    def waiting(self) -> int:
+        """Requests not yet in the batch."""
+        return self._queue.qsize() + self.batcher.waiting
+
+    @property
+    def running(self) -> int:
+        """Sequences in the batch."""
+        return self.batcher.running
+
+    def start(self) -> None:
+        """Start the thread (idempotent)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="llamalab-batch", daemon=True)
+                self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; its events arrive on ``job.events``."""
+        self.start()
+        self._queue.put(job)
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Cancel what is queued and running, and end the thread."""
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            idle = not self.batcher.has_work()
+            try:
+                job = self._queue.get(timeout=None if idle else 0)
+            except queue.Empty:
+                job = _NO_JOB
+            self._taking = True
+            while job is not _NO_JOB:
+                if job is None:
+                    stopping = True
+                else:
+                    self._take(job)
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    job = _NO_JOB
+            self._taking = False
+            for job, requests in list(self._active.values()):
+                if job.cancelled.is_set():
+                    for r in requests:
+                        r.cancel()
+            if stopping:
+                break
+            if self.batcher.has_work():
+                t0 = time.perf_counter()
+                try:
+                    batch = self.batcher.step()
+                except Exception as e:  # noqa: BLE001 - reported to the requests, the worker lives on
+                    log.exception("a batched generation step failed")
+                    self._fail_all(e)
+                    continue
+                if self.on_step is not None and batch:
+                    self.on_step(batch, time.perf_counter() - t0)
+        self._fail_all(None)
+
+    def _take(self, job: Job) -> None:
+        """Put a job's prompts into the batch (or answer it at once: gone, or bad input)."""
+        if job.cancelled.is_set():
+            self.skipped += 1
+            job.emit(CANCELLED)
+            return
+        requests: list[Any] = []
+        self._active[id(job)] = (job, requests)
+        seed = job.config.seed
+        try:
+            for k, prompt in enumerate(job.prompts):
+                # Each row its own seeded draws (seed, seed + 1, ...): rows change places in the batch
+                # as others finish, so a shared generator would draw in an order that depends on them.
+                g = None if seed is None else self.generator._torch_generator((seed + k) % 2**63)
+                requests.append(self.batcher.submit(
+                    prompt, job.config, generator=g, on_token=self._on_token(job) if job.stream else None,
+                    on_done=self._on_done(job)))
+        except ValueError as e:
+            del self._active[id(job)]
+            for r in requests:
+                r.on_done = None
+                r.cancel()
+            job.emit(ERROR, e)
+
+    @staticmethod
+    def _on_token(job: Job) -> Any:
+        def emit(r: Any) -> None:
+            piece = r.seq.new_text()
+            if piece:
+                job.emit(PIECE, piece)
+        return emit
+
+    def _on_done(self, job: Job) -> Any:
+        def done(r: Any) -> None:
+            if self.on_finish is not None and r.result is not None:
+                self.on_finish(r)
+            entry = self._active.get(id(job))
+            if entry is None or not all(q.finished for q in entry[1]) or len(entry[1]) < len(job.prompts):
+                return
+            del self._active[id(job)]
+            if all(q.first_token_at is None for q in entry[1]):  # cancelled before it got a row
+                self.skipped += 1
+            else:
+                self.completed += 1
+            if job.cancelled.is_set() or any(q.result is None for q in entry[1]):
+                job.emit(CANCELLED)
+            else:
+                job.emit(DONE, [q.result for q in entry[1]])
+        return done
+
+    def _fail_all(self, error: Exception | None) -> None:
+        """End every job in flight: with ``error``, or cancelled (``None``: the worker stops)."""
+        entries, self._active = list(self._active.values()), {}
+        for job, requests in entries:
+            for r in requests:
+                r.on_done = None
+            job.emit(ERROR, error) if error is not None else job.emit(CANCELLED)
+        self.batcher.close()
+        for job in _drain(self._queue):
+            job.emit(CANCELLED)
+
+
+_NO_JOB = object()
+
+
+def _drain(q: queue.Queue) -> list[Job]:
+    """Everything queued now (the stop markers left out)."""
+    out = []
+    while True:
+        try:
+            job = q.get_nowait()
+        except queue.Empty:
+            return out
+        if job is not None:
+            out.append(job)
