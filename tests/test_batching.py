@@ -207,3 +207,27 @@ def test_a_shared_prompt_prefix_is_prefilled_once(tok: HFTokenizer) -> None:
     assert batcher.prefix_hits == 4 and batcher.prefix_tokens_reused == 4 * 24
     assert [r.reused for r in rest] == [24] * 4
     assert [r.result.ids for r in first + rest] == alone
+
+
+def test_logit_bias_is_added_before_choosing(tok: HFTokenizer) -> None:
+    """OpenAI's logit_bias: +100 on one id makes greedy choose it every step; -100 on the unbiased
+    greedy first token makes the first token the argmax of the other logits (computed here from the
+    plain model's logits); the batcher and Generator.generate agree."""
+    model = _model(tok.vocab_size + 4, seed=8)
+    gen = Generator(model, tok, fast=False)
+    prompt = _prompts(tok, 1, seed=13)[0]
+    plain = gen.generate([prompt], GenerationConfig(max_new_tokens=6, stop_ids=()))[0]
+    forced = GenerationConfig(max_new_tokens=6, stop_ids=(), logit_bias={7: 100.0})
+    banned = GenerationConfig(max_new_tokens=6, stop_ids=(), logit_bias={plain.ids[0]: -100.0})
+    assert gen.generate([prompt], forced)[0].ids == [7] * 6
+    with torch.no_grad():
+        first = model(torch.tensor([prompt]))[0, -1, : gen.n_vocab]
+    first[plain.ids[0]] = float("-inf")
+    out = gen.generate([prompt], banned)[0]
+    assert out.ids[0] == int(first.argmax()) != plain.ids[0]
+    batcher = ContinuousBatcher(gen, max_batch=3, max_seq_len=64)
+    rs = [batcher.submit(prompt, c) for c in (forced, banned, GenerationConfig(max_new_tokens=6, stop_ids=()))]
+    batcher.run_until_done()
+    assert [r.result.ids for r in rs] == [[7] * 6, out.ids, plain.ids]
+    with pytest.raises(ValueError, match="logit_bias"):
+        GenerationConfig(logit_bias={3: 101.0}).validate()

@@ -46,7 +46,10 @@ def lm() -> Any:
 @pytest.fixture(scope="module")
 def server(lm: Any) -> Any:
     """uvicorn serving the model in a background thread on a free loopback port."""
-    app = create_app(lm, NAME)
+    yield from _serve(create_app(lm, NAME))
+
+
+def _serve(app: Any, api_key: str = "x") -> Any:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -60,7 +63,7 @@ def server(lm: Any) -> Any:
         time.sleep(0.02)
     base = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(base=base, app=app, worker=app.state.worker,
-                          client=openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60))
+                          client=openai.OpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0, timeout=60))
     srv.should_exit = True
     thread.join(15)
     sock.close()
@@ -455,6 +458,143 @@ class ExitStackOfStreams:
     def __exit__(self, *exc: Any) -> None:
         for cm in self.streams:
             cm.__exit__(None, None, None)
+
+
+# --------------------------------------------------------------------------- tokenize, API key, SIGTERM
+
+
+def test_tokenize_and_detokenize(server: Any, lm: Any) -> None:
+    """/tokenize gives the ids the endpoints use (a prompt as completions encode it, messages as chat
+    renders them); /detokenize gives the text back; bad input is a 400 in OpenAI's shape."""
+    tok = lm.tokenizer
+    r = httpx.post(f"{server.base}/tokenize", json={"model": NAME, "prompt": QUESTION}).json()
+    assert r["tokens"] == tok.encode(QUESTION, bos=tok.add_bos_default) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == server.worker.max_seq_len
+    chat = httpx.post(f"{server.base}/tokenize", json={"messages": user(QUESTION)}).json()
+    assert chat["tokens"] == chat_ids(lm, QUESTION)
+    back = httpx.post(f"{server.base}/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back["prompt"] == tok.decode(r["tokens"]) and QUESTION in back["prompt"]
+    for path, body in (("/tokenize", {"prompt": "x", "messages": user("y")}), ("/tokenize", {}),
+                       ("/detokenize", {"tokens": [tok.vocab_size]}), ("/detokenize", {"tokens": "abc"}),
+                       ("/tokenize", {"model": "other", "prompt": "x"})):
+        bad = httpx.post(f"{server.base}{path}", json=body)
+        assert bad.status_code in (400, 404) and set(bad.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_embeddings_are_the_normalised_mean_hidden_state(server: Any, lm: Any) -> None:
+    """/v1/embeddings through the openai client: each vector is the L2-normalised mean over the
+    input's tokens of the plain model's last hidden states (computed here, one input at a time, no
+    padding), for texts and token ids, in float and base64; bad input is a 400."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    texts = ["The cat sat on the mat.", "Paris is the capital of France, a country in Europe.", "Hi"]
+    got = server.client.embeddings.create(model=NAME, input=texts)
+    assert [d.index for d in got.data] == [0, 1, 2] and got.usage.prompt_tokens == sum(
+        len(lm.tokenizer.encode(t, bos=lm.tokenizer.add_bos_default)) for t in texts)
+    wait_idle(server)
+    for text, d in zip(texts, got.data):
+        ids = lm.tokenizer.encode(text, bos=lm.tokenizer.add_bos_default)
+        with torch.no_grad():
+            h = lm.model.hidden_states(torch.tensor([ids]))[0].mean(0)
+        want = (h / h.norm()).numpy()
+        assert len(d.embedding) == lm.config.dim
+        np.testing.assert_allclose(np.array(d.embedding), want, atol=2e-5)
+    raw = httpx.post(f"{server.base}/v1/embeddings", json={"model": NAME, "input": texts[0],
+                                                           "encoding_format": "base64"}).json()
+    vec = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vec, np.array(got.data[0].embedding), atol=1e-6)
+    ids = lm.tokenizer.encode(texts[1], bos=lm.tokenizer.add_bos_default)
+    by_ids = server.client.embeddings.create(model=NAME, input=[ids])
+    np.testing.assert_allclose(np.array(by_ids.data[0].embedding), np.array(got.data[1].embedding), atol=1e-5)
+    for body in ({"model": NAME, "input": ""}, {"model": NAME, "input": [lm.tokenizer.vocab_size]},
+                 {"model": NAME, "input": "x", "dimensions": 3}, {"model": "other", "input": "x"}):
+        bad = httpx.post(f"{server.base}/v1/embeddings", json=body)
+        assert bad.status_code in (400, 404) and "error" in bad.json(), body
+
+
+def test_logit_bias(server: Any, lm: Any) -> None:
+    """logit_bias +100 on one token makes a greedy answer that token repeated; bad keys and values
+    are 400s naming logit_bias."""
+    token = lm.tokenizer.encode(" yes")[-1]
+    r = server.client.completions.create(model=NAME, prompt="Hello", max_tokens=5, temperature=0,
+                                         logit_bias={str(token): 100})
+    assert r.choices[0].text == lm.tokenizer.decode([token] * 5)
+    for bias in ({"x": 1}, {str(lm.tokenizer.vocab_size): 1}, {str(token): 150}):
+        bad = httpx.post(f"{server.base}/v1/completions", json={"model": NAME, "prompt": "Hi", "logit_bias": bias})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "logit_bias", bias
+
+
+def test_api_key(lm: Any) -> None:
+    """--api-key: without the key (or with a wrong one) every route but /health is a 401 in OpenAI's
+    shape (the openai client raises AuthenticationError); with it, requests are served."""
+    for srv in _serve(create_app(lm, NAME, api_key="s3cret", parallel=1), api_key="s3cret"):
+        answer = srv.client.completions.create(model=NAME, prompt="Hello", max_tokens=2, temperature=0)
+        assert answer.choices[0].text
+        wrong = openai.OpenAI(base_url=f"{srv.base}/v1", api_key="s3cres", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as err:
+            wrong.models.list()
+        assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
+        for headers in ({}, {"Authorization": "s3cret"}, {"Authorization": "Basic s3cret"},
+                        {"Authorization": "Bearer s3cre"}):
+            for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/tokenize")):
+                r = httpx.request(method, f"{srv.base}{path}", headers=headers, json={"prompt": "x"})
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (headers, path)
+        assert httpx.get(f"{srv.base}/health").status_code == 200
+        ok = httpx.post(f"{srv.base}/tokenize", headers={"Authorization": "Bearer s3cret"}, json={"prompt": "x"})
+        assert ok.status_code == 200
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_requests_in_flight_and_exits_0(tmp_path: Any) -> None:
+    """`llamalab serve` on SIGTERM: the stream in flight runs to its end, a new connection is refused,
+    and the process exits 0 within the grace period."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "llamalab.cli", "serve", "--port", str(port), "--threads", "2",
+                             "--grace", "60", "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        body = {"model": NAME, "prompt": COUNTING, "max_tokens": 48, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        events = []
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            events.append(next(lines))
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            with pytest.raises(httpx.ConnectError):  # no longer accepting
+                httpx.get(f"{base}/health", timeout=2)
+            events.extend(lines)
+        events = [e for e in events if e]  # (blank lines part the events)
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 48  # ran to its end
+        assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from llamalab.generate.engine import GenerationConfig, GenerationResult, Generator, _Sequence
+from llamalab.generate.engine import GenerationConfig, GenerationResult, Generator, _Sequence, biased
 from llamalab.generate.fast import DecodeModel
 from llamalab.generate.sampling import choose_next, process_logits, seen_mask
 from llamalab.model import Attention, KVCache, Transformer
@@ -364,10 +364,10 @@ class ContinuousBatcher:
         settings; streams it."""
         cfg = r.config
         row = logits.unsqueeze(0)
-        if cfg.temperature == 0 and r._seen is None:
+        if cfg.temperature == 0 and r._seen is None and not cfg.logit_bias:
             token = int(row.argmax()) if argmax is None else argmax
         else:
-            processed = process_logits(row, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+            processed = process_logits(biased(row, cfg.logit_bias), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                        min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seen=r._seen)
             token = int(choose_next(processed, cfg.temperature, r.generator)[0])
         if r._seen is not None:

@@ -64,6 +64,7 @@ class GenerationConfig:
     stop_ids: tuple[int, ...] | None = None  # None => the tokenizer's stop_ids
     stop_strings: tuple[str, ...] = ()
     logprobs: bool = False
+    logit_bias: dict[int, float] | None = None  # added to those ids' logits before anything else (OpenAI's)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field outside its allowed range."""
@@ -103,6 +104,10 @@ class GenerationConfig:
             raise bad("stop_strings", "a sequence of non-empty strings")
         if not isinstance(self.logprobs, bool):
             raise bad("logprobs", "True or False")
+        if self.logit_bias is not None and not (
+                isinstance(self.logit_bias, dict)
+                and all(is_int(k) and k >= 0 and is_number(v) and -100 <= v <= 100 for k, v in self.logit_bias.items())):
+            raise bad("logit_bias", "None or a dict of token id -> bias in [-100, 100]")
         if self.num_beams > 1 and self.temperature != 0:
             raise ValueError(f"GenerationConfig: num_beams={self.num_beams} is deterministic beam search; "
                              f"set temperature=0 (got {self.temperature}); beam sampling is not supported")
@@ -219,6 +224,16 @@ class _Sequence:
         return GenerationResult(prompt_ids=list(self.prompt), ids=list(self.ids), text=self.text(),
                                 finish_reason=self.finish_reason or "length", logprobs=self.logprobs,
                                 prefill_s=prefill_s, decode_s=self.decode_s)
+
+
+def biased(logits: Tensor, logit_bias: dict[int, float] | None) -> Tensor:
+    """``logits`` (..., V) with OpenAI's ``logit_bias`` added to its ids (a copy; ids past V ignored)."""
+    if not logit_bias:
+        return logits
+    ids = [i for i in logit_bias if i < logits.shape[-1]]
+    out = logits.clone()
+    out[..., ids] += torch.tensor([float(logit_bias[i]) for i in ids], dtype=out.dtype, device=out.device)
+    return out
 
 
 def _stop_prefix_len(text: str, stop_strings: Iterable[str]) -> int:
@@ -461,8 +476,9 @@ class Generator:
     def _choose(self, logits: Tensor, config: GenerationConfig, seen: Tensor | None,
                 generator: torch.Generator | None, seqs: list[_Sequence]) -> Tensor:
         """Pick each row's next id from (B, V) logits and add it to the unfinished sequences."""
-        processed = process_logits(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                                   min_p=config.min_p, repetition_penalty=config.repetition_penalty, seen=seen)
+        processed = process_logits(biased(logits, config.logit_bias), temperature=config.temperature,
+                                   top_k=config.top_k, top_p=config.top_p, min_p=config.min_p,
+                                   repetition_penalty=config.repetition_penalty, seen=seen)
         next_ids = choose_next(processed, config.temperature, generator)
         chosen = next_ids.tolist()  # one host sync per step: stop checks need the ids
         logprobs: list[float | None] = [None] * len(seqs)
@@ -532,7 +548,7 @@ class Generator:
         improvable = True
         for step in range(config.max_new_tokens):
             gen_len = step + 1
-            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs = torch.log_softmax(biased(logits, config.logit_bias), dim=-1)
             # transformers penalises the log-probs (not the logits) in beam search; so do we.
             processed = apply_repetition_penalty(logprobs, seen, config.repetition_penalty) if penalise else logprobs
             total = (processed + scores[:, None]).flatten()

@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both also as server-sent
 events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``,
-``GET /metrics`` (Prometheus, ``metrics.py``).
+``GET /metrics`` (Prometheus, ``metrics.py``), ``POST /v1/embeddings``, ``POST /tokenize``,
+``POST /detokenize``.
 
 Every request is checked here, before it is queued: body shape and ranges (``schemas.py``),
 model name, settings llamalab cannot honour, and prompt + ``max_tokens`` against the context.
@@ -14,6 +15,8 @@ together by continuous batching (``worker.py``, ``generate/batching.py``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import json
 import re
 import time
@@ -22,13 +25,20 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamalab.generate.chat import chat_stop_ids
-from llamalab.serve.schemas import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from llamalab.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+    _SamplingFields,
+)
 from llamalab.serve.worker import CANCELLED, DONE, ERROR, PIECE, BatchingWorker, GenerationWorker, Job
 
 __all__ = ["APIError", "create_app"]
@@ -41,6 +51,11 @@ DISCONNECT_POLL_S = 0.25
 # Positions per request in the batch's KV cache when not told: a slot of the model's whole context
 # (128K for Llama 3.1) would be gigabytes per request.
 DEFAULT_CTX_SIZE = 4096
+MAX_EMBEDDING_INPUTS = 256
+# Bad clients: bodies over this are refused (413) before being read; bodies that do not arrive in
+# this long after the request's start are dropped (408).
+MAX_BODY_BYTES = 4 * 1024 * 1024
+BODY_TIMEOUT_S = 10.0
 
 
 class APIError(Exception):
@@ -86,12 +101,82 @@ class _CountRequests:
             self.metrics.on_request(getattr(route, "path", "unmatched"), status["code"])
 
 
+class _BoundedBody:
+    """A request body must be at most ``max_bytes`` (else 413) and arrive within ``timeout_s`` of the
+    request's start (else 408: a client that sends its body a byte at a time, or stops half-way,
+    holds a connection for that long at most). Once the body is in, reads are not timed: a
+    streaming response's disconnect check reads on."""
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._refuse(413, f"the request body ({int(value)} bytes) is over {self.max_bytes} bytes",
+                                   "request_too_large", scope, receive, send)
+                return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        state = {"bytes": 0, "done": False}
+
+        async def bounded_receive() -> dict[str, Any]:
+            if state["done"]:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(deadline - loop.time(), 0.001))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s") from None
+            if message["type"] == "http.request":
+                state["bytes"] += len(message.get("body", b""))
+                if state["bytes"] > self.max_bytes:
+                    raise HTTPException(413, f"the request body is over {self.max_bytes} bytes")
+                state["done"] = not message.get("more_body", False)
+            return message
+
+        await self.app(scope, bounded_receive, send)
+
+    @staticmethod
+    async def _refuse(status: int, message: str, code: str, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await APIError(status, message, code=code).response()(scope, receive, send)
+
+
+class _RequireKey:
+    """``Authorization: Bearer <key>`` on every route but ``/health``, compared in constant time
+    (``hmac.compare_digest``); anything else is answered 401 in OpenAI's shape before any work."""
+
+    OPEN = ("/health",)
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                given = token.strip() if scheme.lower() == b"bearer" else b""
+        if hmac.compare_digest(given, self.key):
+            await self.app(scope, receive, send)
+            return
+        err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' (the key the "
+                            "server was started with, --api-key or LLAMALAB_API_KEY)", code="invalid_api_key")
+        await err.response()(scope, receive, send)
+
+
 class _ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
 
 def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = None,
-               default_max_tokens: int = 512, parallel: int = 4, ctx_size: int | None = None) -> FastAPI:
+               default_max_tokens: int = 512, parallel: int = 4, ctx_size: int | None = None,
+               api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving ``loaded_model`` (a ``llamalab.LoadedModel``) as ``model_name``.
 
     ``generator``: a ``llamalab.generate.Generator`` (default: one over the model and its
@@ -99,7 +184,8 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
     ``ctx_size`` positions per request (default: the model's context, at most 4096); or anything
     else with ``Generator``'s ``generate``/``stream``/``last_result``, run one request at a time.
     ``default_max_tokens``: the chat endpoint's answer limit when the request sets none (also
-    capped by what the context leaves); completions default to OpenAI's 16.
+    capped by what the context leaves); completions default to OpenAI's 16. ``api_key``: every
+    route but ``/health`` then needs ``Authorization: Bearer <api_key>`` (else 401).
     """
     from llamalab.generate import Generator
 
@@ -124,7 +210,8 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
     metrics = ServerMetrics(worker)
     if isinstance(worker, BatchingWorker):
         worker.on_step, worker.on_finish = metrics.on_step, metrics.on_finish
-    service = _Service(tok, context, model_name, worker, default_max_tokens)
+    service = _Service(tok, context, model_name, worker, default_max_tokens,
+                       embed_model=generator.model if isinstance(generator, Generator) else None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,7 +227,10 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
     app.state.service = service
     app.state.metrics = metrics
 
+    app.add_middleware(_BoundedBody, max_bytes=MAX_BODY_BYTES, timeout_s=BODY_TIMEOUT_S)
     app.add_middleware(_CountRequests, metrics=metrics)
+    if api_key:
+        app.add_middleware(_RequireKey, key=api_key)  # added last: runs first
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -152,11 +242,12 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "request_too_large"}.get(exc.status_code)
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path} (see /v1/models, /v1/completions, " \
-                      "/v1/chat/completions, /health, /metrics)"
+                      "/v1/chat/completions, /v1/embeddings, /tokenize, /detokenize, /health, /metrics)"
         err = APIError(exc.status_code, message, code=code,
                        type="invalid_request_error" if exc.status_code < 500 else "server_error")
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -185,6 +276,18 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
         service.check_model(model_id)
         return service.model_card()
 
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Any:
+        return await service.embeddings(body, request)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return service.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return service.detokenize(body)
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await service.completions(body, request)
@@ -194,6 +297,29 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
         return await service.chat(body, request)
 
     return app
+
+
+def mean_pooled_embeddings(model: Any, inputs: list[list[int]], batch: int = 8) -> list[Any]:
+    """The L2-normalised mean of ``model``'s last hidden states over each input's tokens (numpy
+    float32 vectors), in batches of right-padded inputs (causal attention: the padding after an
+    input's tokens does not change them, and is left out of the mean)."""
+    import torch
+
+    out = []
+    device = model.tok_embeddings.weight.device
+    with torch.inference_mode():
+        for at in range(0, len(inputs), batch):
+            chunk = inputs[at:at + batch]
+            longest = max(len(i) for i in chunk)
+            tokens = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
+            keep = torch.zeros(len(chunk), longest, 1, device=device)
+            for j, ids in enumerate(chunk):
+                tokens[j, : len(ids)] = torch.tensor(ids, device=device)
+                keep[j, : len(ids)] = 1.0
+            hidden = model.hidden_states(tokens).float()
+            mean = (hidden * keep).sum(1) / keep.sum(1)
+            out.extend(torch.nn.functional.normalize(mean, dim=-1).cpu().numpy())
+    return out
 
 
 _UNION_TAGS = {"str", "int", "float", "bool"}
@@ -259,8 +385,9 @@ class _Service:
     """What the endpoints do, given the tokenizer, the context length and the worker."""
 
     def __init__(self, tok: Any, context: int, model_name: str, worker: Any,
-                 default_max_tokens: int) -> None:
+                 default_max_tokens: int, embed_model: Any = None) -> None:
         self.tok = tok
+        self.embed_model = embed_model
         self.context = context
         self.model_name = model_name
         self.worker = worker
@@ -284,8 +411,6 @@ class _Service:
             if getattr(req, field):
                 raise APIError(400, f"'{field}' is not supported (only 0); llamalab offers "
                                     "'repetition_penalty' instead", param=field, code="unsupported_parameter")
-        if req.logit_bias:
-            raise APIError(400, "'logit_bias' is not supported", param="logit_bias", code="unsupported_parameter")
         if req.stream and req.n > 1:
             raise APIError(400, "'n' > 1 is not supported with 'stream': true", param="n",
                            code="unsupported_parameter")
@@ -308,7 +433,8 @@ class _Service:
             temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
             top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-            seed=req.seed, stop_strings=self._stops(req.stop), logprobs=logprobs)
+            seed=req.seed, stop_strings=self._stops(req.stop), logprobs=logprobs,
+            logit_bias=self._logit_bias(req.logit_bias))
         try:
             cfg.validate()
         except ValueError as e:  # "GenerationConfig.<field>=...: expected ..." -> the request's name for it
@@ -318,6 +444,25 @@ class _Service:
             raise APIError(400, str(e), param=param, code="invalid_value") from None
         return cfg
 
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's ``logit_bias`` (token id strings -> -100..100) as the engine's {id: bias}."""
+        if not bias:
+            return None
+        out = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                token = -1
+            if not 0 <= token < self.tok.vocab_size:
+                raise APIError(400, f"'logit_bias' key {key!r} is not a token id (0..{self.tok.vocab_size - 1})",
+                               param="logit_bias", code="invalid_value")
+            if not -100 <= value <= 100:
+                raise APIError(400, f"'logit_bias' value {value} for token {key} is outside [-100, 100]",
+                               param="logit_bias", code="invalid_value")
+            out[token] = float(value)
+        return out
+
     def _check_context(self, prompts: list[list[int]], max_tokens: int, what: str) -> None:
         longest = max(len(p) for p in prompts)
         if longest + max_tokens > self.context:
@@ -326,24 +471,24 @@ class _Service:
                                 "in the completion). Please reduce the length of the "
                                 f"{what} or the completion.", param=what, code="context_length_exceeded")
 
-    def _encode_prompts(self, prompt: Any) -> list[list[int]]:
-        """The ``prompt`` field (text, texts, ids, lists of ids) -> one id list per prompt."""
+    def _encode_prompts(self, prompt: Any, field: str = "prompt") -> list[list[int]]:
+        """The ``prompt`` (or ``field``) value (text, texts, ids, lists of ids) -> one id list per prompt."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
-            raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
+            raise APIError(400, f"'{field}' is empty", param=field, code="invalid_value")
         if isinstance(prompt[0], int):
             prompt = [prompt]
         out: list[list[int]] = []
         for p in prompt:
             ids = self.tok.encode(p, bos=self.tok.add_bos_default) if isinstance(p, str) else list(p)
             if not ids:
-                raise APIError(400, "'prompt' is empty (it encodes to no tokens)", param="prompt",
+                raise APIError(400, f"'{field}' is empty (it encodes to no tokens)", param=field,
                                code="invalid_value")
             bad = [i for i in ids if not 0 <= i < self.tok.vocab_size]
             if bad:
-                raise APIError(400, f"'prompt' holds token id {bad[0]} outside the vocabulary "
-                                    f"(0..{self.tok.vocab_size - 1})", param="prompt", code="invalid_value")
+                raise APIError(400, f"'{field}' holds token id {bad[0]} outside the vocabulary "
+                                    f"(0..{self.tok.vocab_size - 1})", param=field, code="invalid_value")
             out.append(ids)
         return out
 
@@ -375,6 +520,71 @@ class _Service:
         if not ids:
             raise APIError(400, "the messages render to an empty prompt", param="messages", code="invalid_value")
         return ids
+
+    # ----------------------------------------------------------------- /v1/embeddings
+
+    async def embeddings(self, req: EmbeddingRequest, request: Request) -> Any:
+        """Each input's embedding: the mean of the model's last hidden states (after the final
+        RMSNorm) over its tokens, L2-normalised (as OpenAI's embeddings are, so that a dot product
+        is the cosine)."""
+        self.check_model(req.model)
+        if self.embed_model is None:
+            raise APIError(400, "this server's generator cannot compute embeddings", code="unsupported_endpoint")
+        dim = self.embed_model.config.dim
+        if req.dimensions is not None and req.dimensions != dim:
+            raise APIError(400, f"'dimensions' must be the model's {dim} (no shortening)", param="dimensions",
+                           code="unsupported_parameter")
+        inputs = self._encode_prompts(req.input, "input")
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise APIError(400, f"'input' holds {len(inputs)} items; at most {MAX_EMBEDDING_INPUTS}", param="input",
+                           code="invalid_value")
+        longest = max(len(i) for i in inputs)
+        if longest > self.context:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens; an input has "
+                                f"{longest}", param="input", code="context_length_exceeded")
+        job = Job(prompts=inputs, config=None, stream=False, loop=asyncio.get_running_loop(),
+                  call=lambda: mean_pooled_embeddings(self.embed_model, inputs))
+        self.worker.submit(job)
+        try:
+            vectors = await self._results(job, request)
+        except _ClientGone:
+            return Response(status_code=499)
+        data = []
+        for i, v in enumerate(vectors):
+            if req.encoding_format == "base64":
+                emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode()
+            else:
+                emb = v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        n = sum(len(i) for i in inputs)
+        return {"object": "list", "data": data, "model": self.model_name,
+                "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+    # ----------------------------------------------------------------- /tokenize, /detokenize
+
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        """Token ids of a text (as completions encode it) or of a conversation (as chat renders it)."""
+        if req.model is not None:
+            self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' (text) and 'messages' (a conversation)",
+                           param="prompt", code="invalid_value")
+        if req.messages is not None:
+            ids = self._render_chat(ChatCompletionRequest(model=self.model_name, messages=req.messages))
+        else:
+            bos = self.tok.add_bos_default and req.add_special_tokens
+            ids = self.tok.encode(req.prompt, bos=bos) if req.prompt else []
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        """The text of token ids."""
+        if req.model is not None:
+            self.check_model(req.model)
+        bad = [i for i in req.tokens if not 0 <= i < self.tok.vocab_size]
+        if bad:
+            raise APIError(400, f"'tokens' holds id {bad[0]} outside the vocabulary (0..{self.tok.vocab_size - 1})",
+                           param="tokens", code="invalid_value")
+        return {"prompt": self.tok.decode(req.tokens)}
 
     # ----------------------------------------------------------------- running jobs
 

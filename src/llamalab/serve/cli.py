@@ -8,6 +8,8 @@ raised as ``ValueError`` / ``OSError`` so the CLI prints them as one line.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -53,6 +55,12 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--ctx-size", type=int, default=None,
                    help="positions per request, prompt and answer (default: the model's context, at most 4096); "
                         "the KV cache holds --parallel x --ctx-size positions")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: the "
+                        "LLAMALAB_API_KEY environment variable; unset: no key)")
+    p.add_argument("--grace", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C: stop accepting, let requests in flight finish for up to this many "
+                        "seconds, cancel the rest, exit 0 (default 30)")
     p.add_argument("--default-max-tokens", type=int, default=512,
                    help="chat answer limit when a request sets none (default 512)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -93,6 +101,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--default-max-tokens {args.default_max_tokens}: expected at least 1")
     if args.parallel < 1:
         raise ValueError(f"--parallel {args.parallel}: expected at least 1")
+    if args.grace < 0:
+        raise ValueError(f"--grace {args.grace}: expected seconds >= 0")
     _check_port_free(args.host, args.port)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,10 +122,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     context = lm.config.max_seq_len
     if args.ctx_size is not None and not 1 <= args.ctx_size <= context:
         raise ValueError(f"--ctx-size {args.ctx_size}: expected 1..{context} (the model's context)")
+    api_key = args.api_key or os.environ.get("LLAMALAB_API_KEY") or None
     app = create_app(lm, name, generator=generator, default_max_tokens=args.default_max_tokens,
-                     parallel=args.parallel, ctx_size=args.ctx_size)
+                     parallel=args.parallel, ctx_size=args.ctx_size, api_key=api_key)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"llamalab serve: loaded {name} in {time.perf_counter() - t0:.1f} s; "
           f"serving http://{shown}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # SIGTERM / SIGINT: uvicorn stops accepting, waits for open requests up to --grace, then the
+    # app's shutdown cancels what is left in the batch. uvicorn then raises the signal again under
+    # the handler it found: a no-op one for SIGTERM, so that a drained server exits 0 (a service
+    # manager's "stopped cleanly") rather than "killed by SIGTERM".
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.grace)
+    print("llamalab serve: stopped", file=sys.stderr, flush=True)
     return 0

@@ -14,7 +14,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "StreamOptions"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "EmbeddingRequest",
+           "StreamOptions", "TokenizeRequest"]
 
 
 class StreamOptions(BaseModel):
@@ -77,3 +78,36 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """``POST /tokenize``: a text (``prompt``, encoded as completions encode it) or a conversation
+    (``messages``, rendered as the chat endpoint renders it) to token ids (vLLM's endpoint)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+
+
+class DetokenizeRequest(BaseModel):
+    """``POST /detokenize``: token ids back to text."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: one text, texts, token ids or lists of ids to embed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    input: Union[StrictStr, list[StrictStr], list[StrictInt], list[list[StrictInt]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(None, ge=1)
+    user: StrictStr | None = None

@@ -48,6 +48,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Other work on the model (embeddings): run on the worker thread between steps, its result DONE.
+    call: Any = None
 
     def emit(self, kind: str, payload: Any = None) -> None:
         """Hand an event to the event loop (from the worker thread); dropped if the loop has closed."""
@@ -117,6 +119,9 @@ class GenerationWorker:
 
     def _execute(self, job: Job) -> None:
         gen = self.generator
+        if job.call is not None:
+            job.emit(DONE, job.call())
+            return
         if not job.stream:
             job.emit(DONE, gen.generate(job.prompts, job.config))
             return
@@ -242,6 +247,14 @@ class BatchingWorker:
         if job.cancelled.is_set():
             self.skipped += 1
             job.emit(CANCELLED)
+            return
+        if job.call is not None:  # between two steps: the batch's cache is out of the model
+            try:
+                job.emit(DONE, job.call())
+            except Exception as e:  # noqa: BLE001 - reported to the request
+                log.exception("a call on the worker failed")
+                job.emit(ERROR, e)
+            self.completed += 1
             return
         requests: list[Any] = []
         self._active[id(job)] = (job, requests)
