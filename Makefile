@@ -58,7 +58,16 @@ demo: $(STAMP)
 	printf 'Name the three primary colours of paint.\nWhich one of them is the colour of the sky?\n' | \
 		$(VENV)/bin/llamalab chat --system "You are a concise assistant." --max-new-tokens 96
 
-test: $(STAMP) $(LMPLZ)
+# The chat page's browser test drives Debian's Chromium (Playwright's own browser builds are a download
+# from a CDN, which these machines cannot reach).
+CHROMIUM_STAMP := $(VENV)/.chromium
+$(CHROMIUM_STAMP): | $(STAMP)
+	command -v chromium >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium \
+		|| echo "chromium could not be installed: tests/test_serve_ui.py will skip"; }
+	touch $@
+
+test: $(STAMP) $(LMPLZ) $(CHROMIUM_STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

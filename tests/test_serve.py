@@ -265,6 +265,45 @@ def test_logprobs(server: Any, lm: Any, engine: Any) -> None:
     assert lp.text_offset[0] == len("The capital of France is")
 
 
+@pytest.mark.parametrize("question, stop", [
+    (QUESTION, None),
+    (QUESTION, [" Paris"]),  # a stop string: the tokens after its start are not reported
+    ("Write the word 'café' in French, then the Japanese word for cat in kanji.", None),  # multi-byte pieces
+])
+def test_streamed_logprobs_equal_the_engines(server: Any, lm: Any, engine: Any, question: str,
+                                             stop: list[str] | None) -> None:
+    """Streamed chat logprobs: each token comes with the chunk that first shows it; over the stream
+    they are the tokens of the answer's text with the engine's own logprobs."""
+    want = engine(chat_ids(lm, question), max_new_tokens=40, temperature=0.0, logprobs=True,
+                  stop_strings=tuple(stop or ()))
+    chunks = list(server.client.chat.completions.create(
+        model=NAME, messages=user(question), max_tokens=40, temperature=0, logprobs=True, stop=stop, stream=True))
+    with_content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    text = "".join(c.choices[0].delta.content for c in with_content)
+    assert text == want.text
+    entries = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    # exactly the answer's tokens (an answer cut by max_tokens may end inside a character)
+    assert bytes(b for t in entries for b in t.bytes).decode(errors="replace") == text
+    assert [t.logprob for t in entries] == pytest.approx(want.logprobs[:len(entries)], abs=1e-4)
+    got_bytes = 0
+    for c in with_content:  # no token is reported before the chunk holding its first byte
+        got_bytes += len(c.choices[0].delta.content.encode())
+        reported = sum(len(t.bytes) for d in chunks[:chunks.index(c) + 1] if d.choices and d.choices[0].logprobs
+                       for t in d.choices[0].logprobs.content)
+        assert reported - got_bytes < 8  # at most the tail of the last token (a token holds < 8 bytes here)
+    plain = server.client.chat.completions.create(model=NAME, messages=user(question), max_tokens=40, temperature=0,
+                                                  logprobs=True, stop=stop)
+    assert [(t.token, t.bytes) for t in plain.choices[0].logprobs.content] == [(t.token, t.bytes) for t in entries]
+
+    comp = list(server.client.completions.create(model=NAME, prompt="The capital of France is", max_tokens=6,
+                                                 temperature=0, logprobs=0, stream=True))
+    lp = [c.choices[0].logprobs for c in comp if c.choices and c.choices[0].logprobs]
+    tokens = [t for x in lp for t in x.tokens]
+    offsets = [o for x in lp for o in x.text_offset]
+    assert "".join(tokens) == "".join(c.choices[0].text for c in comp if c.choices)
+    assert offsets[0] == len("The capital of France is") and len(offsets) == len(tokens) == 6
+
+
 # --------------------------------------------------------------------------- concurrency
 
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from llamalab.generate.constrain import constrained_next
 from llamalab.generate.engine import GenerationConfig, GenerationResult, Generator, _Sequence, biased
 from llamalab.generate.fast import DecodeModel
 from llamalab.generate.sampling import choose_next, process_logits, seen_mask
@@ -364,12 +365,16 @@ class ContinuousBatcher:
         settings; streams it."""
         cfg = r.config
         row = logits.unsqueeze(0)
+        processed = None
         if cfg.temperature == 0 and r._seen is None and not cfg.logit_bias:
             token = int(row.argmax()) if argmax is None else argmax
         else:
             processed = process_logits(biased(row, cfg.logit_bias), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                        min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seen=r._seen)
             token = int(choose_next(processed, cfg.temperature, r.generator)[0])
+        if r.seq.constraint is not None:
+            token = constrained_next(row[0] if processed is None else processed[0], cfg.temperature, r.generator,
+                                     r.seq.constraint, token, raw=row[0])
         if r._seen is not None:
             r._seen[0, token] = True
         logprob = float(torch.log_softmax(row, dim=-1)[0, token]) if cfg.logprobs else None

@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -65,6 +65,7 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ()
     logprobs: bool = False
     logit_bias: dict[int, float] | None = None  # added to those ids' logits before anything else (OpenAI's)
+    json_object: bool = False  # JSON mode: the answer is a JSON object, token by token (generate/constrain.py)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field outside its allowed range."""
@@ -108,6 +109,10 @@ class GenerationConfig:
                 isinstance(self.logit_bias, dict)
                 and all(is_int(k) and k >= 0 and is_number(v) and -100 <= v <= 100 for k, v in self.logit_bias.items())):
             raise bad("logit_bias", "None or a dict of token id -> bias in [-100, 100]")
+        if not isinstance(self.json_object, bool):
+            raise bad("json_object", "True or False")
+        if self.json_object and self.num_beams > 1:
+            raise bad("json_object", "False with beam search (num_beams > 1): JSON mode constrains sampling and greedy")
         if self.num_beams > 1 and self.temperature != 0:
             raise ValueError(f"GenerationConfig: num_beams={self.num_beams} is deterministic beam search; "
                              f"set temperature=0 (got {self.temperature}); beam sampling is not supported")
@@ -159,6 +164,7 @@ class _Sequence:
         self.shown = 0  # characters of the text already streamed
         self._decoded: tuple[int, str] = (0, "")  # (number of ids, their text): decode once per step
         self.decode_s = 0.0
+        self.constraint: Any = None  # a generate.constrain.JSONConstraint in JSON mode
 
     @property
     def finished(self) -> bool:
@@ -170,6 +176,11 @@ class _Sequence:
         self.ids.append(token)
         if self.logprobs is not None and logprob is not None:
             self.logprobs.append(logprob)
+        if self.constraint is not None:
+            self.constraint.commit(token)
+            if self.constraint.done:  # the JSON object has closed: nothing may follow it
+                self.finish_reason = "stop"
+                return
         if token in self.stop_ids:
             self.finish_reason = "stop"
             return
@@ -382,8 +393,13 @@ class Generator:
 
     def _new_sequence(self, prompt: list[int], config: GenerationConfig) -> _Sequence:
         stop_ids = self.tokenizer.stop_ids if config.stop_ids is None else config.stop_ids
-        return _Sequence(prompt, self.tokenizer.decode, frozenset(stop_ids), tuple(config.stop_strings),
-                         config.max_new_tokens, config.logprobs)
+        seq = _Sequence(prompt, self.tokenizer.decode, frozenset(stop_ids), tuple(config.stop_strings),
+                        config.max_new_tokens, config.logprobs)
+        if config.json_object:
+            from llamalab.generate.constrain import JSONConstraint, token_table
+
+            seq.constraint = JSONConstraint(token_table(self.tokenizer, self.n_vocab))
+        return seq
 
     def _prefill(self, tokens: Tensor, last: Tensor) -> Tensor:
         """Run (B, L) prompt tokens at positions 0..L-1 into the cache; return each row's logits at
@@ -481,6 +497,14 @@ class Generator:
                                    repetition_penalty=config.repetition_penalty, seen=seen)
         next_ids = choose_next(processed, config.temperature, generator)
         chosen = next_ids.tolist()  # one host sync per step: stop checks need the ids
+        if config.json_object:
+            from llamalab.generate.constrain import constrained_next
+
+            for i, seq in enumerate(seqs):
+                if not seq.finished and seq.constraint is not None:
+                    chosen[i] = constrained_next(processed[i], config.temperature, generator, seq.constraint,
+                                                 chosen[i], raw=logits[i])
+            next_ids = torch.tensor(chosen, device=next_ids.device)
         logprobs: list[float | None] = [None] * len(seqs)
         if config.logprobs:
             raw = torch.log_softmax(logits, dim=-1).gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)

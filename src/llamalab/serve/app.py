@@ -3,7 +3,8 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both also as server-sent
 events with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``,
 ``GET /metrics`` (Prometheus, ``metrics.py``), ``POST /v1/embeddings``, ``POST /tokenize``,
-``POST /detokenize``.
+``POST /detokenize``, and the browser chat page at ``GET /`` (static files in ``ui/``, no build
+step).
 
 Every request is checked here, before it is queued: body shape and ranges (``schemas.py``),
 model name, settings llamalab cannot honour, and prompt + ``max_tokens`` against the context.
@@ -23,11 +24,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamalab.generate.chat import chat_stop_ids
@@ -39,7 +42,7 @@ from llamalab.serve.schemas import (
     TokenizeRequest,
     _SamplingFields,
 )
-from llamalab.serve.worker import CANCELLED, DONE, ERROR, PIECE, BatchingWorker, GenerationWorker, Job
+from llamalab.serve.worker import CANCELLED, DONE, ERROR, PIECE, BatchingWorker, GenerationWorker, Job, Piece
 
 __all__ = ["APIError", "create_app"]
 
@@ -56,6 +59,8 @@ MAX_EMBEDDING_INPUTS = 256
 # this long after the request's start are dropped (408).
 MAX_BODY_BYTES = 4 * 1024 * 1024
 BODY_TIMEOUT_S = 10.0
+# The chat page's files (index.html, chat.js, chat.css): served as they are.
+UI_DIR = Path(__file__).with_name("ui")
 
 
 class APIError(Exception):
@@ -145,16 +150,19 @@ class _BoundedBody:
 
 
 class _RequireKey:
-    """``Authorization: Bearer <key>`` on every route but ``/health``, compared in constant time
+    """``Authorization: Bearer <key>`` on every route but ``/health`` and the chat page's files (the
+    page asks for the key and sends it with its API calls), compared in constant time
     (``hmac.compare_digest``); anything else is answered 401 in OpenAI's shape before any work."""
 
-    OPEN = ("/health",)
+    OPEN = ("/health", "/")
+    OPEN_PREFIXES = ("/ui/",)
 
     def __init__(self, app: Any, key: str) -> None:
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in self.OPEN:
+        path = scope["path"] if scope["type"] == "http" else ""
+        if scope["type"] != "http" or path in self.OPEN or path.startswith(self.OPEN_PREFIXES):
             await self.app(scope, receive, send)
             return
         given = b""
@@ -247,7 +255,8 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path} (see /v1/models, /v1/completions, " \
-                      "/v1/chat/completions, /v1/embeddings, /tokenize, /detokenize, /health, /metrics)"
+                      "/v1/chat/completions, /v1/embeddings, /tokenize, /detokenize, /health, /metrics; " \
+                      "the chat page is at /)"
         err = APIError(exc.status_code, message, code=code,
                        type="invalid_request_error" if exc.status_code < 500 else "server_error")
         return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
@@ -255,6 +264,12 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -652,6 +667,16 @@ class _Service:
             offset += len(self.tok.token_bytes(t))
         return pairs
 
+    def _chat_token(self, token: int, logprob: float) -> dict[str, Any]:
+        """One entry of a chat answer's ``logprobs.content``."""
+        return {"token": self.tok.decode([token]), "logprob": logprob, "bytes": list(self.tok.token_bytes(token)),
+                "top_logprobs": []}
+
+    def _check_stream_logprobs(self) -> None:
+        if not isinstance(self.worker, BatchingWorker):  # a custom generator streams text only
+            raise APIError(400, "'logprobs' with 'stream': true needs llamalab's own generator; this server's "
+                                "streams text only", param="logprobs", code="unsupported_parameter")
+
     # ----------------------------------------------------------------- /v1/completions
 
     async def completions(self, req: CompletionRequest, request: Request) -> Response:
@@ -664,8 +689,7 @@ class _Service:
             raise APIError(400, "'best_of' other than 'n' is not supported", param="best_of",
                            code="unsupported_parameter")
         if req.stream and req.logprobs is not None:
-            raise APIError(400, "'logprobs' is not supported with 'stream': true", param="logprobs",
-                           code="unsupported_parameter")
+            self._check_stream_logprobs()
         prompts = self._encode_prompts(req.prompt)
         if req.stream and len(prompts) > 1:
             raise APIError(400, "several prompts are not supported with 'stream': true", param="prompt",
@@ -681,10 +705,25 @@ class _Service:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
+            tokens = _StreamedTokens(self.tok) if req.logprobs is not None else None
+            prompt_text = req.prompt if isinstance(req.prompt, str) else self.tok.decode(prompts[0])
+            offset = [len(prompt_text)]
+
+            def completion_logprobs(piece: Piece) -> dict[str, Any] | None:
+                if tokens is None:
+                    return None
+                out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
+                for t, lp in tokens.shown(piece):
+                    text = self.tok.decode([t])
+                    out["tokens"].append(text), out["token_logprobs"].append(lp), out["text_offset"].append(offset[0])
+                    offset[0] += len(text)
+                return out
+
             async def sse() -> AsyncIterator[str]:
                 async for kind, payload in self._events(job, request):
                     if kind == PIECE:
-                        yield _sse({**head, "choices": [{"index": 0, "text": payload, "logprobs": None,
+                        yield _sse({**head, "choices": [{"index": 0, "text": payload.text,
+                                                         "logprobs": completion_logprobs(payload),
                                                          "finish_reason": None}]})
                     elif kind == DONE:
                         (result,) = payload
@@ -723,16 +762,20 @@ class _Service:
         self._check_common(req)
         if req.tools:
             raise APIError(400, "'tools' are not supported", param="tools", code="unsupported_parameter")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "only 'response_format' {\"type\": \"text\"} is supported", param="response_format",
-                           code="unsupported_parameter")
+        kind = (req.response_format or {}).get("type", "text")
+        if kind not in ("text", "json_object"):
+            raise APIError(400, f"'response_format' type {kind!r} is not supported: 'text', or 'json_object' (the "
+                                "answer constrained to a JSON object token by token; no schemas)",
+                           param="response_format", code="unsupported_parameter")
+        if kind == "json_object" and not isinstance(self.worker, BatchingWorker):
+            raise APIError(400, "'response_format' json_object needs llamalab's own generator",
+                           param="response_format", code="unsupported_parameter")
         if req.logprobs and req.top_logprobs:
             raise APIError(400, "'top_logprobs' > 0 is not supported: llamalab returns the chosen token's "
                                 "logprob only (use top_logprobs 0)", param="top_logprobs",
                            code="unsupported_parameter")
         if req.stream and req.logprobs:
-            raise APIError(400, "'logprobs' is not supported with 'stream': true", param="logprobs",
-                           code="unsupported_parameter")
+            self._check_stream_logprobs()
         ids = self._render_chat(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
@@ -741,6 +784,7 @@ class _Service:
                 self._check_context([ids], 1, "messages")
         self._check_context([ids], max_tokens, "messages")
         cfg = self._config(req, max_tokens, logprobs=req.logprobs, stop_ids=chat_stop_ids(self.tok))
+        cfg.json_object = kind == "json_object"
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk" if req.stream else "chat.completion",
                 "created": created, "model": self.model_name}
@@ -749,15 +793,22 @@ class _Service:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-            def chunk(delta: dict[str, Any], finish: str | None) -> str:
-                return _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+            tokens = _StreamedTokens(self.tok) if req.logprobs else None
+
+            def chunk(delta: dict[str, Any], finish: str | None, logprobs: Any = None) -> str:
+                return _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                   "finish_reason": finish}]})
+
+            def chat_logprobs(piece: Piece) -> dict[str, Any] | None:
+                if tokens is None:
+                    return None
+                return {"content": [self._chat_token(t, lp) for t, lp in tokens.shown(piece)], "refusal": None}
 
             async def sse() -> AsyncIterator[str]:
                 yield chunk({"role": "assistant", "content": ""}, None)
                 async for kind, payload in self._events(job, request):
                     if kind == PIECE:
-                        yield chunk({"content": payload}, None)
+                        yield chunk({"content": payload.text}, None, chat_logprobs(payload))
                     elif kind == DONE:
                         yield chunk({}, payload[0].finish_reason)
                         if include_usage:
@@ -776,12 +827,35 @@ class _Service:
         for i, r in enumerate(results):
             logprobs = None
             if req.logprobs:
-                logprobs = {"content": [{"token": self.tok.decode([t]), "logprob": lp,
-                                         "bytes": list(self.tok.token_bytes(t)), "top_logprobs": []}
-                                        for t, lp in self._token_logprobs(r)], "refusal": None}
+                logprobs = {"content": [self._chat_token(t, lp) for t, lp in self._token_logprobs(r)],
+                            "refusal": None}
             choices.append({"index": i, "message": {"role": "assistant", "content": r.text},
                             "logprobs": logprobs, "finish_reason": r.finish_reason})
         return JSONResponse({**head, "choices": choices, "usage": self._usage(prompts, results)})
+
+
+class _StreamedTokens:
+    """Which generated tokens a streamed piece shows first: a token is reported with the piece that
+    holds its first byte, so that the tokens reported over a stream are the ones a plain request
+    reports (``_Service._token_logprobs``): those that start inside the answer's text, which leaves
+    out the stop token and whatever follows the start of a stop string. Offsets in UTF-8 bytes."""
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.pending: list[tuple[int, float]] = []
+        self.shown_bytes = 0  # bytes of text streamed so far
+        self.next_at = 0  # where the next pending token starts
+
+    def shown(self, piece: Piece) -> list[tuple[int, float]]:
+        """The (id, logprob) pairs whose first byte is in the text streamed up to and with ``piece``."""
+        self.pending.extend(zip(piece.ids, piece.logprobs or ()))
+        self.shown_bytes += len(piece.text.encode("utf-8"))
+        out = []
+        while self.pending and self.next_at < self.shown_bytes:
+            t, lp = self.pending.pop(0)
+            out.append((t, lp))
+            self.next_at += len(self.tok.token_bytes(t))
+        return out
 
 
 async def _guard(events: AsyncIterator[str]) -> AsyncIterator[str]:

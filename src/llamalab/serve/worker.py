@@ -26,12 +26,24 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Job", "GenerationWorker", "BatchingWorker"]
+__all__ = ["Job", "Piece", "GenerationWorker", "BatchingWorker"]
 
 log = logging.getLogger("llamalab.serve")
 
 # Event kinds a job's queue receives, in this order: PIECE* then (DONE | ERROR | CANCELLED).
 PIECE, DONE, ERROR, CANCELLED = "piece", "done", "error", "cancelled"
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A PIECE event's payload: the text that became safe to show, and (from the batching worker,
+    when the request asked for logprobs) the ids generated since the previous piece with their
+    log-probs, so that a streamed answer can report each token's logprob with the chunk that
+    first shows it."""
+
+    text: str
+    ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -132,7 +144,7 @@ class GenerationWorker:
                 if job.cancelled.is_set():
                     break
                 if piece:
-                    job.emit(PIECE, piece)
+                    job.emit(PIECE, Piece(piece))
         finally:
             close = getattr(pieces, "close", None)
             if close is not None:
@@ -276,10 +288,19 @@ class BatchingWorker:
 
     @staticmethod
     def _on_token(job: Job) -> Any:
+        sent = [0]  # ids already handed out with a piece
+
         def emit(r: Any) -> None:
             piece = r.seq.new_text()
-            if piece:
-                job.emit(PIECE, piece)
+            if not piece:
+                return
+            lps = r.seq.logprobs
+            if lps is None:
+                job.emit(PIECE, Piece(piece))
+                return
+            n = len(r.seq.ids)
+            job.emit(PIECE, Piece(piece, tuple(r.seq.ids[sent[0]:n]), tuple(lps[sent[0]:n])))
+            sent[0] = n
         return emit
 
     def _on_done(self, job: Job) -> Any:

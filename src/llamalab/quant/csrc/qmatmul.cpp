@@ -298,27 +298,43 @@ LLQ_AVX2 inline void prefetch_ahead(const uint8_t* w, int64_t row_bytes, int64_t
     constexpr bool five = Type == kQ5_0 || Type == kQ5_1, with_min = Type == kQ4_1 || Type == kQ5_1;   \
     constexpr int64_t bytes = block_bytes_of(Type);                                                     \
     constexpr int64_t qh_at = with_min ? 4 : 2, qs_at = qh_at + (five ? 4 : 0);                         \
+    /* The block's fp16 d (and m) converted by one VCVTPH2PS and scaled by x's (d_x, s_x) in one    \
+       multiply: lane 0 d d_x scales the products, lane 1 (m s_x, or d s_x) is summed for the        \
+       offset (times -8 / -16 at the end: exact, a power of two). Half the scalar work of          \
+       converting and scaling each separately, the same roundings. */                                 \
+    constexpr float off_scale = with_min ? 1.0f : (five ? -16.0f : -8.0f);                              \
     __m256 acc[R];                                                                                      \
-    float off[R];                                                                                       \
+    __m128 off[R];                                                                                      \
     for (int r = 0; r < R; ++r) {                                                                       \
       acc[r] = _mm256_setzero_ps();                                                                     \
-      off[r] = 0.0f;                                                                                    \
+      off[r] = _mm_setzero_ps();                                                                        \
     }                                                                                                   \
     for (int64_t b = 0; b < nb; ++b) {                                                                  \
       const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx + b * kBlock));          \
-      const float db = dx[b], sb = dsx[b];                                                              \
+      const __m128 xs = _mm_unpacklo_ps(_mm_set_ss(dx[b]), _mm_set_ss(dsx[b]));                         \
       if (R > 1) prefetch_ahead(w, row_bytes, R, b * bytes * R, bytes * R);                             \
       for (int r = 0; r < R; ++r) {                                                                     \
         const uint8_t* blk = w + r * row_bytes + b * bytes;                                             \
-        const float d = half(blk);                                                                      \
+        __m128i h;                                                                                      \
+        if (with_min) {                                                                                 \
+          int32_t dm;                                                                                   \
+          std::memcpy(&dm, blk, 4);                                                                     \
+          h = _mm_cvtsi32_si128(dm);                                                                    \
+        } else {                                                                                        \
+          int16_t d16;                                                                                  \
+          std::memcpy(&d16, blk, 2);                                                                    \
+          h = _mm_set1_epi16(d16);                                                                      \
+        }                                                                                               \
+        const __m128 scaled = _mm_mul_ps(_mm_cvtph_ps(h), xs);                                          \
         __m256i q = nibbles(blk + qs_at);                                                               \
         if (five) q = _mm256_or_si256(q, fifth_bits(blk + qh_at));                                      \
         const __m256i s = DOT(q, p);                                                                    \
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(d * db), acc[r]);                \
-        off[r] += (with_min ? half(blk + 2) : (five ? -16.0f : -8.0f) * d) * sb;                        \
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_broadcastss_ps(scaled), acc[r]);         \
+        off[r] = _mm_add_ps(off[r], scaled);                                                            \
       }                                                                                                 \
     }                                                                                                   \
-    for (int r = 0; r < R; ++r) sums[r] = hsum8(acc[r]) + off[r];                                       \
+    for (int r = 0; r < R; ++r)                                                                         \
+      sums[r] = hsum8(acc[r]) + off_scale * _mm_cvtss_f32(_mm_shuffle_ps(off[r], off[r], 1));          \
   }                                                                                                     \
   template <int R>                                                                                      \
   ATTR void dot_q8_##SUFFIX(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,     \
