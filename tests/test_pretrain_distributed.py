@@ -150,3 +150,27 @@ def test_tensor_parallel_that_does_not_divide_the_heads_is_rejected_before_compu
         load_config(run_file, ["train.tensor_parallel=4"], world_size=4)
     with pytest.raises(ConfigError, match="divide the number of processes"):
         load_config(run_file, ["train.tensor_parallel=2"], world_size=3)
+
+
+def test_fsdp_checkpoint_averaging_gives_the_single_process_mean(run_file: Path, tmp_path: Path) -> None:
+    """Llama 3's averaged final model under FSDP: each sharded (DCP) checkpoint of the anneal is
+    loaded into the sharded model and folded into the mean; the result is the 1-process run's."""
+    from llamalab.checkpoint.native import load_weights
+
+    anneal = ["optim.schedule=linear-anneal", "optim.anneal_steps=3", "checkpoint.average_anneal=true",
+              "checkpoint.anneal_every=1"]
+    torch.set_num_threads(1)
+    one = tmp_path / "one"
+    train(load_config(run_file, [f"run_dir={one}", *anneal]), progress=False)
+    two = tmp_path / "two"
+    _torchrun(run_file, two, *anneal)
+    for name in ("final", "final-last"):
+        a, _ = load_weights(one / name)
+        b, _ = load_weights(two / name)
+        assert set(a) == set(b)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5)
+    mean, last = load_weights(two / "final")[0], load_weights(two / "final-last")[0]
+    assert not torch.equal(mean["layers.0.attention.wq.weight"], last["layers.0.attention.wq.weight"])
+    assert sorted(p.name for p in (two / "checkpoints").iterdir() if p.name.startswith("step-")) == \
+        ["step-000004", "step-000006", "step-000007", "step-000008"]

@@ -78,6 +78,31 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    """Average checkpoints of one model (Polyak averaging, as Llama 3 makes its final model)."""
+    from llamalab.checkpoint import write_checkpoint
+    from llamalab.checkpoint.average import average_checkpoints
+
+    t0 = time.perf_counter()
+    weights = None
+    if args.weights is not None:
+        try:
+            weights = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise CLIError(f"--weights {args.weights!r}: expected comma-separated numbers, one per checkpoint") from None
+    ckpt = average_checkpoints(args.checkpoints, weights=weights)
+    if args.tokenizer:
+        from llamalab.tokenizer import load_tokenizer
+
+        ckpt.tokenizer = load_tokenizer(args.tokenizer)
+    if args.type is not None and args.to != "gguf":
+        raise CLIError(f"--type {args.type}: only for --to gguf")
+    dst = write_checkpoint(ckpt, args.out, to=args.to, tensor_type=args.type)
+    print(f"wrote the mean of {len(args.checkpoints)} checkpoints as {args.to} to {dst} "
+          f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     """Train a SentencePiece BPE tokenizer the LLaMA way."""
     from llamalab.tokenizer import train_sentencepiece
@@ -342,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quantize_parser(sub)
 
+
     p = sub.add_parser("info", help="describe a checkpoint, or this machine", formatter_class=fmt,
                        description="Format, config, parameter count and memory needs of a checkpoint; without "
                                    "one, this machine: CPU and vector extensions, the precision `auto` picks, "
@@ -367,6 +393,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--to gguf: the matrices' type (default f16; q8_0/q4_0/q4_1/q4_k/q3_k: round-to-nearest "
                         "blocks, the embedding too; `llamalab quantize` for GPTQ and a q8_0 embedding)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("average", help="average checkpoints of one model (Polyak averaging)", formatter_class=fmt,
+                       description="The tensor-by-tensor mean of checkpoints of one model (same config and "
+                                   "tensors; any format llamalab reads), written in any format `convert` writes. "
+                                   "Llama 3 makes its final model this way from the anneal's checkpoints "
+                                   "(a run with checkpoint.average_anneal = true does it itself).",
+                       epilog="examples:\n  llamalab average runs/x/checkpoints/step-0009{97,98,99} runs/x/checkpoints/step-001000 "
+                              "--out runs/x/averaged --tokenizer tok/llama.model\n"
+                              "  llamalab average a/ b/ --weights 0.7,0.3 --out mix.gguf --to gguf --type q8_0")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="two or more checkpoints (paths or registered names)")
+    p.add_argument("--out", required=True, help="output directory (must not exist); for --to gguf the output file")
+    p.add_argument("--to", choices=["native", "hf", "meta", "gguf"], default="native", help="output format")
+    p.add_argument("--type", default=None, choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k", "q3_k"],
+                   help="--to gguf: the matrices' type")
+    p.add_argument("--weights", default=None, metavar="W1,W2,...",
+                   help="one weight per checkpoint (normalised; default: the uniform mean)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="the tokenizer to ship with the result (default: the first checkpoint's, if it has one; "
+                        "training step checkpoints have none)")
+    p.set_defaults(func=cmd_average)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools", formatter_class=fmt,
                        epilog="example:\n  llamalab tokenizer train data/*.txt --vocab-size 32000 --out tok/llama")

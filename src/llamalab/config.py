@@ -157,6 +157,8 @@ PRESETS: dict[str, ModelConfig] = {
     "llama2-70b": _llama2(8192, 80, 64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3),
     "llama3-8b": _llama3(4096, 32, 32, multiple_of=1024, ffn_dim_multiplier=1.3, scaled=False),
     "llama3-70b": _llama3(8192, 80, 64, multiple_of=4096, ffn_dim_multiplier=1.3, scaled=False),
+    # The 405B shape before the 3.1 release's RoPE scaling and 128K context (what pre-training starts from).
+    "llama3-405b": _llama3(16384, 126, 128, multiple_of=4096, ffn_dim_multiplier=1.2, scaled=False),
     "llama3.1-8b": _llama3(4096, 32, 32, multiple_of=1024, ffn_dim_multiplier=1.3, scaled=True),
     "llama3.1-70b": _llama3(8192, 80, 64, multiple_of=4096, ffn_dim_multiplier=1.3, scaled=True),
     "llama3.1-405b": _llama3(16384, 126, 128, multiple_of=4096, ffn_dim_multiplier=1.2, scaled=True),
@@ -183,6 +185,7 @@ PUBLISHED_PARAMS: dict[str, float] = {
     "llama2-70b": 69.0e9,
     "llama3-8b": 8.0e9,
     "llama3-70b": 70.6e9,
+    "llama3-405b": 405.9e9,
     "llama3.1-8b": 8.0e9,
     "llama3.1-70b": 70.6e9,
     "llama3.1-405b": 405.9e9,

@@ -14,6 +14,7 @@ nothing of training, parallelism or quantization: those wrap the model from outs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,57 @@ class KVCache(nn.Module):
         return self.k[:bsz], self.v[:bsz]
 
 
+class DocumentMask:
+    """Llama 3's document mask for packed sequences, as runs of positions rather than an S x S
+    tensor: each row's documents are attended to one at a time, causally, with the same kernel
+    as an unmasked sequence (a "varlen" attention), so the mask costs O(S) memory instead of
+    O(S^2) and the attention O(sum of squared document lengths) instead of O(S^2).
+
+    ``segments[b]`` lists row b's ``(start, end)`` runs of one document id, covering 0..S.
+    """
+
+    def __init__(self, segments: list[list[tuple[int, int]]], seqlen: int) -> None:
+        self.segments, self.seqlen = segments, seqlen
+
+    @classmethod
+    def from_doc_ids(cls, doc_ids: Tensor) -> "DocumentMask | None":
+        """The runs of ``doc_ids`` (B, S); None if some document's tokens are not contiguous in its
+        row (only a dense mask expresses that)."""
+        rows = doc_ids.tolist()
+        segments = []
+        for row in rows:
+            runs, start, seen = [], 0, set()
+            for i in range(1, len(row) + 1):
+                if i == len(row) or row[i] != row[start]:
+                    if row[start] in seen:
+                        return None
+                    seen.add(row[start])
+                    runs.append((start, i))
+                    start = i
+            segments.append(runs)
+        return cls(segments, doc_ids.shape[1])
+
+    def dense(self, device: torch.device | str | None = None) -> Tensor:
+        """The same mask as a boolean (B, 1, S, S) tensor (True: may attend)."""
+        mask = torch.zeros(len(self.segments), 1, self.seqlen, self.seqlen, dtype=torch.bool, device=device)
+        for b, runs in enumerate(self.segments):
+            for start, end in runs:
+                mask[b, 0, start:end, start:end] = True
+        return mask.tril_()
+
+    def apply(self, attend: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor],
+              q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """``attend`` (causal when given no mask) run on each document, the outputs joined."""
+        rows = []
+        for b, runs in enumerate(self.segments):
+            if len(runs) == 1:
+                rows.append(attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], None))
+                continue
+            rows.append(torch.cat([attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], None)
+                                   for s, e in runs], dim=2))
+        return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped-query key/value heads and rotary embeddings."""
 
@@ -123,8 +175,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
         """Attend over the sequence (or the KV cache when one is set up).
 
-        ``mask`` is a boolean (B or 1, 1, S, T) tensor where True means "may attend";
-        ``None`` means plain causal attention over ``x`` itself.
+        ``mask`` is a boolean (B or 1, 1, S, T) tensor where True means "may attend", or a
+        :class:`DocumentMask`; ``None`` means plain causal attention over ``x`` itself.
         """
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
@@ -134,7 +186,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        out = self.attend(q, k, v, mask)
+        out = mask.apply(self.attend, q, k, v) if isinstance(mask, DocumentMask) else self.attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -175,6 +227,16 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def _segments_pay(mask: DocumentMask) -> bool:
+    """Whether per-document attention beats one masked call: documents of at least
+    ``_MIN_SEGMENT`` tokens on average (measured crossover, docs/training.md)."""
+    n = sum(len(runs) for runs in mask.segments)
+    return mask.seqlen * len(mask.segments) >= _MIN_SEGMENT * n
+
+
+_MIN_SEGMENT = 8
+
+
 class Transformer(nn.Module):
     """The LLaMA model: token embeddings, ``n_layers`` blocks, a final norm and the output head."""
 
@@ -189,6 +251,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope", self._rope(self.tok_embeddings.weight.device), persistent=False)
         self.cache_len = 0
+        # How doc_ids become a mask: "segments" (DocumentMask: per-document attention, no S x S
+        # tensor), "dense" (one boolean S x S mask per row) or "auto" (segments unless the rows
+        # hold so many short documents that a kernel call per document costs more).
+        self.document_attention = "auto"
 
     def _rope(self, device: torch.device) -> Tensor:
         c = self.config
@@ -258,6 +324,12 @@ class Transformer(nn.Module):
         if not self.cache_len:
             if doc_ids is None:
                 return None
+            how = self.document_attention
+            if how not in ("auto", "segments", "dense"):
+                raise ValueError(f"document_attention={how!r}: expected 'auto', 'segments' or 'dense'")
+            segments = DocumentMask.from_doc_ids(doc_ids) if how != "dense" else None
+            if segments is not None and (how == "segments" or _segments_pay(segments)):
+                return segments
             causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=positions.device).tril()
             same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
             return (causal & same_doc).unsqueeze(1)

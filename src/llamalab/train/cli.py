@@ -12,7 +12,8 @@ import argparse
 import sys
 from typing import Any
 
-__all__ = ["add_plot_parser", "add_pretrain_parser", "add_run_arguments", "cmd_plot", "cmd_pretrain", "run_command"]
+__all__ = ["add_plot_parser", "add_pretrain_parser", "add_run_arguments", "cmd_plot", "cmd_pretrain", "format_schedule",
+           "run_command"]
 
 PLOT_EPILOG = """\
 example:
@@ -26,6 +27,7 @@ examples:
   llamalab pretrain --config configs/pretrain/cpu-shakespeare.toml
   llamalab pretrain --config configs/pretrain/cpu-shakespeare.toml train.total_steps=200 run_dir=runs/short
   torchrun --nproc_per_node 8 -m llamalab.cli pretrain --config configs/pretrain/llama1-7b.toml
+  llamalab pretrain --config configs/pretrain/llama3-405b.toml --dry-run   # the staged schedule, resolved
 
 Overrides are KEY=VALUE in TOML syntax (a bare word is a string). Running the same command
 again resumes from the newest checkpoint in run_dir; SIGTERM saves one and exits with status 0.
@@ -63,8 +65,53 @@ def run_command(args: argparse.Namespace, name: str, entry: str) -> int:
     return 0
 
 
+def _tokens(n: int) -> str:
+    """A token count short enough for a table column: 4,096 / 255.9M / 2.87T."""
+    for scale, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M")):
+        if n >= scale:
+            return f"{n / scale:.4g}{unit}"
+    return f"{n:,}"
+
+
+def format_schedule(cfg: Any) -> str:
+    """The resolved stages of a run as a table: steps, tokens, batch, length, RoPE, lr at each end."""
+    from llamalab.train.optim import lr_at
+
+    o = cfg.optim
+    kw = dict(peak_lr=o.lr, warmup_steps=o.warmup_for(cfg.train.total_steps), total_steps=cfg.train.total_steps,
+              min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, anneal_steps=cfg.anneal_steps())
+    head = ("stage", "steps", "tokens", "batch tokens", "seqs x len", "rope", "lr first .. last", "mixture")
+    rows = []
+    for r in cfg.schedule_table():
+        if not r["steps"]:
+            rows.append((str(r["stage"]), "(none)", f"from {_tokens(r['start_tokens'])}", "", "", "", "", ""))
+            continue
+        rope = f"{r['rope_theta']:g}" + (f" x{r['rope_scaling']['factor']:g}" if r["rope_scaling"] else "")
+        lr = f"{lr_at(r['first_step'] - 1, **kw):.3g} .. {lr_at(r['last_step'] - 1, **kw):.3g}"
+        mix = ", ".join(f"{k} {v:g}" for k, v in r["mixture"].items())
+        rows.append((f"{r['stage']}{' anneal' if r['anneal'] else ''}", f"{r['first_step']:,}-{r['last_step']:,}",
+                     f"{_tokens(r['tokens_from'])}-{_tokens(r['tokens_to'])}", f"{r['global_batch_tokens']:,}",
+                     f"{r['sequences_per_batch']:,} x {r['seq_len']:,}", rope, lr, mix))
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head, *rows]]
+    last = cfg.schedule_table()[-1]
+    lines.append(f"{cfg.train.total_steps:,} steps, {last['tokens_to']:,} tokens; warmup {kw['warmup_steps']:,} steps, "
+                 f"{o.schedule}" + (f", anneal {kw['anneal_steps']:,} steps" if kw["anneal_steps"] else "")
+                 + (", final = mean of the anneal's checkpoints" if cfg.checkpoint.average_anneal else ""))
+    return "\n".join(lines)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    """Load the run file (+ overrides), train, print the summary."""
+    """Load the run file (+ overrides), train, print the summary (``--dry-run``: the schedule only)."""
+    if getattr(args, "dry_run", False):
+        import json
+        import os
+
+        from llamalab.train.config import load_config
+
+        cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        print(json.dumps(cfg.schedule_table()) if args.json else format_schedule(cfg))
+        return 0
     return run_command(args, "pretrain", "llamalab.train.loop:train")
 
 
@@ -77,6 +124,9 @@ def add_pretrain_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "cosine, clipping 1.0, gradient accumulation to the global batch; checkpoints, auto-resume, "
                     "metrics.jsonl and a final native checkpoint in run_dir/final. See docs/training.md.")
     add_run_arguments(p, "configs/pretrain/*.toml", "optim.lr=1e-3")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved schedule (each stage's steps, tokens, batch, length, RoPE, lr) and exit; "
+                        "needs no data")
     p.set_defaults(func=cmd_pretrain)
     return p
 

@@ -47,12 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from llamalab.config import PRESETS, ModelConfig, get_preset
+from llamalab.config import PRESETS, ModelConfig, RopeScaling, get_preset
 
 __all__ = ["CheckpointSection", "ConfigError", "DPOSection", "DataSection", "PPOSection", "DataSource", "EvalSection",
            "FinetuneSection", "FinetuneSource", "LoraSection", "ModelSection", "RewardSection",
            "OptimSection", "Stage", "StageSettings", "TrainConfig", "TrainSection", "grad_accum_steps",
-           "load_config"]
+           "load_config", "tokens_after_steps"]
 
 
 class ConfigError(ValueError):
@@ -273,6 +273,10 @@ class TrainSection:
     tensorboard: bool = False  # also write the metrics as TensorBoard scalars under run_dir/tensorboard
     max_nonfinite_steps: int = 3
     document_mask: bool = False  # Llama 3: attend only within each packed document
+    # How: "segments" (per-document attention, no S x S mask), "dense" (an S x S mask), "auto"
+    # (segments for documents of 8+ tokens on average; dense under train.compile, which would
+    # otherwise specialise a graph on each document layout).
+    document_attention: Literal["auto", "segments", "dense"] = "auto"
     peak_flops: str = "auto"  # the PEAK_FLOPS entry MFU divides by ("auto": from the device and precision)
     inject_nonfinite_at: list[int] = field(default_factory=list)  # testing: make these steps' loss NaN
 
@@ -294,6 +298,9 @@ class OptimSection:
     min_lr_ratio: float = 0.1
     schedule: Literal["cosine", "linear-anneal"] = "cosine"
     anneal_steps: int | None = None
+    # Llama 3 states its anneal in tokens ("the final 40M tokens"): steps = ceil(tokens / the batch
+    # in force during the anneal). Give this or anneal_steps, not both.
+    anneal_tokens: int | None = None
     fused: bool | None = None
 
     def warmup_for(self, total_steps: int) -> int:
@@ -303,15 +310,19 @@ class OptimSection:
 
 @dataclass
 class Stage:
-    """From ``start_tokens`` tokens seen on, change some of the batch shape, RoPE base or mixture
-    (Llama 3 doubled its batch at 252M and 2.87T tokens and lengthened the context at the end).
-    Unset fields keep the previous stage's values."""
+    """From ``start_tokens`` tokens seen on, change some of the batch shape, RoPE base and scaling
+    or mixture (Llama 3 doubled its batch at 252M and 2.87T tokens and lengthened the context at
+    the end). ``anneal = true`` instead of ``start_tokens``: the stage begins with the learning
+    rate's linear anneal (Llama 3's up-sampled high-quality mixture over its last 40M tokens); it
+    must be the last stage. Unset fields keep the previous stage's values."""
 
-    start_tokens: int
+    start_tokens: int | None = None
+    anneal: bool = False
     global_batch_tokens: int | None = None
     seq_len: int | None = None
     micro_batch_size: int | None = None
     rope_theta: float | None = None
+    rope_scaling: dict[str, float] | None = None  # RopeScaling's fields (Llama 3.1: factor 8, ...)
     mixture: dict[str, float] | None = None
 
 
@@ -326,10 +337,17 @@ class EvalSection:
 
 @dataclass
 class CheckpointSection:
-    """Save every ``every`` steps (0: only at the end), keep the newest ``keep_last`` (0: all)."""
+    """Save every ``every`` steps (0: only at the end), keep the newest ``keep_last`` (0: all).
+
+    ``average_anneal`` (Llama 3 §3.4.3, Polyak averaging): during the learning rate's linear
+    anneal also save every ``anneal_every`` steps (0: every ``every`` steps), keep all of those,
+    and export as ``final`` the mean of the anneal's checkpoints (the last step's weights go to
+    ``final-last``)."""
 
     every: int = 1000
     keep_last: int = 3
+    average_anneal: bool = False
+    anneal_every: int = 0
 
 
 @dataclass(frozen=True)
@@ -343,6 +361,8 @@ class StageSettings:
     micro_batch_size: int
     rope_theta: float
     mixture: dict[str, float]
+    rope_scaling: RopeScaling | None = None
+    anneal: bool = False
 
     def grad_accum_steps(self, world_size: int = 1) -> int:
         """Micro-batches per process per optimizer step."""
@@ -389,21 +409,77 @@ class TrainConfig:
         return self.model.build()
 
     def resolved_stages(self) -> list[StageSettings]:
-        """Stage 0 (the ``[train]`` settings, from token 0) followed by each ``[[stages]]`` entry."""
+        """Stage 0 (the ``[train]`` settings, from token 0) followed by each ``[[stages]]`` entry;
+        an ``anneal`` stage's start is the tokens seen when the anneal begins."""
         t, weights = self.train, {name: s.weight for name, s in self.data.sources.items()}
+        model = self.model_config()
         cur = StageSettings(0, 0, t.global_batch_tokens, t.seq_len, t.micro_batch_size,
-                            self.model_config().rope_theta, weights)
+                            model.rope_theta, weights, model.rope_scaling)
         out = [cur]
         for i, s in enumerate(self.stages, start=1):
+            start = s.start_tokens
+            if s.anneal:  # placed once the stages before it are known (they fix the tokens per step)
+                steps = self.train.total_steps - self._anneal_steps(out, s)
+                start = tokens_after_steps(out, max(steps, 0))  # validate() checks it follows the others
             cur = StageSettings(
-                i, s.start_tokens,
+                i, int(start or 0),
                 s.global_batch_tokens if s.global_batch_tokens is not None else cur.global_batch_tokens,
                 s.seq_len if s.seq_len is not None else cur.seq_len,
                 s.micro_batch_size if s.micro_batch_size is not None else cur.micro_batch_size,
                 s.rope_theta if s.rope_theta is not None else cur.rope_theta,
-                dict(s.mixture) if s.mixture is not None else cur.mixture)
+                dict(s.mixture) if s.mixture is not None else cur.mixture,
+                _rope_scaling(s.rope_scaling) if s.rope_scaling is not None else cur.rope_scaling,
+                s.anneal)
             out.append(cur)
         return out
+
+    def _anneal_steps(self, before: list[StageSettings], anneal_stage: Stage | None) -> int:
+        o = self.optim
+        if o.anneal_tokens is None:
+            return int(o.anneal_steps or 0)
+        batch = before[-1].global_batch_tokens
+        if anneal_stage is not None and anneal_stage.global_batch_tokens is not None:
+            batch = anneal_stage.global_batch_tokens
+        return math.ceil(o.anneal_tokens / batch)
+
+    def anneal_steps(self) -> int | None:
+        """The linear anneal's length in optimizer steps (``optim.anneal_steps``, or
+        ``optim.anneal_tokens`` over the anneal's batch); None for the cosine schedule."""
+        if self.optim.schedule != "linear-anneal":
+            return None
+        if self.optim.anneal_tokens is None:
+            return self.optim.anneal_steps
+        plain = [s for s in self.stages if not s.anneal]
+        anneal = next((s for s in self.stages if s.anneal), None)
+        before = dataclasses.replace(self, stages=plain).resolved_stages()
+        return self._anneal_steps(before, anneal)
+
+    def anneal_start_step(self) -> int | None:
+        """The last optimizer step before the anneal (the anneal's steps are the ones after it)."""
+        n = self.anneal_steps()
+        return None if n is None else self.train.total_steps - n
+
+    def schedule_table(self) -> list[dict[str, Any]]:
+        """Each stage's first and last optimizer step and token counts, resolved: what a run of
+        this config does, step by step (``llamalab pretrain --dry-run`` prints it)."""
+        stages = self.resolved_stages()
+        rows, step, tokens = [], 0, 0
+        total = self.train.total_steps
+        for i, st in enumerate(stages):
+            nxt = stages[i + 1].start_tokens if i + 1 < len(stages) else None
+            first_step, first_tokens = step, tokens
+            while step < total and (nxt is None or tokens < nxt):
+                k = total - step if nxt is None else min(total - step, -(-(nxt - tokens) // st.global_batch_tokens))
+                step, tokens = step + k, tokens + k * st.global_batch_tokens
+            rows.append({"stage": st.index, "anneal": st.anneal, "start_tokens": st.start_tokens,
+                         "first_step": first_step + 1 if step > first_step else None, "last_step": step,
+                         "tokens_from": first_tokens, "tokens_to": tokens, "steps": step - first_step,
+                         "global_batch_tokens": st.global_batch_tokens, "seq_len": st.seq_len,
+                         "sequences_per_batch": st.global_batch_tokens // st.seq_len,
+                         "rope_theta": st.rope_theta,
+                         "rope_scaling": dataclasses.asdict(st.rope_scaling) if st.rope_scaling else None,
+                         "mixture": st.mixture})
+        return rows
 
     def stage_at(self, tokens_seen: int) -> StageSettings:
         """The stage in force once ``tokens_seen`` training tokens have been consumed."""
@@ -425,6 +501,23 @@ class TrainConfig:
             raise ConfigError(f"train.tensor_parallel={tp}: must be >= 1 and divide the number of "
                               f"processes ({world_size})")
         return world_size // tp
+
+    def _validate_stages(self) -> None:
+        """What :meth:`resolved_stages` relies on: each stage's start given once, the anneal stage last."""
+        for i, s in enumerate(self.stages):
+            if s.anneal == (s.start_tokens is not None):
+                raise ConfigError(f"stages[{i}]: give exactly one of start_tokens and anneal = true")
+            if s.anneal:
+                if i != len(self.stages) - 1:
+                    raise ConfigError(f"stages[{i}]: the anneal stage must be the last of [[stages]]")
+                if self.optim.schedule != "linear-anneal":
+                    raise ConfigError(f"stages[{i}].anneal = true: needs optim.schedule = \"linear-anneal\"")
+            if s.rope_scaling is not None:
+                try:
+                    _rope_scaling(s.rope_scaling)
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"stages[{i}].rope_scaling: {e}; expected keys factor, low_freq_factor, "
+                                      f"high_freq_factor, original_max_seq_len") from None
 
     def validate(self, world_size: int = 1) -> None:
         """Check what types alone cannot; raises ConfigError("key: problem")."""
@@ -459,20 +552,31 @@ class TrainConfig:
             raise ConfigError(f"optim.betas={list(o.betas)}: each must be in [0, 1)")
         from llamalab.train.optim import lr_at
 
+        if o.anneal_tokens is not None:
+            if o.anneal_steps is not None:
+                raise ConfigError("optim: give anneal_steps or anneal_tokens, not both")
+            if o.anneal_tokens <= 0:
+                raise ConfigError(f"optim.anneal_tokens={o.anneal_tokens}: must be > 0")
+        self._validate_stages()
         try:
             lr_at(0, peak_lr=o.lr, warmup_steps=o.warmup_steps, total_steps=t.total_steps,
-                  min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, anneal_steps=o.anneal_steps)
+                  min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, anneal_steps=self.anneal_steps())
         except ValueError as e:
             raise ConfigError(f"optim: {e} (total_steps is train.total_steps)") from None
+        c = self.checkpoint
+        if c.anneal_every < 0:
+            raise ConfigError(f"checkpoint.anneal_every={c.anneal_every}: must be >= 0")
+        if c.average_anneal and o.schedule != "linear-anneal":
+            raise ConfigError("checkpoint.average_anneal = true averages the checkpoints of the learning rate's "
+                              "linear anneal: set optim.schedule = \"linear-anneal\" (and anneal_steps or "
+                              "anneal_tokens)")
+        if c.average_anneal and not (c.anneal_every or c.every):
+            raise ConfigError("checkpoint.average_anneal = true needs checkpoint.anneal_every (or every) > 0: "
+                              "the checkpoints to average")
         for name, src in self.data.sources.items():
             if not src.weight > 0:
                 raise ConfigError(f"data.sources.{name}.weight={src.weight}: must be > 0")
-        last = 0
         for i, s in enumerate(self.stages):
-            if s.start_tokens <= last:
-                raise ConfigError(f"stages[{i}].start_tokens={s.start_tokens}: must be greater than "
-                                  f"{'0' if i == 0 else f'stages[{i - 1}].start_tokens={last}'}")
-            last = s.start_tokens
             for name, w in (s.mixture or {}).items():
                 if name not in self.data.sources:
                     raise ConfigError(f"stages[{i}].mixture.{name}: no such data source "
@@ -483,6 +587,15 @@ class TrainConfig:
                 value = getattr(s, key)
                 if value is not None and value <= 0:
                     raise ConfigError(f"stages[{i}].{key}={value}: must be > 0")
+        last = 0
+        for i, st in enumerate(self.resolved_stages()[1:]):
+            if st.start_tokens <= last and st.anneal:
+                raise ConfigError(f"stages[{i}]: its anneal begins at {st.start_tokens:,} tokens, not after "
+                                  f"stages[{i - 1}] ({last:,} tokens); shorten the anneal or start that stage earlier")
+            if st.start_tokens <= last:
+                raise ConfigError(f"stages[{i}].start_tokens={st.start_tokens}: must be greater than "
+                                  f"{'0' if i == 0 else f'stages[{i - 1}].start_tokens={last}'}")
+            last = st.start_tokens
         f = self.finetune
         if not 0.0 <= f.val_fraction < 1.0:
             raise ConfigError(f"finetune.val_fraction={f.val_fraction}: must be in [0, 1)")
@@ -571,6 +684,24 @@ class TrainConfig:
                                   f"(set model.overrides.max_seq_len)")
             if f.method != "ppo":  # PPO's steps are ppo.minibatch_size answers, not a token budget
                 st.grad_accum_steps(dp)
+
+
+def _rope_scaling(fields: dict[str, float]) -> RopeScaling:
+    """A stage's ``rope_scaling`` table as the model's RopeScaling (the context length an int)."""
+    return RopeScaling(**{k: int(v) if k == "original_max_seq_len" else float(v) for k, v in fields.items()})
+
+
+def tokens_after_steps(stages: list[StageSettings], steps: int) -> int:
+    """Tokens seen after ``steps`` optimizer steps under ``stages`` (a stage takes over at the first
+    step that begins with at least its ``start_tokens`` seen, as the loop switches)."""
+    tokens, step = 0, 0
+    for i, st in enumerate(stages):
+        nxt = stages[i + 1].start_tokens if i + 1 < len(stages) else None
+        k = steps - step if nxt is None else min(steps - step, max(0, -(-(nxt - tokens) // st.global_batch_tokens)))
+        step, tokens = step + k, tokens + k * st.global_batch_tokens
+        if step >= steps:
+            break
+    return tokens
 
 
 def grad_accum_steps(global_batch_tokens: int, seq_len: int, micro_batch_size: int, world_size: int = 1, *,

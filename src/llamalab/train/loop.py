@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llamalab.checkpoint.native import load_weights
 from llamalab.config import ModelConfig
 from llamalab.data import DataError, MixtureLoader, eval_batches, find_shards, read_shard
 from llamalab.model import Transformer
@@ -315,10 +316,10 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 def _save(run_dir: Path, step: int, model: nn.Module, optimizer: Any, scheduler: Any, objective: Objective,
-          extra: dict[str, Any], keep_last: int, distributed: bool) -> Path:
+          extra: dict[str, Any], keep_last: int, distributed: bool, keep_from: int | None = None) -> Path:
     if not distributed:
         return save_checkpoint(run_dir, step, model, optimizer, scheduler, objective.data_state(), extra, keep_last,
-                               weights=objective.checkpoint_weights(model))
+                               weights=objective.checkpoint_weights(model), keep_from=keep_from)
     # N processes: DCP shards of model and optimizer, one RNG file per rank, then rank 0 seals it.
     import json
 
@@ -340,8 +341,9 @@ def _save(run_dir: Path, step: int, model: nn.Module, optimizer: Any, scheduler:
             shutil.rmtree(dst)
         os.rename(tmp, dst)
         if keep_last > 0:
-            for _, old in list_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            for old_step, old in list_checkpoints(run_dir)[:-keep_last]:
+                if keep_from is None or old_step < keep_from:
+                    shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return dst
 
@@ -391,13 +393,54 @@ def export_native(run_dir: Path, model: nn.Module, tokenizer: Any, distributed: 
     return write_checkpoint(ckpt, dst, to="native")
 
 
+def _replace_dir(src: Path, dst: Path, distributed: bool) -> None:
+    """Rename ``src`` to ``dst`` (rank 0), replacing it."""
+    if not distributed or dist.get_rank() == 0:
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(src, dst)
+    if distributed:
+        dist.barrier()
+
+
+@torch.no_grad()
+def average_into(model: nn.Module, paths: list[Path], objective: Objective, distributed: bool) -> None:
+    """Set ``model``'s parameters to the uniform mean of the training checkpoints ``paths``
+    (Polyak averaging, as Llama 3 §3.4.3 makes its final model from the anneal's checkpoints).
+
+    Each checkpoint is loaded into the model (one layout for one process and for FSDP shards) and
+    folded into a running mean kept in float64 (float32 under FSDP, to halve the extra memory), so
+    only one checkpoint's weights and the mean are held at a time."""
+    if not paths:
+        raise TrainingError("checkpoint averaging: no checkpoints of the anneal to average")
+    params = dict(model.named_parameters())
+    mean: dict[str, Tensor] = {}
+    for k, path in enumerate(paths, start=1):
+        if distributed:
+            load_sharded(path / "dcp", model)
+        else:
+            weights, _files = load_weights(path)
+            if model.config.tie_embeddings and "tok_embeddings.weight" in weights:
+                weights.setdefault("output.weight", weights["tok_embeddings.weight"])
+            objective.load_weights(model, weights, str(path))
+        for name, p in params.items():
+            x = p.detach().to(torch.float32 if distributed else torch.float64)
+            if k == 1:
+                mean[name] = x.clone()
+            else:
+                mean[name] += (x - mean[name]) / k
+    for name, p in params.items():
+        p.copy_(mean[name].to(p.dtype))
+
+
 # ---------------------------------------------------------------- pretraining as an objective
 
 
-def _set_rope_theta(model: Transformer, theta: float, device: torch.device) -> bool:
-    if model.config.rope_theta == theta:
+def _set_rope(model: Transformer, stage: StageSettings, device: torch.device) -> bool:
+    """Give the model the stage's RoPE base and scaling (the rotary table is rebuilt; no weight changes)."""
+    if model.config.rope_theta == stage.rope_theta and model.config.rope_scaling == stage.rope_scaling:
         return False
-    model.config = model.config.replace(rope_theta=theta)
+    model.config = model.config.replace(rope_theta=stage.rope_theta, rope_scaling=stage.rope_scaling)
     model.init_buffers(device)
     return True
 
@@ -482,7 +525,7 @@ class PretrainObjective(Objective):
         self.loader = _make_loader(cfg, self.data, self.stage, dp_rank, dp_size)
         if self._loader_state is not None and self._saved_stage == self.stage.index:
             self.loader.load_state_dict(self._loader_state)
-        _set_rope_theta(model, self.stage.rope_theta, device)
+        _set_rope(model, self.stage, device)
         self.model = model
         # The fused head + loss calls the model's trunk directly, which FSDP's hooks on forward() would
         # not see: sharded runs keep the plain head and F.cross_entropy.
@@ -494,12 +537,21 @@ class PretrainObjective(Objective):
         if new_stage.index != self.stage.index:
             self.stage = st = new_stage
             self.loader = _make_loader(self.cfg, self.data, st, self.dp_rank, self.dp_size)
-            _set_rope_theta(self.model, st.rope_theta, self.device)
-            say(f"pretrain: stage {st.index} from {tokens_seen:,} tokens: batch {st.global_batch_tokens:,} tokens, "
-                f"seq_len {st.seq_len}, rope_theta {st.rope_theta:g}, mixture {st.mixture}")
+            _set_rope(self.model, st, self.device)
+            say(f"pretrain: stage {st.index}{' (anneal)' if st.anneal else ''} from {tokens_seen:,} tokens: batch "
+                f"{st.global_batch_tokens:,} tokens, seq_len {st.seq_len}, rope_theta {st.rope_theta:g}"
+                + (f", rope scaling x{st.rope_scaling.factor:g}" if st.rope_scaling else "")
+                + f", mixture {st.mixture}")
         accum = self.stage.grad_accum_steps(self.dp_size)
+        before = list(self.loader.taken)
         items = [(next(self.loader), 1.0 / accum) for _ in range(accum)]
+        # Every rank plans the whole global batch, so these shares are the step's, not this rank's.
+        drawn = [a - b for a, b in zip(self.loader.taken, before)]
+        self._shares = {f"mix_{n}": d / max(sum(drawn), 1) for n, d in zip(self.loader.names, drawn)}
         return StepBatches(items, self.stage.global_batch_tokens, self.stage.seq_len)
+
+    def step_figures(self) -> dict[str, float]:
+        return dict(getattr(self, "_shares", {}))
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         tokens, doc_ids = batch
@@ -521,7 +573,9 @@ class PretrainObjective(Objective):
         return self.loader.state_dict()
 
     def checkpoint_extra(self, model: nn.Module) -> dict[str, Any]:
-        return {"stage": self.stage.index, "rope_theta": model.config.rope_theta}
+        scaling = model.config.rope_scaling
+        return {"stage": self.stage.index, "rope_theta": model.config.rope_theta,
+                "rope_factor": scaling.factor if scaling is not None else 1.0}
 
     def flops_per_token(self, model: nn.Module, seq_len: int) -> float | None:
         return flops_per_token(model.config, seq_len)
@@ -588,6 +642,9 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
     mesh = build_mesh(world_size, tp=t.tensor_parallel) if distributed else None
     model = objective.build_model(device, precision, mesh)
     model.train()
+    for m in model.modules():  # the Transformer inside any wrapper (reward/value heads, FSDP)
+        if hasattr(m, "document_attention"):
+            m.document_attention = "dense" if t.document_attention == "auto" and t.compile else t.document_attention
     dp_rank, dp_size = data_parallel_rank_and_size(mesh)
     # bf16: autocast in one process; with FSDP2 its mixed-precision policy casts the parameters instead.
     use_autocast = precision == "bf16" and not distributed
@@ -598,8 +655,14 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
     o = cfg.optim
     optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps, o.fused,
                                 decay_embeddings=o.decay_embeddings)
+    anneal_steps = cfg.anneal_steps()
     scheduler = build_scheduler(optimizer, warmup_steps=o.warmup_for(total_steps), total_steps=total_steps,
-                                min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, anneal_steps=o.anneal_steps)
+                                min_lr_ratio=o.min_lr_ratio, schedule=o.schedule, anneal_steps=anneal_steps)
+    # Checkpoint averaging (Llama 3): the anneal's checkpoints are saved more often and never pruned.
+    anneal_from = total_steps - anneal_steps if anneal_steps else None
+    averaging = cfg.checkpoint.average_anneal and anneal_from is not None
+    anneal_every = cfg.checkpoint.anneal_every or cfg.checkpoint.every
+    keep_from = anneal_from + 1 if averaging else None
 
     # -- resume
     step, tokens_seen, skipped, in_a_row = 0, 0, 0, 0
@@ -672,7 +735,7 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
             while step < total_steps:
                 if _any_rank(sigterm.raised, device):
                     path = _save(run_dir, step, model, optimizer, scheduler, objective, extra_of(),
-                                 cfg.checkpoint.keep_last, distributed) if last_saved != step else \
+                                 cfg.checkpoint.keep_last, distributed, keep_from) if last_saved != step else \
                         checkpoint_dir(run_dir, step)
                     say(f"{label}: SIGTERM: saved checkpoint {path} (step {step}); exiting. Run the same "
                         f"command to resume.")
@@ -743,7 +806,7 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
                         "mfu": step_mfu, "tokens_seen": tokens_seen, **objective.checkpoint_extra(model),
                         "skipped_nonfinite": skipped, "rss_mb": round(_rss_mb(), 1),
                         "peak_rss_mb": round(_peak_rss_mb(), 1)}
-                    record.pop("rope_theta", None)
+                    record.update(batch_tokens=plan.tokens, seq_len=plan.seq_len, **objective.step_figures())
                     record.update({k: float(v) for k, v in stat_sums.items()})
                     if device.type == "cuda":
                         record["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -770,18 +833,26 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
                             f"in a row (train.max_nonfinite_steps = {t.max_nonfinite_steps}); the last good checkpoint "
                             f"is {last if last is not None else 'none (nothing saved yet)'}, left intact; lower "
                             f"optim.lr or check the data, then run again to resume from it")
-                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps \
-                        and in_a_row == 0:
+                periodic = bool(cfg.checkpoint.every) and step % cfg.checkpoint.every == 0
+                in_anneal = averaging and step > anneal_from and (step - anneal_from) % anneal_every == 0
+                if (periodic or in_anneal) and step < total_steps and in_a_row == 0:
                     _save(run_dir, step, model, optimizer, scheduler, objective, extra_of(), cfg.checkpoint.keep_last,
-                          distributed)
+                          distributed, keep_from)
                     last_saved = step
 
             final = None
             if status != "preempted":
                 if last_saved != step and (resume_from is None or step != start_step):
                     _save(run_dir, step, model, optimizer, scheduler, objective, extra_of(), cfg.checkpoint.keep_last,
-                          distributed)
+                          distributed, keep_from)
                 if status in ("completed", "stopped early") or not (run_dir / "final").exists():
+                    if averaging and step > anneal_from:
+                        objective.export(run_dir, model, distributed)  # the last weights, kept beside the mean
+                        _replace_dir(run_dir / "final", run_dir / "final-last", distributed)
+                        paths = [p for s_, p in list_checkpoints(run_dir) if s_ > anneal_from]
+                        say(f"{label}: final = the mean of the anneal's {len(paths)} checkpoints "
+                            f"(steps {anneal_from + 1}-{step}); the last step's weights are in final-last")
+                        average_into(model, paths, objective, distributed)
                     final = objective.export(run_dir, model, distributed)
                 else:
                     final = run_dir / "final"

@@ -103,6 +103,10 @@ class Objective(ABC):
         """Put the weights of a training checkpoint (as :meth:`checkpoint_weights` chose) into ``model``."""
         model.load_state_dict(weights, strict=True)
 
+    def step_figures(self) -> dict[str, float]:
+        """Figures of the step just taken that the metrics record (e.g. the share of each data source)."""
+        return {}
+
     def flops_per_token(self, model: nn.Module, seq_len: int) -> float | None:
         """Training FLOPs per token for MFU, or None where no honest figure exists."""
         return None

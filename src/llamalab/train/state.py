@@ -106,9 +106,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: str | os.PathLike[str], step: int, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None, scheduler: Any | None,
                     loader_state: dict[str, Any], extra: dict[str, Any], keep_last: int, *,
-                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    weights: dict[str, torch.Tensor] | None = None, keep_from: int | None = None) -> Path:
     """Write ``run_dir/checkpoints/step-{step:06d}`` atomically, then keep the newest ``keep_last``
     complete checkpoints (0: keep all). Returns the directory.
+
+    ``keep_from``: checkpoints of this step and later are never pruned (the anneal's, to average).
 
     ``weights``: what to store instead of the whole model's state dict (a LoRA run stores only
     its adapters); the manifest then says ``"partial": true``.
@@ -148,8 +150,9 @@ def save_checkpoint(run_dir: str | os.PathLike[str], step: int, model: nn.Module
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     if keep_last > 0:
-        for _, path in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+        for old_step, path in list_checkpoints(run_dir)[:-keep_last]:
+            if keep_from is None or old_step < keep_from:
+                shutil.rmtree(path, ignore_errors=True)
     return dst
 
 
