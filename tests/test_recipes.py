@@ -259,6 +259,9 @@ def test_cpu_replay_of_the_llama3_schedule(corpus: Path, tmp_path: Path) -> None
         torch.testing.assert_close(final[name].double(), mean, rtol=0, atol=1e-6)
         torch.testing.assert_close(last[name], states[-1][name], rtol=0, atol=0)
     assert not torch.equal(final["layers.0.attention.wq.weight"], last["layers.0.attention.wq.weight"])
+    # `llamalab plot` draws the staged schedule beside loss and lr.
+    assert main(["plot", str(run_dir)]) == 0
+    assert (run_dir / "plots" / "schedule.png").stat().st_size > 10_000
     # The exported model carries the last stage's RoPE (base and scaling).
     manifest = json.loads((run_dir / "final" / "llamalab.json").read_text())
     assert manifest["config"]["rope_theta"] == 500000.0 and manifest["config"]["rope_scaling"]["factor"] == 4.0

@@ -199,4 +199,43 @@ def plot_run(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str] | 
         path = out / f"{name}.png"
         fig.savefig(path)
         written.append(path)
+    path = _plot_schedule(records, out, Path(run_dir).name, Figure)
+    if path is not None:
+        written.append(path)
     return written
+
+
+def _plot_schedule(records: list[dict[str, Any]], out: Path, title: str, figure: Any) -> Path | None:
+    """``schedule.png`` for a staged run (Llama 3): lr, batch, length, RoPE and each source's share
+    against the tokens seen, one panel each; None when nothing but the lr changes."""
+    recs = [r for r in records if isinstance(r.get("batch_tokens"), int) and "tokens_seen" in r]
+    if len({(r["batch_tokens"], r.get("seq_len"), r.get("rope_theta"), r.get("rope_factor")) for r in recs}) < 2:
+        return None
+    x = [r["tokens_seen"] - r["batch_tokens"] for r in recs]  # where each step begins
+    mixes = sorted({k for r in recs for k in r if k.startswith("mix_")})
+    panels = [("learning rate", [("lr", "lr")]), ("batch (tokens)", [("batch_tokens", "batch")]),
+              ("sequence length", [("seq_len", "seq_len")]),
+              ("RoPE base", [("rope_theta", "base"), ("rope_factor", "scaling factor")])]
+    if mixes:
+        panels.append(("share of sequences", [(k, k[4:]) for k in mixes]))
+    fig = figure(figsize=(7, 2 * len(panels)), dpi=100)
+    axes = fig.subplots(len(panels), 1, sharex=True)
+    for ax, (ylabel, keys) in zip(axes, panels):
+        for key, label in keys:
+            ys = [r.get(key, float("nan")) for r in recs]
+            if key == "rope_factor":  # its own axis, dashed: it changes where the base often does
+                twin = ax.twinx()
+                twin.step(x, ys, where="post", color="C1", linestyle="--")
+                twin.set_ylabel("scaling factor (dashed)", color="C1")
+            else:
+                ax.step(x, ys, where="post", label=label)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 and keys[1][0] != "rope_factor":
+            ax.legend(fontsize=8)
+    axes[-1].set_xlabel("tokens seen")
+    axes[0].set_title(f"{title}: schedule")
+    fig.tight_layout()
+    path = out / "schedule.png"
+    fig.savefig(path)
+    return path
