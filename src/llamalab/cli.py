@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_quantize_parser(sub)
 
+    from llamalab.scaling.cli import add_scaling_parser
+
+    add_scaling_parser(sub)
 
     p = sub.add_parser("info", help="describe a checkpoint, or this machine", formatter_class=fmt,
                        description="Format, config, parameter count and memory needs of a checkpoint; without "
