@@ -120,3 +120,48 @@ def test_peaked_scores(dtype: torch.dtype) -> None:
     got = gemv.decode_attention(qkv, rope, k_cache, v_cache, pos, nh, nkv)
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.double(), want.double(), **tol)
+
+
+# ---------------------------------------------------------------- each row at its own position
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("nh,nkv,d,positions", [(9, 3, 64, [0, 17, 5, 63]), (8, 2, 12, [30, 2, 11]),
+                                                (4, 4, 16, [7])])
+def test_rows_at_their_own_positions_match_the_formula_row_by_row(dtype: torch.dtype, nh: int, nkv: int, d: int,
+                                                                   positions: list[int]) -> None:
+    """decode_attention_rows: row b rotated by its own position's table, written at its own slot,
+    attending over its own slots [0, pos_b]: each row equals the formula's one-row step at that
+    position (rows after the batch untouched)."""
+    g = torch.Generator().manual_seed(len(positions) * 7 + d)
+    bsz, slots, rows = len(positions), 64, len(positions) + 1
+    qkv = torch.randn(bsz, 1, (nh + 2 * nkv) * d, generator=g).to(dtype)
+    k_cache = torch.randn(rows, nkv, slots, d, generator=g).to(dtype)
+    v_cache = torch.randn(rows, nkv, slots, d, generator=g).to(dtype)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    rope = torch.stack([_rope(p, d) for p in positions])  # (B, d/2, 2)
+    got = gemv.decode_attention_rows(qkv, rope, k_cache, v_cache, torch.tensor(positions), nh, nkv)
+    assert got.shape == (bsz, 1, nh * d) and got.dtype == dtype
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    kt = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-6, rtol=2 ** -7)
+    for b, pos in enumerate(positions):
+        want, want_k, want_v = _reference(qkv[b:b + 1], rope[b], k0[b:b + 1], v0[b:b + 1], pos, nh, nkv)
+        torch.testing.assert_close(got[b:b + 1].double(), want.double(), **tol)
+        torch.testing.assert_close(k_cache[b:b + 1], want_k, **kt)
+        torch.testing.assert_close(v_cache[b:b + 1], want_v, atol=0, rtol=0)
+    assert torch.equal(k_cache[bsz:], k0[bsz:]) and torch.equal(v_cache[bsz:], v0[bsz:])
+
+
+@needs_kernel
+def test_rows_bad_input_is_a_clear_error() -> None:
+    nh, nkv, d = 4, 2, 8
+    qkv = torch.randn(2, (nh + 2 * nkv) * d)
+    kc, vc = torch.zeros(2, nkv, 8, d), torch.zeros(2, nkv, 8, d)
+    rope = torch.stack([_rope(0, d), _rope(3, d)])
+    with pytest.raises(RuntimeError, match="row 1's position 8 outside the cache's 8 slots"):
+        gemv.decode_attention_rows(qkv, rope, kc, vc, torch.tensor([0, 8]), nh, nkv)
+    with pytest.raises(RuntimeError, match="one per row"):
+        gemv.decode_attention_rows(qkv, rope, kc, vc, torch.tensor([0]), nh, nkv)
+    with pytest.raises(RuntimeError, match="each row's rotary table"):
+        gemv.decode_attention_rows(qkv, rope[:1], kc, vc, torch.tensor([0, 3]), nh, nkv)

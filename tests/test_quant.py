@@ -46,6 +46,8 @@ def _expected_isas() -> list[str]:
     isas = ["avx2"] if {"avx2", "fma", "f16c"} <= set(flags) else []
     if isas and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags):
         isas.append("avx512vnni")
+        if {"amx_tile", "amx_int8"} <= set(flags):  # (Linux lists them where it saves the tile state)
+            isas.append("amx")
     return isas
 
 
@@ -121,10 +123,12 @@ def test_activation_quantization_is_llama_cpps() -> None:
 @needs_kernel
 @pytest.mark.parametrize("type_name", TYPES)
 # Row counts off the kernels' groups of 4 and 8; 2-5 rows of x: the prefill kernels that take 2, 3
-# or 4 rows of x at once, and their remainders; 16 and more: the panels (AVX-512), a last partial
-# group of weight rows and a last partial set of rows of x.
+# or 4 rows of x at once, and their remainders; 16 and more: the panels (AVX-512) and the AMX tiles
+# (Q8_0 in place, 16 rows at a time; K = 1536 in slices), a last partial group of weight rows and a
+# last partial set of rows of x; 8 and 12 rows against 1030 weight rows: AMX's 8-column tiles and a
+# part-filled 16-column one.
 @pytest.mark.parametrize("n,k,m", [(1, 32, 1), (3, 64, 2), (7, 576, 1), (16, 96, 2), (13, 576, 3), (13, 576, 5),
-                                   (13, 576, 16), (64, 1536, 17), (21, 96, 33)])
+                                   (13, 576, 16), (64, 1536, 17), (21, 96, 33), (1030, 64, 8), (1030, 96, 12)])
 def test_kernel_equals_float64_reference(type_name: str, n: int, k: int, m: int) -> None:
     g = torch.Generator().manual_seed(n * 1000 + k + m)
     blocks = _blocks(torch.randn(n, k, generator=g) * 0.05, type_name)
@@ -494,7 +498,7 @@ def _more_blocks(n: int, k: int, type_name: str, seed: int) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize("type_name", MORE_TYPES)
 @pytest.mark.parametrize("n,k,m", [(1, 256, 1), (7, 512, 2), (13, 1536, 3), (16, 256, 5), (3, 256, 4),
-                                   (21, 512, 33)])
+                                   (21, 512, 33), (18, 1536, 17)])
 def test_more_types_kernel_equals_float64_reference(type_name: str, n: int, k: int, m: int) -> None:
     blocks = _more_blocks(n, k, type_name, seed=n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))

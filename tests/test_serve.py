@@ -655,3 +655,34 @@ def test_serve_parser() -> None:
         s.listen()
         with pytest.raises(OSError, match="cannot listen"):
             _check_port_free("127.0.0.1", s.getsockname()[1])
+
+
+def test_workers_run_the_model_with_the_threads_asked_on_their_own_thread() -> None:
+    """torch's thread count is per thread: the worker sets its own (``llamalab serve`` keeps its
+    own thread at 1 and gives the worker ``--threads``; see serve/cli.py for why)."""
+    import asyncio
+
+    import torch
+
+    from llamalab.serve.worker import DONE, GenerationWorker, Job
+
+    async def threads_on(worker: GenerationWorker) -> int:
+        job = Job([], None, False, asyncio.get_running_loop(), call=torch.get_num_threads)
+        worker.submit(job)
+        kind, payload = await asyncio.wait_for(job.events.get(), 30)
+        assert kind == DONE
+        return payload
+
+    here = torch.get_num_threads()
+    for asked in (1, 3):
+        worker = GenerationWorker(None, threads=asked)
+        try:
+            assert asyncio.run(threads_on(worker)) == asked
+        finally:
+            worker.stop()
+    worker = GenerationWorker(None)  # default: the creating thread's count
+    try:
+        assert asyncio.run(threads_on(worker)) == here
+    finally:
+        worker.stop()
+    assert torch.get_num_threads() == here

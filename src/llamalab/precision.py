@@ -136,20 +136,22 @@ def hardware_line() -> str:
 
 def describe_hardware(device: "torch.device | str" = "cpu") -> dict[str, str]:
     """What llamalab runs on here: the CPU, its vector extensions, what ``auto`` picks, and the
-    decode kernel's path (builds it on first call)."""
+    paths of the decode kernel and of the quantized-matmul kernel (builds them on first call)."""
     import torch
 
     flags = cpu_flags()
     isa = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16",
-                       "asimd", "sve", "bf16") if f in flags]
+                       "amx_int8", "asimd", "sve", "bf16") if f in flags]
     auto = resolve_precision("auto", device)
     from llamalab.generate.gemv import isa as kernel_isa
+    from llamalab.quant.kernels import isa as quant_isa
 
     info = {
         "cpu": f"{cpu_name()} ({platform.machine()}, {torch.get_num_threads()} threads)",
         "cpu_features": " ".join(isa) or "none detected",
         "precision_auto": auto + ("" if auto == "bf16" else " (no native bf16 on this device)"),
         "decode_kernel": kernel_isa(),
+        "quantized_kernel": quant_isa(),  # GGUF blocks' products: avx2, avx512vnni, amx, or none: why
         "onednn_bf16": str(bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())),
     }
     return info

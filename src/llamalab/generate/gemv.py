@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["gemv_available", "unavailable_reason", "gemv", "decode_attention", "isa", "available_isas", "use_isa", "MAX_ROWS"]
+__all__ = ["gemv_available", "unavailable_reason", "gemv", "decode_attention", "decode_attention_rows", "isa", "available_isas", "use_isa", "MAX_ROWS"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,16 @@ def gemv(x: Tensor, weight: Tensor, other: Tensor | None = None, float_out: bool
     return torch.ops.llamalab.gemv(x, weight, other, float_out, norm, eps, swiglu)
 
 
+def _attention_ready(dtype: torch.dtype) -> None:
+    """Raise, saying why, unless the attention op is built and runs ``dtype`` here."""
+    if _built != "":
+        if torch.compiler.is_compiling():
+            raise RuntimeError("llamalab decode_attention: call gemv_available() before compiling code that uses it")
+        reason = unavailable_reason(dtype)
+        if reason:
+            raise RuntimeError(f"llamalab decode_attention: {reason}")
+
+
 def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, pos: int,
                      n_heads: int, n_kv_heads: int) -> Tensor:
     """One decode step's attention of a layer, in one call (``csrc/attention.cpp``).
@@ -171,10 +181,16 @@ def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor
     ``[0, B)``, and returns every query head's attention over slots ``[0, pos]`` (B, [1,]
     n_heads head_dim), computed in fp32 and rounded once to the model's dtype.
     """
-    if _built != "":
-        if torch.compiler.is_compiling():
-            raise RuntimeError("llamalab decode_attention: call gemv_available() before compiling code that uses it")
-        reason = unavailable_reason(qkv.dtype)
-        if reason:
-            raise RuntimeError(f"llamalab decode_attention: {reason}")
+    _attention_ready(qkv.dtype)
     return torch.ops.llamalab.decode_attention(qkv, rope, k_cache, v_cache, pos, n_heads, n_kv_heads)
+
+
+def decode_attention_rows(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
+                          n_heads: int, n_kv_heads: int) -> Tensor:
+    """:func:`decode_attention` with each batch row at its own position (continuous batching).
+
+    ``positions`` (B,) int64: row ``b``'s new token goes into slot ``positions[b]`` and attends
+    over slots ``[0, positions[b]]``; ``rope`` (B, head_dim/2, 2): each row's (cos, sin) pairs.
+    """
+    _attention_ready(qkv.dtype)
+    return torch.ops.llamalab.decode_attention_rows(qkv, rope, k_cache, v_cache, positions, n_heads, n_kv_heads)

@@ -7,8 +7,10 @@ AVX-512 VNNI ``VPDPBUSD``), and several weights that read the same x (a layer's 
 one call with their outputs side by side. Optional RMSNorm or SwiGLU of x first and a residual
 added after, as the decode kernel (``llamalab.generate.gemv``) does.
 
-Paths: ``avx2`` (AVX2 + FMA + F16C) and ``avx512vnni`` (AVX-512F/BW/VL + VNNI), chosen by what
-the CPU reports; ``LLAMALAB_QUANT_ISA=avx2|avx512vnni`` or :func:`use_isa` forces one the CPU has.
+Paths: ``avx2`` (AVX2 + FMA + F16C), ``avx512vnni`` (AVX-512F/BW/VL + VNNI) and ``amx`` (those, and
+AMX int8 tiles for products of many rows of x: prefill, batched decode), chosen by what the CPU
+(and, for AMX, the OS) reports; ``LLAMALAB_QUANT_ISA=avx2|avx512vnni|amx`` or :func:`use_isa`
+forces one the CPU has.
 Where the kernel cannot be had (not x86-64, no AVX2, no compiler or ninja, ``LLAMALAB_QUANT=0``)
 :func:`kernel_available` is False, :func:`unavailable_reason` says why, and
 :class:`~llamalab.quant.linear.QuantizedLinear` runs the pure-PyTorch reference instead.
@@ -35,6 +37,7 @@ __all__ = ["kernel_available", "unavailable_reason", "qmatmul", "isa", "availabl
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("csrc") / "qmatmul.cpp"
+_HEADER = Path(__file__).parents[1] / "generate" / "csrc" / "x86_simd.h"  # included
 _NAME = "llamalab_quant"
 _lock = threading.Lock()
 _built: str | None = None  # '' once loaded, else why not
@@ -43,7 +46,7 @@ _built: str | None = None  # '' once loaded, else why not
 def _build() -> str:
     from llamalab.cext import build_extension
 
-    reason = build_extension(_NAME, [_SOURCE], disable_env="LLAMALAB_QUANT", what="quantized-matmul kernel")
+    reason = build_extension(_NAME, [_SOURCE], [_HEADER], disable_env="LLAMALAB_QUANT", what="quantized-matmul kernel")
     if reason:
         return reason
     for op, rule in (("qmatmul", _shape), ("dequantize", _dequantized_shape)):
@@ -92,7 +95,7 @@ def kernel_available() -> bool:
 
 
 def isa() -> str:
-    """The path in use ("avx2", "avx512vnni"), or "none: <why>"."""
+    """The path in use ("avx2", "avx512vnni", "amx"), or "none: <why>"."""
     reason = unavailable_reason()
     return f"none: {reason}" if reason else torch.ops.llamalab_quant.isa()
 

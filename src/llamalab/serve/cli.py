@@ -12,8 +12,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["add_serve_parser", "cmd_serve"]
 
@@ -87,6 +88,29 @@ def _check_port_free(host: str, port: int) -> None:
             raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+T = TypeVar("T")
+
+
+def _on_own_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` run on a new thread (waited for); its result, or its exception raised here."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # re-raised on the caller's thread, which reports it
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="llamalab-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Load the model, then serve it with uvicorn until interrupted."""
     import time
@@ -104,27 +128,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.grace < 0:
         raise ValueError(f"--grace {args.grace}: expected seconds >= 0")
     _check_port_free(args.host, args.port)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # The model runs on the worker's thread, with `threads` threads; this (uvicorn's) thread never
+    # runs parallel work. GNU OpenMP keeps a pool of threads per thread that starts parallel work,
+    # and once it manages more threads than there are cores it stops spinning between parallel
+    # regions and sleeps instead: a model loaded here with 2 threads, then stepped on the worker
+    # with 2 more, ran its decode steps 2.6x slower on a 2-core machine (measured: 20 vs 7.7 ms a
+    # step). So this thread takes 1, and the loading runs on a thread of its own, whose pool ends
+    # with it.
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)
     name = args.name or model_id(args.model)
     t0 = time.perf_counter()
     from llamalab.precision import hardware_line, parse_load_dtype
 
     print(hardware_line(), file=sys.stderr)
-    lm = llamalab.load(args.model, dtype=parse_load_dtype(args.dtype))
-    generator = None
-    if args.compile and lm.tokenizer is not None:  # (without one, create_app says so)
-        from llamalab.generate import Generator
 
-        generator = Generator(lm.model, lm.tokenizer, vocab_limit=lm.tokenizer.vocab_size, compile=True)
-        print("llamalab serve: compiling the decode step (--compile) before serving ...", file=sys.stderr, flush=True)
-        print(f"llamalab serve: compiled in {generator.warm_up():.1f} s", file=sys.stderr, flush=True)
+    def load() -> tuple[Any, Any]:
+        torch.set_num_threads(threads)
+        lm = llamalab.load(args.model, dtype=parse_load_dtype(args.dtype))
+        generator = None
+        if args.compile and lm.tokenizer is not None:  # (without one, create_app says so)
+            from llamalab.generate import Generator
+
+            generator = Generator(lm.model, lm.tokenizer, vocab_limit=lm.tokenizer.vocab_size, compile=True)
+            print("llamalab serve: compiling the decode step (--compile) before serving ...", file=sys.stderr,
+                  flush=True)
+            print(f"llamalab serve: compiled in {generator.warm_up():.1f} s", file=sys.stderr, flush=True)
+        return lm, generator
+
+    lm, generator = _on_own_thread(load)
     context = lm.config.max_seq_len
     if args.ctx_size is not None and not 1 <= args.ctx_size <= context:
         raise ValueError(f"--ctx-size {args.ctx_size}: expected 1..{context} (the model's context)")
     api_key = args.api_key or os.environ.get("LLAMALAB_API_KEY") or None
     app = create_app(lm, name, generator=generator, default_max_tokens=args.default_max_tokens,
-                     parallel=args.parallel, ctx_size=args.ctx_size, api_key=api_key)
+                     parallel=args.parallel, ctx_size=args.ctx_size, api_key=api_key, threads=threads)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"llamalab serve: loaded {name} in {time.perf_counter() - t0:.1f} s; "
           f"serving http://{shown}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)

@@ -71,11 +71,26 @@ class Job:
             pass
 
 
+def _threads_here() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _use_threads(n: int) -> None:
+    """``n`` threads for the model on the calling thread (torch's count is per thread: see
+    ``llamalab serve``, which keeps its own thread at 1)."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
 class GenerationWorker:
     """A daemon thread running :class:`Job` s one at a time, first come first served."""
 
-    def __init__(self, generator: Any) -> None:
+    def __init__(self, generator: Any, *, threads: int | None = None) -> None:
         self.generator = generator
+        self.threads = threads or _threads_here()  # the model's, on this worker's thread
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -111,6 +126,7 @@ class GenerationWorker:
         self._queue.put(job)
 
     def _run(self) -> None:
+        _use_threads(self.threads)
         while True:
             job = self._queue.get()
             if job is None:
@@ -166,10 +182,11 @@ class BatchingWorker:
     """
 
     def __init__(self, generator: Any, *, max_batch: int = 4, max_seq_len: int | None = None,
-                 on_step: Any = None, on_finish: Any = None) -> None:
+                 on_step: Any = None, on_finish: Any = None, threads: int | None = None) -> None:
         from llamalab.generate.batching import ContinuousBatcher
 
         self.generator = generator
+        self.threads = threads or _threads_here()  # the model's, on this worker's thread
         self.batcher = ContinuousBatcher(generator, max_batch=max_batch, max_seq_len=max_seq_len)
         self.max_seq_len = self.batcher.max_seq_len
         self._queue: queue.Queue[Job | None] = queue.Queue()
@@ -218,6 +235,7 @@ class BatchingWorker:
     # ------------------------------------------------------------------ the thread
 
     def _run(self) -> None:
+        _use_threads(self.threads)
         stopping = False
         while not stopping:
             idle = not self.batcher.has_work()

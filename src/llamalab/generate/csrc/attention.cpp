@@ -82,29 +82,7 @@ LLAMALAB_AVX2 __m128 dot4_avx2(const float* q, const T* k, int64_t stride, int64
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// exp(x) for x <= 0 (scores minus their maximum), 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by
-// its Taylor polynomial to degree 7 (relative error < 2e-8 there), 2^n put into the exponent
-// bits. Below -87 the result is flushed to 0 (e^-87 ~ 1.6e-38, under fp32's normal range).
-LLAMALAB_AVX2 inline __m256 exp_avx2(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.0f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(x, lo);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // ln2 split in two so that n * ln2 is subtracted without losing r's low bits
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
-  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(scale)));
-}
+using llamalab_simd::exp_avx2;
 
 // softmax(q . K[0..end) * scale) . V[0..end) for one query head, d a multiple of 8.
 template <typename T>
@@ -180,13 +158,14 @@ void attend(const float* q, const T* k, const T* v, int64_t end, int64_t d, floa
   for (int64_t t = 0; t < end; ++t) axpy_scalar<T>(scores[t] * inv, v + t * d, out, d);
 }
 
+// Row b's token at position pos[b] (`rope_stride` 0: one rotary table for every row, else row b's
+// table at rope + b * rope_stride).
 template <typename T>
-void step(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& k_cache, at::Tensor& v_cache, int64_t pos,
-          int64_t nh, int64_t nkv, at::Tensor& y) {
+void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Tensor& k_cache, at::Tensor& v_cache,
+          const int64_t* positions, int64_t nh, int64_t nkv, at::Tensor& y) {
   const int64_t bsz = qkv.size(0), d = k_cache.size(3), slots = k_cache.size(2), half = d / 2;
   const int64_t width = (nh + 2 * nkv) * d;
   const T* in = static_cast<const T*>(qkv.data_ptr());
-  const float* rp = rope.data_ptr<float>();  // (d/2, 2): cos, sin
   T* kc = static_cast<T*>(k_cache.data_ptr());
   T* vc = static_cast<T*>(v_cache.data_ptr());
   T* yp = static_cast<T*>(y.data_ptr());
@@ -194,6 +173,8 @@ void step(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& k_cache, at
   std::vector<float> q(static_cast<size_t>(bsz * nh * d));
   for (int64_t b = 0; b < bsz; ++b) {
     const T* row = in + b * width;
+    const int64_t pos = positions[b];
+    const float* rp = rope + b * rope_stride;  // (d/2, 2): cos, sin
     for (int64_t h = 0; h < nh + nkv; ++h) {
       const T* x = row + h * d;
       const bool is_key = h >= nh;
@@ -217,24 +198,27 @@ void step(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& k_cache, at
       std::copy(x, x + d, vc + ((b * nkv + g) * slots + pos) * d);
     }
   }
-  const int64_t end = pos + 1, group = nh / nkv, heads = bsz * nh;
+  const int64_t group = nh / nkv, heads = bsz * nh;
+  int64_t longest = 1;
+  for (int64_t b = 0; b < bsz; ++b) longest = std::max(longest, positions[b] + 1);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const bool avx2 = cpu_has_avx2();
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 2 * end * d));
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 2 * longest * d));
   at::parallel_for(0, heads, grain, [&](int64_t h0, int64_t h1) {
     std::vector<float> scores, out(static_cast<size_t>(d));
     for (int64_t bh = h0; bh < h1; ++bh) {
       const int64_t b = bh / nh, h = bh % nh, g = h / group;
       const int64_t base = (b * nkv + g) * slots * d;
-      attend<T>(q.data() + bh * d, kc + base, vc + base, end, d, scale, avx2, scores, out.data());
+      attend<T>(q.data() + bh * d, kc + base, vc + base, positions[b] + 1, d, scale, avx2, scores, out.data());
       T* dst = yp + b * nh * d + h * d;
       for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(out[c]);
     }
   });
 }
 
-at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& k_cache, at::Tensor& v_cache,
-                            int64_t pos, int64_t n_heads, int64_t n_kv_heads) {
+// The checks both ops share; returns qkv's batch size.
+int64_t check_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t n_heads,
+                   int64_t n_kv_heads) {
   TORCH_CHECK(n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads == 0, "decode_attention: ", n_heads,
               " query heads do not split into groups of ", n_kv_heads, " key/value heads");
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == n_kv_heads,
@@ -255,21 +239,54 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rope, at::T
               qkv.sizes());
   const int64_t bsz = qkv.size(0);
   TORCH_CHECK(bsz <= k_cache.size(0), "decode_attention: ", bsz, " rows for a cache of ", k_cache.size(0));
+  return bsz;
+}
+
+at::Tensor run_step(const at::Tensor& qkv, const at::Tensor& rope, int64_t rope_stride, at::Tensor& k_cache,
+                    at::Tensor& v_cache, const int64_t* positions, int64_t n_heads, int64_t n_kv_heads) {
+  const at::Tensor x = qkv.contiguous();
+  std::vector<int64_t> shape = qkv.sizes().vec();
+  shape.back() = n_heads * k_cache.size(3);
+  at::Tensor y = at::empty(shape, qkv.options());
+  if (k_cache.scalar_type() == at::kBFloat16)
+    step<c10::BFloat16>(x, rope.data_ptr<float>(), rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
+  else
+    step<float>(x, rope.data_ptr<float>(), rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
+  return y;
+}
+
+// Every row at position `pos`.
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& k_cache, at::Tensor& v_cache,
+                            int64_t pos, int64_t n_heads, int64_t n_kv_heads) {
+  const int64_t bsz = check_step(qkv, k_cache, v_cache, n_heads, n_kv_heads), d = k_cache.size(3);
   TORCH_CHECK(pos >= 0 && pos < k_cache.size(2), "decode_attention: position ", pos, " outside the cache's ",
               k_cache.size(2), " slots");
   TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.numel() == d && rope.device().is_cpu(),
               "decode_attention: expected the position's rotary table, ", d / 2, " (cos, sin) fp32 pairs, got ",
               rope.sizes(), " ", rope.scalar_type());
-  const at::Tensor x = qkv.contiguous();
-  const at::Tensor r = rope.contiguous();
-  std::vector<int64_t> shape = qkv.sizes().vec();
-  shape.back() = n_heads * d;
-  at::Tensor y = at::empty(shape, qkv.options());
-  if (dt == at::kBFloat16)
-    step<c10::BFloat16>(x, r, k_cache, v_cache, pos, n_heads, n_kv_heads, y);
-  else
-    step<float>(x, r, k_cache, v_cache, pos, n_heads, n_kv_heads, y);
-  return y;
+  const std::vector<int64_t> positions(static_cast<size_t>(bsz), pos);
+  return run_step(qkv, rope.contiguous(), 0, k_cache, v_cache, positions.data(), n_heads, n_kv_heads);
+}
+
+// Row b at its own position positions[b] (continuous batching: rows of different lengths), with
+// its own rotary table rope[b]; it attends over its slots [0, positions[b]].
+at::Tensor decode_attention_rows(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& k_cache,
+                                 at::Tensor& v_cache, const at::Tensor& positions, int64_t n_heads,
+                                 int64_t n_kv_heads) {
+  const int64_t bsz = check_step(qkv, k_cache, v_cache, n_heads, n_kv_heads), d = k_cache.size(3);
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == bsz && positions.scalar_type() == at::kLong &&
+                  positions.device().is_cpu(),
+              "decode_attention_rows: expected (", bsz, ",) int64 CPU positions, one per row, got ", positions.sizes(),
+              " ", positions.scalar_type());
+  const at::Tensor pos = positions.contiguous();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < bsz; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < k_cache.size(2), "decode_attention_rows: row ", b, "'s position ", pp[b],
+                " outside the cache's ", k_cache.size(2), " slots");
+  TORCH_CHECK(rope.scalar_type() == at::kFloat && rope.numel() == bsz * d && rope.device().is_cpu(),
+              "decode_attention_rows: expected each row's rotary table, (", bsz, ", ", d / 2,
+              ", 2) fp32, got ", rope.sizes(), " ", rope.scalar_type());
+  return run_step(qkv, rope.contiguous(), d, k_cache, v_cache, pp, n_heads, n_kv_heads);
 }
 
 }  // namespace
@@ -277,6 +294,11 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& rope, at::T
 TORCH_LIBRARY_FRAGMENT(llamalab, m) {
   m.def("decode_attention(Tensor qkv, Tensor rope, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, "
         "int n_heads, int n_kv_heads) -> Tensor");
+  m.def("decode_attention_rows(Tensor qkv, Tensor rope, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
+        "int n_heads, int n_kv_heads) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llamalab, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(llamalab, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("decode_attention_rows", &decode_attention_rows);
+}

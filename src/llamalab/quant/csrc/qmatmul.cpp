@@ -27,9 +27,10 @@
 // (silu(gate) * up), computed in fp32 as in the decode kernel (generate/csrc/gemv.cpp); `other`
 // (the residual) is added to the fp32 sums.
 //
-// Paths (`isa` reports, `set_isa` / LLAMALAB_QUANT_ISA force): avx2 (AVX2, FMA, F16C) and
-// avx512vnni (AVX-512F/BW/VL + VNNI: 512-bit VPDPBUSD on two rows at once, below). A CPU with
-// neither runs the pure-PyTorch reference of llamalab/quant/blocks.py instead.
+// Paths (`isa` reports, `set_isa` / LLAMALAB_QUANT_ISA force): avx2 (AVX2, FMA, F16C),
+// avx512vnni (AVX-512F/BW/VL + VNNI: 512-bit VPDPBUSD on two rows at once, below) and amx (the
+// same, and AMX int8 tiles for many rows of x: see "AMX int8 tiles"). A CPU with none runs the
+// pure-PyTorch reference of llamalab/quant/blocks.py instead.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,6 +42,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -51,6 +53,13 @@
 #define LLQ_X86 1
 #define LLQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LLQ_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
+#include "../../generate/csrc/x86_simd.h"  // exp / silu in 8 lanes, shared with the decode kernels
+#define LLQ_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #endif
 
 namespace {
@@ -96,8 +105,10 @@ const char* type_name(int64_t type) {
   }
 }
 
-enum Isa : int { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2 };
-const char* const kIsaNames[] = {"none", "avx2", "avx512vnni"};
+enum Isa : int { kNone = 0, kAvx2 = 1, kAvx512Vnni = 2, kAmx = 3 };
+const char* const kIsaNames[] = {"none", "avx2", "avx512vnni", "amx"};
+
+bool amx_usable();
 
 Isa cpu_best() {
 #ifdef LLQ_X86
@@ -105,7 +116,7 @@ Isa cpu_best() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma"))
-    return kAvx512Vnni;
+    return amx_usable() ? kAmx : kAvx512Vnni;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return kAvx2;
 #endif
@@ -208,7 +219,17 @@ void quantize_x(const float* xf, int64_t m_rows, int64_t k, bool simd, Quantized
 }
 
 // The rows of x as the product reads them, in fp32: x, RMSNorm(x) * norm, or silu(gate) * up.
-void prepare(const float* x, int64_t m_rows, int64_t k, const float* norm, double eps, bool swiglu,
+#ifdef LLQ_X86
+// silu(gate) * up for the first k - k % 8 columns; returns how many it did.
+LLQ_AVX2 int64_t swiglu_avx2(const float* gate, const float* up, float* out, int64_t k) {
+  int64_t c = 0;
+  for (; c + 8 <= k; c += 8)
+    _mm256_storeu_ps(out + c, _mm256_mul_ps(llamalab_simd::silu_avx2(_mm256_loadu_ps(gate + c)), _mm256_loadu_ps(up + c)));
+  return c;
+}
+#endif
+
+void prepare(const float* x, int64_t m_rows, int64_t k, const float* norm, double eps, bool swiglu, bool simd,
              std::vector<float>& out) {
   out.resize(static_cast<size_t>(m_rows * k));
   at::parallel_for(0, m_rows, std::max<int64_t>(1, 8192 / k), [&](int64_t m0, int64_t m1) {
@@ -217,7 +238,14 @@ void prepare(const float* x, int64_t m_rows, int64_t k, const float* norm, doubl
     if (swiglu) {
       const float* gate = x + m * 2 * k;
       const float* up = gate + k;
-      for (int64_t c = 0; c < k; ++c) om[c] = gate[c] / (1.0f + std::exp(-gate[c])) * up[c];
+      int64_t c = 0;
+#ifdef LLQ_X86
+      // (a libm exp per element was ~40% of the down projection's call at 8 rows of x)
+      if (simd) c = swiglu_avx2(gate, up, om, k);
+#else
+      (void)simd;
+#endif
+      for (; c < k; ++c) om[c] = gate[c] / (1.0f + std::exp(-gate[c])) * up[c];
       continue;
     }
     const float* xm = x + m * k;
@@ -928,19 +956,11 @@ struct Panel {
 constexpr uint8_t panel_bias(int64_t type) { return type == kQ6_K ? 32 : 0; }
 constexpr bool panel_mins(int64_t type) { return type != kQ6_K; }
 
-// Row r (0-7) of a panel, from one weight row of nb blocks of 32 (the K-quants: nb / 8 super-blocks).
-// (AVX2 only: the panels of both paths.)
-LLQ_AVX2 void unpack_row(int64_t type, const uint8_t* row, int64_t nb, Panel& p, int r) {
-  uint8_t* values = p.values.data() + (r >> 1) * 64 + (r & 1) * 32;  // block b at + 256 b
-  float* scales = p.scales.data() + (r >> 1) * 16 + (r & 1) * 8;     // block b at + 64 b
-  float* mins = p.mins.data() + r;                                    // block b at + 8 b
-  // (Its own target attribute: a lambda does not take its caller's.)
-  const auto put = [values, scales, mins](int64_t b, __m256i v, float s_lo, float s_hi, float m)
-      __attribute__((target("avx2,fma,f16c"))) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + 256 * b), v);
-    _mm256_storeu_ps(scales + 64 * b, _mm256_set_m128(_mm_set1_ps(s_hi), _mm_set1_ps(s_lo)));
-    mins[8 * b] = m;
-  };
+// One weight row of nb blocks of 32 (the K-quants: nb / 8 super-blocks) unpacked block by block:
+// put(b, the 32 unsigned values, the scale of elements 0-15, of 16-31, the min) with w = scale u +
+// min. (AVX2 only: the panels of every path.)
+template <class Put>
+LLQ_AVX2 void unpack_blocks(int64_t type, const uint8_t* row, int64_t nb, const Put& put) {
   if (type == kQ4_K) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     for (int64_t sb = 0; sb < nb / 8; ++sb) {
@@ -1000,6 +1020,20 @@ LLQ_AVX2 void unpack_row(int64_t type, const uint8_t* row, int64_t nb, Panel& p,
     }
     put(b, v, d, d, with_min ? half(blk + 2) : (type == kQ8_0 ? -128.0f : five ? -16.0f : -8.0f) * d);
   }
+}
+
+// Row r (0-7) of a panel, from one weight row.
+LLQ_AVX2 void unpack_row(int64_t type, const uint8_t* row, int64_t nb, Panel& p, int r) {
+  uint8_t* values = p.values.data() + (r >> 1) * 64 + (r & 1) * 32;  // block b at + 256 b
+  float* scales = p.scales.data() + (r >> 1) * 16 + (r & 1) * 8;     // block b at + 64 b
+  float* mins = p.mins.data() + r;                                    // block b at + 8 b
+  // (Its own target attribute: a lambda does not take its caller's.)
+  unpack_blocks(type, row, nb, [values, scales, mins](int64_t b, __m256i v, float s_lo, float s_hi, float m)
+                                   __attribute__((target("avx2,fma,f16c"))) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + 256 * b), v);
+    _mm256_storeu_ps(scales + 64 * b, _mm256_set_m128(_mm_set1_ps(s_hi), _mm_set1_ps(s_lo)));
+    mins[8 * b] = m;
+  });
 }
 
 // Rows `rows`..7 of a panel contribute nothing (a weight's last, partial group).
@@ -1124,6 +1158,308 @@ LLQ_AVX2 void panel_dot_avx2(const Panel& p, int64_t nb, uint8_t bias, const int
 PanelDot panel_dot_avx2_for(int64_t type) {
   return panel_mins(type) ? &panel_dot_avx2<false, true> : &panel_dot_avx2<true, false>;
 }
+
+// ---- AMX int8 tiles (Sapphire Rapids and later), many rows of x: prefill and batched decode -------
+// One TDPBUSD multiplies a 16 x 64-byte tile by a 16 x 64-byte tile (16 x 16 x 64 multiply-adds, in
+// ~16 cycles: ~30x what the VPDPBUSD panels above retire). The blocks' scales differ per block of
+// 32, so each tile product is one block (K = 32): A is 16 weight rows' 32 values (row-major, from a
+// panel of 16 rows, or for Q8_0 straight from the blocks, whose 32 int8 sit at a fixed stride), B
+// x's block for 16 rows of x in VNNI order (dword j of x row m at row j, column m), built once per
+// call. The 16 x 16 int32 result leaves the tile through memory and is scaled in fp32 per weight row
+// (a vector over the 16 rows of x): one conversion, one multiplication by d_w d_x and one FMA, plus
+// one FMA for the mins (d_x sum(p) times m, as the panels), ~4 instructions per 512 multiply-adds
+// against ~5 per 64. Q8_0 is signed against signed (TDPBSSD: no offset at all); the others unsigned
+// values against signed x (TDPBUSD). Q6_K, whose scales are per 16, keeps the VNNI panels.
+//
+// Tiles: 0-1 results (16 rows x 64 bytes), 2-3 weights (16 x 32), 4-5 x (8 x 64); two blocks in
+// flight so the tile unit works on one while the vector unit scales the other. The tile state is
+// configured at the start of each thread's share of the work and released at its end (the Linux
+// kernel saves it on every switch while it is live; oneDNN, in the same threads, configures its own).
+constexpr int64_t kAmxRows = 16;   // weight rows per tile, and rows of x per tile
+constexpr int64_t kAmxSlice = 24;  // blocks of 32 per panel at most (see qmatmul)
+// Rows of x from which the AMX path is taken (measured: benchmarks/qmatmul_rows.py); the variable
+// LLAMALAB_AMX_MIN_ROWS moves it, for measuring.
+int64_t amx_min_rows() {
+  static const int64_t rows = [] {
+    const char* v = std::getenv("LLAMALAB_AMX_MIN_ROWS");
+    return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{8};
+  }();
+  return rows;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Cols: rows of x per tile, 16, or 8 for a batch of at most 8 (half the tile traffic, and two
+// weight rows per vector when scaling).
+LLQ_AMX void amx_configure(int cols) {
+  TileConfig c;
+  for (int t = 0; t < 2; ++t) c.rows[t] = 16, c.colsb[t] = static_cast<uint16_t>(4 * cols);
+  for (int t = 2; t < 4; ++t) c.rows[t] = 16, c.colsb[t] = 32;
+  for (int t = 4; t < 6; ++t) c.rows[t] = 8, c.colsb[t] = static_cast<uint16_t>(4 * cols);
+  // (The intrinsics' asm tells the compiler neither that LDTILECFG reads all 64 bytes nor that
+  // TILELOADD reads memory: a compiler barrier before each puts every store ahead of them.)
+  asm volatile("" ::: "memory");
+  _tile_loadconfig(&c);
+}
+
+LLQ_AMX void amx_release() { _tile_release(); }
+
+// x's rows for the tiles: chunks of `cols` (8 or 16) rows, block b of chunk c at (c nb + b) 32 cols
+// bytes, dword j of row m at byte 4 cols j + 4 m; d_x and the offsets' factor per (chunk, block) as
+// 16 floats (rows past the last 0; 8 columns: the 8 twice, one for each of a vector's two weight rows).
+struct AmxX {
+  int64_t cols = 16;
+  std::vector<int8_t> q;
+  std::vector<float> d, ds;
+};
+
+void amx_prepare_x(const QuantizedX& qx, bool s16, int64_t m_rows, int64_t nb, AmxX& out) {
+  const int64_t cols = m_rows <= 8 ? 8 : 16, chunks = (m_rows + cols - 1) / cols, k = nb * kBlock;
+  out.cols = cols;
+  out.q.assign(static_cast<size_t>(chunks * nb * 32 * cols), 0);
+  out.d.assign(static_cast<size_t>(chunks * nb * 16), 0.0f);
+  out.ds.assign(static_cast<size_t>(chunks * nb * 16), 0.0f);
+  const float* ds = (s16 ? qx.ds : qx.dsum).data();
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const int64_t c = m / cols, i = m % cols;
+    for (int64_t b = 0; b < nb; ++b) {
+      int8_t* dst = out.q.data() + (c * nb + b) * 32 * cols + 4 * i;
+      const int8_t* src = qx.q.data() + m * k + b * kBlock;
+      for (int j = 0; j < 8; ++j) std::memcpy(dst + 4 * cols * j, src + 4 * j, 4);
+      for (int64_t t = i; t < 16; t += cols) {
+        out.d[static_cast<size_t>((c * nb + b) * 16 + t)] = qx.d[static_cast<size_t>(m * nb + b)];
+        out.ds[static_cast<size_t>((c * nb + b) * 16 + t)] = ds[m * nb + b];
+      }
+    }
+  }
+}
+
+// 16 weight rows (unpacked or in place) ready for the tiles: block b's values at a + b a_step, rows
+// a_stride apart; its 16 scales and mins at 16 b.
+struct AmxPanel {
+  std::vector<uint8_t> values;  // (nb, 16, 32), where the weights are unpacked
+  std::vector<float> scales, mins;  // (nb, 16)
+  const uint8_t* a = nullptr;
+  int64_t a_stride = 32, a_step = 512;
+};
+
+// A full group of 16 rows of Q4_0 / Q4_1 / Q5_0 / Q5_1 unpacked with 512-bit operations, 4 rows per
+// register: the same block's 16 bytes of nibbles in rows 4g..4g+3 side by side, low and high nibbles
+// split by one shift and two masks, each row's [low | high] put together by a two-source permute
+// (Q5: the two rows' fifth bits as one 64-bit mask spread to 0x10 bytes), and the 16 rows' fp16
+// d (and m) by one gather per block. ~3 instructions per row and block, against ~15 for unpack_blocks.
+template <int64_t Type>
+LLQ_AMX void amx_unpack_q4(const uint8_t* w, int64_t row_bytes, int64_t nb, AmxPanel& p, bool ahead) {
+  constexpr bool five = Type == kQ5_0 || Type == kQ5_1, with_min = Type == kQ4_1 || Type == kQ5_1;
+  constexpr int64_t bytes = block_bytes_of(Type), qh_at = with_min ? 4 : 2, qs_at = qh_at + (five ? 4 : 0);
+  constexpr float bias = five ? -16.0f : -8.0f;
+  const __m512i m4 = _mm512_set1_epi8(0x0F), x10 = _mm512_set1_epi8(0x10);
+  const __m512i lo_hi_01 = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i lo_hi_23 = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    uint8_t* out = p.values.data() + 512 * b;
+    for (int g = 0; g < 4; ++g) {
+      const uint8_t* r0 = blk + 4 * g * row_bytes + qs_at;
+      __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + row_bytes)), 1);
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 2 * row_bytes)), 2);
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(r0 + 3 * row_bytes)), 3);
+      const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+      __m512i a = _mm512_permutex2var_epi64(lo, lo_hi_01, hi);  // rows 4g, 4g + 1: [lo | hi] each
+      __m512i c = _mm512_permutex2var_epi64(lo, lo_hi_23, hi);  // rows 4g + 2, 4g + 3
+      if constexpr (five) {
+        uint32_t h[4];
+        for (int i = 0; i < 4; ++i) std::memcpy(&h[i], blk + (4 * g + i) * row_bytes + qh_at, 4);
+        a = _mm512_or_si512(a, _mm512_and_si512(_mm512_movm_epi8(h[0] | (uint64_t{h[1]} << 32)), x10));
+        c = _mm512_or_si512(c, _mm512_and_si512(_mm512_movm_epi8(h[2] | (uint64_t{h[3]} << 32)), x10));
+      }
+      _mm512_storeu_si512(out + 128 * g, a);
+      _mm512_storeu_si512(out + 128 * g + 64, c);
+    }
+    // d (and m) of the 16 rows: scalar loads into a vector (a VPGATHERDD of them cost as much as the
+    // rest of the unpacking)
+    alignas(64) uint32_t heads[16];
+    for (int r = 0; r < 16; ++r) std::memcpy(&heads[r], blk + r * row_bytes, 4);
+    if (ahead)
+      for (int r = 0; r < 16; ++r) _mm_prefetch(reinterpret_cast<const char*>(blk + (16 + r) * row_bytes), _MM_HINT_T0);
+    const __m512i dm = _mm512_load_si512(heads);
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dm));
+    _mm512_storeu_ps(p.scales.data() + 16 * b, d);
+    _mm512_storeu_ps(p.mins.data() + 16 * b,
+                     with_min ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dm, 16)))
+                              : _mm512_mul_ps(d, _mm512_set1_ps(bias)));
+  }
+}
+
+// The group of `rows` (<= 16) weight rows at `w` into `p`. Q8_0 in full groups: in place, only its
+// fp16 scales gathered (one gather per block for 16 rows); other types, and a last partial group,
+// unpacked (rows past `rows` zero).
+//
+// With `ahead`, the same blocks of the next 16 rows are prefetched as each block is read, one
+// prefetch per row and block, spread over the work: the next weights arrive while these are
+// multiplied (a burst of prefetches of the whole next group at once stalled on the fill buffers).
+LLQ_AMX void amx_panel(int64_t type, const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t nb, AmxPanel& p,
+                       bool ahead) {
+  p.scales.resize(static_cast<size_t>(nb * 16));
+  p.mins.resize(static_cast<size_t>(nb * 16));  // (Q8_0: unused)
+  if (type == kQ8_0) {
+    for (int64_t b = 0; b < nb; ++b) {  // the 16 rows' fp16 d, rows past `rows` 0
+      alignas(32) uint16_t d[16] = {};
+      for (int64_t r = 0; r < rows; ++r) std::memcpy(&d[r], w + r * row_bytes + b * 34, 2);
+      if (ahead)
+        for (int64_t r = 0; r < kAmxRows; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(w + (kAmxRows + r) * row_bytes + b * 34), _MM_HINT_T0);
+      _mm512_storeu_ps(p.scales.data() + 16 * b, _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(d))));
+    }
+    if (rows == kAmxRows) {
+      p.a = w + 2, p.a_stride = row_bytes, p.a_step = 34;
+      return;
+    }
+    p.values.assign(static_cast<size_t>(nb * 512), 0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = 0; b < nb; ++b)
+        std::memcpy(p.values.data() + 512 * b + 32 * r, w + r * row_bytes + b * 34 + 2, 32);
+  } else if (rows == kAmxRows && (type == kQ4_0 || type == kQ4_1 || type == kQ5_0 || type == kQ5_1)) {
+    p.values.resize(static_cast<size_t>(nb * 512));
+    switch (type) {
+      case kQ4_0: amx_unpack_q4<kQ4_0>(w, row_bytes, nb, p, ahead); break;
+      case kQ4_1: amx_unpack_q4<kQ4_1>(w, row_bytes, nb, p, ahead); break;
+      case kQ5_0: amx_unpack_q4<kQ5_0>(w, row_bytes, nb, p, ahead); break;
+      default: amx_unpack_q4<kQ5_1>(w, row_bytes, nb, p, ahead); break;
+    }
+  } else {
+    p.values.resize(static_cast<size_t>(nb * 512));
+    if (rows < kAmxRows) {
+      std::memset(p.values.data(), 0, p.values.size());
+      std::fill(p.scales.begin(), p.scales.end(), 0.0f);
+      std::fill(p.mins.begin(), p.mins.end(), 0.0f);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      uint8_t* values = p.values.data() + 32 * r;
+      float* scales = p.scales.data() + r;
+      float* mins = p.mins.data() + r;
+      unpack_blocks(type, w + r * row_bytes, nb,
+                    [values, scales, mins](int64_t b, __m256i v, float s, float, float m)
+                        __attribute__((target("avx2,fma,f16c"))) {
+                      _mm256_storeu_si256(reinterpret_cast<__m256i*>(values + 512 * b), v);
+                      scales[16 * b] = s;
+                      mins[16 * b] = m;
+                    });
+    }
+  }
+  p.a = p.values.data(), p.a_stride = 32, p.a_step = 512;
+}
+
+// One block's 16 x cols int32 products (`c`: weight row r at cols r) scaled into the accumulators:
+// 16 columns, one vector per weight row (lanes the rows of x); 8 columns, one per pair of weight
+// rows (lanes 0-7 row 2u, 8-15 row 2u + 1), the pair's scales spread by a permute.
+template <int Cols, bool Mins>
+LLQ_AMX inline void amx_scale(const int32_t* c, const float* scales, const float* mins, __m512 dx, __m512 ds,
+                              __m512* acc) {
+  if constexpr (Cols == 16) {
+    for (int r = 0; r < 16; ++r) {
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * r));
+      acc[r] = _mm512_fmadd_ps(v, _mm512_mul_ps(dx, _mm512_set1_ps(scales[r])), acc[r]);
+      if constexpr (Mins) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(mins[r]), ds, acc[r]);
+    }
+  } else {
+    const __m512 s = _mm512_loadu_ps(scales);
+    __m512 mn = _mm512_setzero_ps();
+    if constexpr (Mins) mn = _mm512_loadu_ps(mins);
+    for (int u = 0; u < 8; ++u) {
+      const __m512i pick = _mm512_set_epi32(2 * u + 1, 2 * u + 1, 2 * u + 1, 2 * u + 1, 2 * u + 1, 2 * u + 1,
+                                            2 * u + 1, 2 * u + 1, 2 * u, 2 * u, 2 * u, 2 * u, 2 * u, 2 * u, 2 * u, 2 * u);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * u));
+      acc[u] = _mm512_fmadd_ps(v, _mm512_mul_ps(dx, _mm512_permutexvar_ps(pick, s)), acc[u]);
+      if constexpr (Mins) acc[u] = _mm512_fmadd_ps(_mm512_permutexvar_ps(pick, mn), ds, acc[u]);
+    }
+  }
+}
+
+// A panel against one chunk of x (`Cols` rows): out[16 r + m] += for weight row r and row m of the
+// chunk. Software-pipelined: a block's products are scaled kAmxLag blocks after its tile product
+// was stored, so that the vector loads of what TILESTORED wrote need not wait for it.
+constexpr int kAmxLag = 2;
+
+// (Tile numbers are part of the instructions: a macro, not a parameter.)
+#define LLQ_AMX_BLOCK(C, A, X)                                     \
+  _tile_zero(C);                                                   \
+  _tile_loadd(A, p.a + b * p.a_step, p.a_stride);                  \
+  _tile_loadd(X, xq + b * 32 * Cols, 4 * Cols);                    \
+  if constexpr (Signed) _tile_dpbssd(C, A, X);                     \
+  else _tile_dpbusd(C, A, X);                                      \
+  _tile_stored(C, c, 4 * Cols);
+
+template <int Cols, bool Signed>
+LLQ_AMX inline void amx_block(const AmxPanel& p, const int8_t* xq, int64_t b, int32_t* c) {
+  if (b & 1) {
+    LLQ_AMX_BLOCK(1, 3, 5)
+  } else {
+    LLQ_AMX_BLOCK(0, 2, 4)
+  }
+}
+#undef LLQ_AMX_BLOCK
+
+template <int Cols, bool Signed, bool Mins>
+LLQ_AMX void amx_dot(const AmxPanel& p, const int8_t* xq, const float* xd, const float* xds, int64_t nb, float* out) {
+  constexpr int kAcc = Cols == 16 ? 16 : 8;
+  __m512 acc[kAcc];  // from `out` (the sums of the blocks before these), in its layout
+  if constexpr (Cols == 16) {
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_loadu_ps(out + 16 * r);
+  } else {
+    for (int u = 0; u < 8; ++u)
+      acc[u] = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_loadu_ps(out + 32 * u))),
+                                                   _mm256_castps_pd(_mm256_loadu_ps(out + 32 * u + 16)), 1));
+  }
+  alignas(64) int32_t c[kAmxLag + 1][256];
+  const float* sc = p.scales.data();
+  const float* mn = p.mins.data();
+  asm volatile("" ::: "memory");
+  for (int64_t b = 0; b < nb + kAmxLag; ++b) {
+    if (b < nb) amx_block<Cols, Signed>(p, xq, b, c[b % (kAmxLag + 1)]);
+    const int64_t d = b - kAmxLag;
+    if (d >= 0)
+      amx_scale<Cols, Mins>(c[d % (kAmxLag + 1)], sc + 16 * d, mn + 16 * d, _mm512_loadu_ps(xd + 16 * d),
+                            _mm512_loadu_ps(xds + 16 * d), acc);
+  }
+  if constexpr (Cols == 16) {
+    for (int r = 0; r < 16; ++r) _mm512_storeu_ps(out + 16 * r, acc[r]);
+  } else {  // pair u: row 2u's 8 at 32 u, row 2u + 1's at 32 u + 16
+    for (int u = 0; u < 8; ++u) {
+      _mm256_storeu_ps(out + 32 * u, _mm512_castps512_ps256(acc[u]));
+      _mm256_storeu_ps(out + 32 * u + 16, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[u]), 1)));
+    }
+  }
+}
+
+using AmxDot = void (*)(const AmxPanel&, const int8_t*, const float*, const float*, int64_t, float*);
+
+AmxDot amx_dot_for(int64_t type, int64_t cols) {
+  if (cols == 8) return type == kQ8_0 ? &amx_dot<8, true, false> : &amx_dot<8, false, true>;
+  return type == kQ8_0 ? &amx_dot<16, true, false> : &amx_dot<16, false, true>;
+}
+
+// The tiles need the OS's consent (Linux 5.16+: arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA), once per
+// process) besides the CPU's AMX-TILE and AMX-INT8 bits.
+bool amx_usable() {
+  static const bool ok = [] {
+#if defined(__linux__)
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 24) & 1u) || !((d >> 25) & 1u)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
 #endif
 
 
@@ -1139,7 +1475,7 @@ struct Kernels {
 Kernels kernels_for(int64_t type, Isa isa) {
   Kernels k;
 #ifdef LLQ_X86
-  if (isa == kAvx512Vnni) {
+  if (isa >= kAvx512Vnni) {  // (AMX: these below its rows-of-x threshold, and for Q6_K)
     switch (type) {
       case kQ4_0:
         return {&dot_quads_vnni512<kQ4_0, 2>, 8, &dot_pairs_vnni512<kQ4_0, 1>, &dot_q4_vnni<kQ4_0, 1>,
@@ -1186,7 +1522,8 @@ struct Weight {
   Kernels kernels;
   int64_t type;
   bool s16;
-  bool panel = false;  // multiplied through panels (below)  // offsets from the fp16 d * sum(q) (Q4_1, as llama.cpp), else from the exact one
+  bool panel = false;  // multiplied through panels (below)
+  bool amx = false;    // ... through AMX tiles  // offsets from the fp16 d * sum(q) (Q4_1, as llama.cpp), else from the exact one
 };
 
 at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types,
@@ -1250,32 +1587,95 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   std::vector<float>& xf = xf_scratch;
   QuantizedX& qx = qx_scratch;
   std::vector<std::pair<int32_t, int64_t>>& groups = groups_scratch;  // (weight, first row)
-  prepare(x2.data_ptr<float>(), m_rows, k, nw.defined() ? nw.data_ptr<float>() : nullptr, eps, swiglu, xf);
+  prepare(x2.data_ptr<float>(), m_rows, k, nw.defined() ? nw.data_ptr<float>() : nullptr, eps, swiglu, isa >= kAvx2,
+          xf);
   quantize_x(xf.data(), m_rows, k, isa >= kAvx2, qx);
   const int64_t nb = k / kBlock;
   // Groups of rows (each weight's kernel's group size, or a panel's) over all weights, split over the
   // threads.
   groups.clear();
+  bool any_amx = false;
   for (size_t i = 0; i < ws.size(); ++i) {
     Weight& w = ws[i];
 #ifdef LLQ_X86
     // Panels where they were measured faster: from 4 rows of x for the types without multi-row
     // kernels (Q5, K-quants), from 16 for the others.
-    w.panel = isa == kAvx512Vnni ? m_rows >= (w.kernels.group_x[2] != nullptr ? 16 : 4)
-                                 : isa == kAvx2 && w.type != kQ8_0 && m_rows >= kPanelMinRowsOfXAvx2;
+    // AMX from 16 rows of x; from 8 (amx_min_rows) for calls of many weight rows only: measured in
+    // SmolLM2's batched decode step (8 rows), the tiles won on the gate|up and head products and
+    // lost on the 576-row ones (their panels' set-up is spread over too few groups).
+    w.amx = isa == kAmx && w.type != kQ6_K && (m_rows >= 2 * amx_min_rows() || (m_rows >= amx_min_rows() && n >= 1024));
+    w.panel = !w.amx && (isa >= kAvx512Vnni ? m_rows >= (w.kernels.group_x[2] != nullptr ? 16 : 4)
+                                            : isa == kAvx2 && w.type != kQ8_0 && m_rows >= kPanelMinRowsOfXAvx2);
+    if (w.amx) any_amx = true;
 #endif
-    for (int64_t r = 0; r < w.rows; r += w.panel ? kPanelRows : w.kernels.rows)
+    for (int64_t r = 0; r < w.rows; r += w.amx ? kAmxRows : w.panel ? kPanelRows : w.kernels.rows)
       groups.emplace_back(static_cast<int32_t>(i), r);
   }
+#ifdef LLQ_X86
+  // x in the tiles' order, once per call (two variants of the offsets' factor: see Weight::s16)
+  thread_local AmxX amx_x_scratch[2];
+  AmxX* amx_x = amx_x_scratch;
+  if (any_amx) {
+    bool made[2] = {false, false};
+    for (const Weight& w : ws)
+      if (w.amx && !made[w.s16]) {
+        amx_prepare_x(qx, w.s16, m_rows, nb, amx_x[w.s16]);
+        made[w.s16] = true;
+      }
+  }
+#endif
   float* yp = y.data_ptr<float>();
   const float* op = o.defined() ? o.data_ptr<float>() : nullptr;
   // ~16 KB of Q4 weights times rows of x per piece of work at the least: less is not worth a thread.
   const int64_t grain = std::max<int64_t>(1, 16384 / (ws[0].kernels.rows * ws[0].row_bytes * m_rows));
   at::parallel_for(0, static_cast<int64_t>(groups.size()), grain, [&](int64_t g0, int64_t g1) {
     float sums[kMaxGroupRows];
+#ifdef LLQ_X86
+    bool tiles = false;  // configured in this thread
+#endif
     for (int64_t g = g0; g < g1; ++g) {
       const Weight& w = ws[groups[g].first];
 #ifdef LLQ_X86
+      if (w.amx) {  // 16 weight rows ready for the tiles, then every 16 rows of x against them
+        thread_local AmxPanel apanel;  // each worker thread's own
+        const AmxX& ax = amx_x[w.s16];
+        const int64_t cols = ax.cols;
+        if (!tiles) {
+          amx_configure(static_cast<int>(cols));
+          tiles = true;
+        }
+        const int64_t r0 = groups[g].second, rows = std::min(kAmxRows, w.rows - r0);
+        const AmxDot dot = amx_dot_for(w.type, cols);
+        const int64_t chunks = (m_rows + cols - 1) / cols;
+        thread_local std::vector<float> sums_scratch;
+        std::vector<float>& acc = sums_scratch;
+        acc.assign(static_cast<size_t>(chunks * 256), 0.0f);
+        // A slice of blocks at a time (<= kAmxSlice, whole super-blocks), so that the slice's panel,
+        // x's blocks and the weights read stay in L1: whole rows of K = 1536 did not.
+        const int64_t slices = (nb + kAmxSlice - 1) / kAmxSlice;
+        const int64_t slice = std::min(nb, ((nb + slices - 1) / slices + 7) / 8 * 8);
+        for (int64_t b0 = 0; b0 < nb; b0 += slice) {
+          const int64_t nbs = std::min(slice, nb - b0);
+          const int64_t at = b0 * kBlock / block_weights(w.type) * block_bytes(w.type);
+          // (the next group's same blocks asked for while these are unpacked: see amx_panel)
+          amx_panel(w.type, w.data + r0 * w.row_bytes + at, w.row_bytes, rows, nbs, apanel,
+                    r0 + 2 * kAmxRows <= w.rows);
+          for (int64_t c = 0; c < chunks; ++c)
+            dot(apanel, ax.q.data() + (c * nb + b0) * 32 * cols, ax.d.data() + (c * nb + b0) * 16,
+                ax.ds.data() + (c * nb + b0) * 16, nbs, acc.data() + c * 256);
+        }
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* block = acc.data() + c * 256;
+          const int64_t mx = std::min(cols, m_rows - c * cols);
+          for (int64_t j = 0; j < mx; ++j) {
+            float* ym = yp + (c * cols + j) * n + w.col + r0;
+            const float* om = op != nullptr ? op + (c * cols + j) * n + w.col + r0 : nullptr;
+            for (int64_t r = 0; r < rows; ++r)
+              ym[r] = om != nullptr ? block[16 * r + j] + om[r] : block[16 * r + j];
+          }
+        }
+        continue;
+      }
       if (w.panel) {  // the group unpacked once into a panel, then every row of x against it
         thread_local Panel panel;  // each worker thread's own
         panel.resize(nb);
@@ -1331,6 +1731,9 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
         ++m;
       }
     }
+#ifdef LLQ_X86
+    if (tiles) amx_release();
+#endif
   });
   return y.view(shape);
 }
@@ -1416,7 +1819,7 @@ std::string set_isa(const std::string& name) {
     g_isa.store(cpu_best());
     return previous;
   }
-  for (int i = kAvx2; i <= kAvx512Vnni; ++i) {
+  for (int i = kAvx2; i <= kAmx; ++i) {
     if (name == kIsaNames[i]) {
       TORCH_CHECK(i <= cpu_best(), "qmatmul: the ", name, " path needs instructions this CPU lacks (its best is ",
                   kIsaNames[cpu_best()], ")");
@@ -1424,7 +1827,7 @@ std::string set_isa(const std::string& name) {
       return previous;
     }
   }
-  TORCH_CHECK(false, "qmatmul: unknown path '", name, "': expected auto, avx2 or avx512vnni");
+  TORCH_CHECK(false, "qmatmul: unknown path '", name, "': expected auto, avx2, avx512vnni or amx");
 }
 
 }  // namespace
