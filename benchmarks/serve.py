@@ -14,7 +14,7 @@ same run.
 
 The server is the real command (``llamalab serve --parallel P``, a subprocess, 2 threads),
 serving the GGUF as stored (its quantized blocks). With ``--llama-cpp`` and llama-cpp-python's
-server extra installed (``pip install --no-deps pydantic-settings sse-starlette starlette-context``
+server extra installed (``pip install --no-deps pydantic-settings python-dotenv sse-starlette starlette-context``
 beside llama-cpp-python), its server runs the same file beside it, measured in the same cycle.
 That server answers one request at a time (llama-cpp-python 0.3.36 has no parallel slots:
 llama.cpp's own C++ ``llama-server`` has, and is not in the Python package).

@@ -46,9 +46,21 @@ def _expected_isas() -> list[str]:
     isas = ["avx2"] if {"avx2", "fma", "f16c"} <= set(flags) else []
     if isas and {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags):
         isas.append("avx512vnni")
-        if {"amx_tile", "amx_int8"} <= set(flags):  # (Linux lists them where it saves the tile state)
+        if {"amx_tile", "amx_int8"} <= set(flags) and _os_grants_amx():
             isas.append("amx")
     return isas
+
+
+def _os_grants_amx() -> bool:
+    """Whether Linux lets this process use the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM for
+    XTILEDATA, asked here through libc: a container may refuse it)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(158, 0x1023, 18) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
 
 
 def _reference(x: torch.Tensor, blocks: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +152,38 @@ def test_kernel_equals_float64_reference(type_name: str, n: int, k: int, m: int)
         assert y.dtype == torch.float32 and y.shape == (m, n)
         # fp32 accumulation of k products: a few ulps of the sum of magnitudes.
         assert ((y.double() - exact).abs() / bound).max() < 1e-6, isa
+
+
+def _has_amx_bf16() -> bool:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return {"amx_bf16", "avx512_bf16"} <= set(flags)
+
+
+@needs_kernel
+@pytest.mark.skipif(not _has_amx_bf16(), reason="the CPU lacks AMX-BF16 (the bf16 tiles for long prompts)")
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K"])
+# 130 rows of x: 9 chunks of 16 (the last in a pair with zeros); 40 weight rows: a group of 32 and a
+# partial one whose second panel is empty; 64 rows of Q8_0: its blocks read in place.
+@pytest.mark.parametrize("n,k,m", [(40, 512, 130), (64, 256, 128), (16, 1536, 129)])
+def test_amx_bf16_tiles_equal_the_bf16_product(type_name: str, n: int, k: int, m: int) -> None:
+    """From 128 rows of x the amx path rounds x and the dequantized weights to bf16 and sums in
+    fp32 in the tiles: equal, to fp32 accumulation, to the float64 product of those bf16 values
+    (plus the residual), the weights dequantized by our dequantizer (equal to gguf-py's, above)."""
+    if "amx" not in kernels.available_isas():
+        pytest.skip("no amx path here")
+    g = torch.Generator().manual_seed(n + k + m)
+    blocks = (_more_blocks(n, k, type_name, seed=n) if type_name == "Q4_K"
+              else _blocks(torch.randn(n, k, generator=g) * 0.05, type_name))
+    x = torch.randn(m, k, generator=g) * 3
+    res = torch.randn(m, n, generator=g)
+    xb, wb = x.bfloat16().double(), dequantize(blocks, type_name, k).bfloat16().double()
+    want, bound = xb @ wb.T + res.double(), xb.abs() @ wb.abs().T
+    with kernels.use_isa("amx"):
+        y = kernels.qmatmul(x, [blocks], [type_name], res)
+    assert ((y.double() - want).abs() <= 1e-6 * bound + 1e-6).all(), type_name
 
 
 @needs_kernel
@@ -434,11 +478,17 @@ print(json.dumps(out))
 @needs_kernel
 def test_real_file_greedy_equals_llama_cpps_but_at_near_ties() -> None:
     """llama.cpp's 64 greedy tokens after each prompt, fed through our quantized model: at every step
-    our greedy choice is llama.cpp's, except where llama.cpp's own top two logits are within 0.25.
+    our greedy choice is llama.cpp's, except where llama.cpp's own top two logits are within 0.5,
+    and at no more than 5% of the steps.
 
     (Free-running greedy text is compared this way because the two sum in different orders: a
-    near-tie, which either order can flip, parts the continuations for good. Measured on five
-    prompts: 5 steps of 320 disagree, each where llama.cpp's gap was 0.002-0.15.)
+    near-tie, which either order can flip, parts the continuations for good. Why 0.5: each layer
+    quantizes its input to int8 per block of 32 as llama.cpp does, so a different summation order
+    can move a value across a rounding boundary and the step apart grows over 30 layers; measured
+    on a 72-token prompt, our own avx2, avx512vnni and amx paths differ from one another by 0.2-0.3
+    logits on average (2.7 at most), each 0.2-0.25 from the dequantized fp32 model. Measured against
+    llama.cpp on the VNNI path, 5 steps of 320 disagreed, at gaps 0.002-0.15; on the AMX path one
+    disagreement came at 0.36.)
     """
     pytest.importorskip("llama_cpp")
     path = _real_model()
@@ -458,7 +508,7 @@ def test_real_file_greedy_equals_llama_cpps_but_at_near_ties() -> None:
         top2 = theirs.topk(2, dim=-1).values
         gap = top2[:, 0] - top2[:, 1]
         parted = ours.argmax(-1) != theirs.argmax(-1)
-        assert (gap[parted] < 0.25).all(), (gap[parted], prompts[texts.index(ids)])
+        assert (gap[parted] < 0.5).all(), (gap[parted], prompts[texts.index(ids)])
         disagree += int(parted.sum())
     assert disagree <= 0.05 * 64 * len(texts), disagree
 

@@ -8,7 +8,7 @@ one call with their outputs side by side. Optional RMSNorm or SwiGLU of x first 
 added after, as the decode kernel (``llamalab.generate.gemv``) does.
 
 Paths: ``avx2`` (AVX2 + FMA + F16C), ``avx512vnni`` (AVX-512F/BW/VL + VNNI) and ``amx`` (those, and
-AMX int8 tiles for products of many rows of x: prefill, batched decode), chosen by what the CPU
+AMX int8 tiles for products of many rows of x, bf16 tiles from 128: prefill, batched decode), chosen by what the CPU
 (and, for AMX, the OS) reports; ``LLAMALAB_QUANT_ISA=avx2|avx512vnni|amx`` or :func:`use_isa`
 forces one the CPU has.
 Where the kernel cannot be had (not x86-64, no AVX2, no compiler or ninja, ``LLAMALAB_QUANT=0``)

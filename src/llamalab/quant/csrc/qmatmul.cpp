@@ -29,7 +29,7 @@
 //
 // Paths (`isa` reports, `set_isa` / LLAMALAB_QUANT_ISA force): avx2 (AVX2, FMA, F16C),
 // avx512vnni (AVX-512F/BW/VL + VNNI: 512-bit VPDPBUSD on two rows at once, below) and amx (the
-// same, and AMX int8 tiles for many rows of x: see "AMX int8 tiles"). A CPU with none runs the
+// same, and AMX int8 tiles for many rows of x, bf16 ones for prompts: see "AMX"). A CPU with none runs the
 // pure-PyTorch reference of llamalab/quant/blocks.py instead.
 
 #include <ATen/ATen.h>
@@ -55,6 +55,7 @@
 #define LLQ_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #include "../../generate/csrc/x86_simd.h"  // exp / silu in 8 lanes, shared with the decode kernels
 #define LLQ_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+#define LLQ_AMXBF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 #include <cpuid.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -1460,6 +1461,110 @@ bool amx_usable() {
   }();
   return ok;
 }
+
+// The bf16 tiles besides: AMX-BF16 (CPUID 7.0 EDX bit 22) and AVX512-BF16 for the conversions.
+bool amx_bf16_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!amx_usable() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1u)) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return ok;
+}
+
+// ---- AMX bf16 tiles: long prompts -------------------------------------------------------------
+// The int8 tiles above leave the tile unit after every block of 32 (each block has its own scales),
+// so most of their time is the fp32 scaling, not the tile products. From amx_bf16_min_rows() rows of x
+// (amx_bf16_min_rows: a prompt), the weights are instead dequantized once per group of 16 rows into bf16 (w = scale u +
+// min in fp32, rounded to nearest even: the file's values to bf16's 8 bits), x is rounded to bf16
+// once per call, and TDPBF16PS sums a 16 x 16 tile over the whole row in fp32 inside the tile: one
+// store per 16 x 16 outputs. The weights' rounding costs ~2^-9 relative per weight, about what the
+// int8 quantization of x costs the other paths (and x's bf16 rounding replaces that quantization).
+// Tiles: 0-3 results (2 x 16 weight rows by 2 chunks of 16 rows of x), 4-5 weights (16 rows x 32
+// bf16), 6-7 x (16 pairs of columns x 16 rows of x, bf16 pairs interleaved as TDPBF16PS reads them).
+// Rows of x from which the bf16 tiles are taken (LLAMALAB_AMX_BF16_MIN_ROWS moves it, for measuring).
+int64_t amx_bf16_min_rows() {
+  static const int64_t rows = [] {
+    // (measured on SmolLM2's gate|up product, 1 thread: 0.73x the int8 tiles at 32 rows of x, 1.0x
+    // at 64, 1.08x at 128, 1.30x at 296: the tile loads from L2 are their limit)
+    const char* v = std::getenv("LLAMALAB_AMX_BF16_MIN_ROWS");
+    return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{128};
+  }();
+  return rows;
+}
+
+LLQ_AMXBF16 void amx_configure_bf16() {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
+  asm volatile("" ::: "memory");
+  _tile_loadconfig(&c);
+}
+
+// x's rows in bf16 for the tiles: chunk c of 16 rows, step s of 32 columns at (c steps + s) 1024
+// bytes; within a step, column pair j of row m at bf16 index 32 j + 2 m (rows past the last 0).
+void amx_bf16_x(const float* xf, int64_t m_rows, int64_t k, std::vector<c10::BFloat16>& out) {
+  const int64_t chunks = (m_rows + 15) / 16, steps = k / 32;
+  // (rounded up to an even count: the tiles take chunks in pairs, an odd last one with zeros)
+  out.assign(static_cast<size_t>((chunks + 1) / 2 * 2 * steps * 512), c10::BFloat16(0.0f));
+  at::parallel_for(0, m_rows, std::max<int64_t>(1, 16384 / k), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const int64_t c = m / 16, i = m % 16;
+      const float* row = xf + m * k;
+      for (int64_t s = 0; s < steps; ++s) {
+        c10::BFloat16* dst = out.data() + (c * steps + s) * 512 + 2 * i;
+        for (int64_t j = 0; j < 16; ++j) {
+          dst[32 * j] = c10::BFloat16(row[32 * s + 2 * j]);
+          dst[32 * j + 1] = c10::BFloat16(row[32 * s + 2 * j + 1]);
+        }
+      }
+    }
+  });
+}
+
+// The group's panel (int8 values in place or unpacked, scales, mins) as bf16 weights: step b (a
+// block of 32) at 1024 b bytes, row r at + 64 r.
+template <bool Signed>
+LLQ_AMXBF16 void amx_bf16_weights(const AmxPanel& p, int64_t nb, c10::BFloat16* out) {
+  for (int64_t b = 0; b < nb; ++b)
+    for (int r = 0; r < 16; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a + b * p.a_step + r * p.a_stride));
+      const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+      const __m512i a = Signed ? _mm512_cvtepi8_epi32(lo) : _mm512_cvtepu8_epi32(lo);
+      const __m512i c = Signed ? _mm512_cvtepi8_epi32(hi) : _mm512_cvtepu8_epi32(hi);
+      const __m512 s = _mm512_set1_ps(p.scales[static_cast<size_t>(16 * b + r)]);
+      const __m512 m = Signed ? _mm512_setzero_ps() : _mm512_set1_ps(p.mins[static_cast<size_t>(16 * b + r)]);
+      const __m512 wa = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, m), wc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, m);
+      _mm512_storeu_si512(out + b * 512 + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(wc, wa)));
+    }
+}
+
+// Two bf16 panels (weight rows 0-15 and 16-31 of a group of 32) against two chunks of x, nb steps:
+// four independent sums (2 x 2 tiles), because one tile's sums each wait for the last product
+// (TDPBF16PS's latency is several times its issue interval: measured, one accumulator per chunk
+// ran the tile unit at a fifth of its rate). out[256 (2 i + j) + 16 r + m]: panel i, chunk j.
+LLQ_AMXBF16 void amx_bf16_dot(const c10::BFloat16* w0, const c10::BFloat16* w1, const c10::BFloat16* x0,
+                              const c10::BFloat16* x1, int64_t nb, float* out) {
+  asm volatile("" ::: "memory");
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t b = 0; b < nb; ++b) {
+    _tile_loadd(4, w0 + b * 512, 64);
+    _tile_loadd(6, x0 + b * 512, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, x1 + b * 512, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, w1 + b * 512, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, 64);
+  _tile_stored(1, out + 256, 64);
+  _tile_stored(2, out + 512, 64);
+  _tile_stored(3, out + 768, 64);
+}
 #endif
 
 
@@ -1523,7 +1628,8 @@ struct Weight {
   int64_t type;
   bool s16;
   bool panel = false;  // multiplied through panels (below)
-  bool amx = false;    // ... through AMX tiles  // offsets from the fp16 d * sum(q) (Q4_1, as llama.cpp), else from the exact one
+  bool amx = false;    // ... through AMX tiles
+  bool bf16 = false;   // ... the bf16 ones (a prompt)  // offsets from the fp16 d * sum(q) (Q4_1, as llama.cpp), else from the exact one
 };
 
 at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef types,
@@ -1594,7 +1700,7 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   // Groups of rows (each weight's kernel's group size, or a panel's) over all weights, split over the
   // threads.
   groups.clear();
-  bool any_amx = false;
+  bool any_amx = false, any_bf16 = false;
   for (size_t i = 0; i < ws.size(); ++i) {
     Weight& w = ws[i];
 #ifdef LLQ_X86
@@ -1606,19 +1712,24 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
     w.amx = isa == kAmx && w.type != kQ6_K && (m_rows >= 2 * amx_min_rows() || (m_rows >= amx_min_rows() && n >= 1024));
     w.panel = !w.amx && (isa >= kAvx512Vnni ? m_rows >= (w.kernels.group_x[2] != nullptr ? 16 : 4)
                                             : isa == kAvx2 && w.type != kQ8_0 && m_rows >= kPanelMinRowsOfXAvx2);
+    w.bf16 = w.amx && m_rows >= amx_bf16_min_rows() && amx_bf16_usable();
     if (w.amx) any_amx = true;
+    if (w.bf16) any_bf16 = true;
 #endif
-    for (int64_t r = 0; r < w.rows; r += w.amx ? kAmxRows : w.panel ? kPanelRows : w.kernels.rows)
+    for (int64_t r = 0; r < w.rows; r += w.bf16 ? 2 * kAmxRows : w.amx ? kAmxRows : w.panel ? kPanelRows : w.kernels.rows)
       groups.emplace_back(static_cast<int32_t>(i), r);
   }
 #ifdef LLQ_X86
   // x in the tiles' order, once per call (two variants of the offsets' factor: see Weight::s16)
   thread_local AmxX amx_x_scratch[2];
   AmxX* amx_x = amx_x_scratch;
+  thread_local std::vector<c10::BFloat16> xb16_scratch;
+  std::vector<c10::BFloat16>& xb16 = xb16_scratch;
+  if (any_bf16) amx_bf16_x(xf.data(), m_rows, k, xb16);
   if (any_amx) {
     bool made[2] = {false, false};
     for (const Weight& w : ws)
-      if (w.amx && !made[w.s16]) {
+      if (w.amx && !w.bf16 && !made[w.s16]) {
         amx_prepare_x(qx, w.s16, m_rows, nb, amx_x[w.s16]);
         made[w.s16] = true;
       }
@@ -1631,18 +1742,59 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   at::parallel_for(0, static_cast<int64_t>(groups.size()), grain, [&](int64_t g0, int64_t g1) {
     float sums[kMaxGroupRows];
 #ifdef LLQ_X86
-    bool tiles = false;  // configured in this thread
+    int tiles = 0;  // configured in this thread: 1 int8, 2 bf16
 #endif
     for (int64_t g = g0; g < g1; ++g) {
       const Weight& w = ws[groups[g].first];
 #ifdef LLQ_X86
+      if (w.bf16) {  // 2 x 16 weight rows in bf16, then every 2 x 16 rows of x against them
+        thread_local AmxPanel bpanel;  // each worker thread's own
+        thread_local std::vector<c10::BFloat16> wb16;
+        if (tiles != 2) {
+          amx_configure_bf16();
+          tiles = 2;
+        }
+        const int64_t r0 = groups[g].second, rows = std::min(2 * kAmxRows, w.rows - r0);
+        wb16.resize(static_cast<size_t>(2 * nb * 512));
+        for (int64_t h = 0; h < 2; ++h) {  // the two panels (the second all zero past the weight's end)
+          c10::BFloat16* dst = wb16.data() + h * nb * 512;
+          const int64_t hr = std::min(kAmxRows, rows - h * kAmxRows);
+          if (hr <= 0) {
+            std::fill(dst, dst + nb * 512, c10::BFloat16(0.0f));
+            continue;
+          }
+          const int64_t rh = r0 + h * kAmxRows;
+          amx_panel(w.type, w.data + rh * w.row_bytes, w.row_bytes, hr, nb, bpanel, rh + 2 * kAmxRows <= w.rows);
+          if (w.type == kQ8_0) amx_bf16_weights<true>(bpanel, nb, dst);
+          else amx_bf16_weights<false>(bpanel, nb, dst);
+        }
+        const int64_t chunks = (m_rows + 15) / 16;
+        for (int64_t c = 0; c < chunks; c += 2) {
+          alignas(64) float block[1024];
+          // (an odd last chunk against the zero rows after x's: see amx_bf16_x)
+          amx_bf16_dot(wb16.data(), wb16.data() + nb * 512, xb16.data() + c * nb * 512,
+                       xb16.data() + (c + 1) * nb * 512, nb, block);
+          for (int64_t hj = 0; hj < 4; ++hj) {
+            const int64_t h = hj / 2, j = hj % 2;
+            const int64_t mx = std::min<int64_t>(16, m_rows - (c + j) * 16);
+            const int64_t hr = std::min(kAmxRows, rows - h * kAmxRows);
+            for (int64_t i = 0; i < mx; ++i) {
+              float* ym = yp + ((c + j) * 16 + i) * n + w.col + r0 + h * kAmxRows;
+              const float* om = op != nullptr ? op + ((c + j) * 16 + i) * n + w.col + r0 + h * kAmxRows : nullptr;
+              for (int64_t r = 0; r < hr; ++r)
+                ym[r] = om != nullptr ? block[256 * hj + 16 * r + i] + om[r] : block[256 * hj + 16 * r + i];
+            }
+          }
+        }
+        continue;
+      }
       if (w.amx) {  // 16 weight rows ready for the tiles, then every 16 rows of x against them
         thread_local AmxPanel apanel;  // each worker thread's own
         const AmxX& ax = amx_x[w.s16];
         const int64_t cols = ax.cols;
-        if (!tiles) {
+        if (tiles != 1) {
           amx_configure(static_cast<int>(cols));
-          tiles = true;
+          tiles = 1;
         }
         const int64_t r0 = groups[g].second, rows = std::min(kAmxRows, w.rows - r0);
         const AmxDot dot = amx_dot_for(w.type, cols);
