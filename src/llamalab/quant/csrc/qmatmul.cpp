@@ -54,8 +54,18 @@
 #define LLQ_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define LLQ_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 #include "../../generate/csrc/x86_simd.h"  // exp / silu in 8 lanes, shared with the decode kernels
+// AMX needs GCC 11 / clang 12 (intrinsics and target names); with an older compiler the amx path
+// compiles to stubs and is never offered (amx_usable() is false), the others are unchanged.
+#if !defined(LLQ_NO_AMX) && ((defined(__clang__) && __clang_major__ >= 12) || \
+                             (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#define LLQ_HAVE_AMX 1
 #define LLQ_AMX __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
 #define LLQ_AMXBF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+#else
+#define LLQ_HAVE_AMX 0
+#define LLQ_AMX LLQ_VNNI
+#define LLQ_AMXBF16 LLQ_VNNI
+#endif
 #include <cpuid.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -1197,6 +1207,7 @@ struct alignas(64) TileConfig {
 // Cols: rows of x per tile, 16, or 8 for a batch of at most 8 (half the tile traffic, and two
 // weight rows per vector when scaling).
 LLQ_AMX void amx_configure(int cols) {
+#if LLQ_HAVE_AMX
   TileConfig c;
   for (int t = 0; t < 2; ++t) c.rows[t] = 16, c.colsb[t] = static_cast<uint16_t>(4 * cols);
   for (int t = 2; t < 4; ++t) c.rows[t] = 16, c.colsb[t] = 32;
@@ -1205,9 +1216,14 @@ LLQ_AMX void amx_configure(int cols) {
   // TILELOADD reads memory: a compiler barrier before each puts every store ahead of them.)
   asm volatile("" ::: "memory");
   _tile_loadconfig(&c);
+#endif
 }
 
-LLQ_AMX void amx_release() { _tile_release(); }
+LLQ_AMX void amx_release() {
+#if LLQ_HAVE_AMX
+  _tile_release();
+#endif
+}
 
 // x's rows for the tiles: chunks of `cols` (8 or 16) rows, block b of chunk c at (c nb + b) 32 cols
 // bytes, dword j of row m at byte 4 cols j + 4 m; d_x and the offsets' factor per (chunk, block) as
@@ -1398,11 +1414,13 @@ constexpr int kAmxLag = 2;
 
 template <int Cols, bool Signed>
 LLQ_AMX inline void amx_block(const AmxPanel& p, const int8_t* xq, int64_t b, int32_t* c) {
+#if LLQ_HAVE_AMX
   if (b & 1) {
     LLQ_AMX_BLOCK(1, 3, 5)
   } else {
     LLQ_AMX_BLOCK(0, 2, 4)
   }
+#endif
 }
 #undef LLQ_AMX_BLOCK
 
@@ -1449,7 +1467,7 @@ AmxDot amx_dot_for(int64_t type, int64_t cols) {
 // process) besides the CPU's AMX-TILE and AMX-INT8 bits.
 bool amx_usable() {
   static const bool ok = [] {
-#if defined(__linux__)
+#if defined(__linux__) && LLQ_HAVE_AMX
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     if (!((d >> 24) & 1u) || !((d >> 25) & 1u)) return false;
@@ -1465,6 +1483,9 @@ bool amx_usable() {
 // The bf16 tiles besides: AMX-BF16 (CPUID 7.0 EDX bit 22) and AVX512-BF16 for the conversions.
 bool amx_bf16_usable() {
   static const bool ok = [] {
+#if !LLQ_HAVE_AMX
+    return false;
+#endif
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!amx_usable() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1u)) return false;
     __builtin_cpu_init();
@@ -1495,10 +1516,12 @@ int64_t amx_bf16_min_rows() {
 }
 
 LLQ_AMXBF16 void amx_configure_bf16() {
+#if LLQ_HAVE_AMX
   TileConfig c;
   for (int t = 0; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;
   asm volatile("" ::: "memory");
   _tile_loadconfig(&c);
+#endif
 }
 
 // x's rows in bf16 for the tiles: chunk c of 16 rows, step s of 32 columns at (c steps + s) 1024
@@ -1526,6 +1549,7 @@ void amx_bf16_x(const float* xf, int64_t m_rows, int64_t k, std::vector<c10::BFl
 // block of 32) at 1024 b bytes, row r at + 64 r.
 template <bool Signed>
 LLQ_AMXBF16 void amx_bf16_weights(const AmxPanel& p, int64_t nb, c10::BFloat16* out) {
+#if LLQ_HAVE_AMX
   for (int64_t b = 0; b < nb; ++b)
     for (int r = 0; r < 16; ++r) {
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.a + b * p.a_step + r * p.a_stride));
@@ -1537,6 +1561,7 @@ LLQ_AMXBF16 void amx_bf16_weights(const AmxPanel& p, int64_t nb, c10::BFloat16* 
       const __m512 wa = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), s, m), wc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), s, m);
       _mm512_storeu_si512(out + b * 512 + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(wc, wa)));
     }
+#endif
 }
 
 // Two bf16 panels (weight rows 0-15 and 16-31 of a group of 32) against two chunks of x, nb steps:
@@ -1545,6 +1570,7 @@ LLQ_AMXBF16 void amx_bf16_weights(const AmxPanel& p, int64_t nb, c10::BFloat16* 
 // ran the tile unit at a fifth of its rate). out[256 (2 i + j) + 16 r + m]: panel i, chunk j.
 LLQ_AMXBF16 void amx_bf16_dot(const c10::BFloat16* w0, const c10::BFloat16* w1, const c10::BFloat16* x0,
                               const c10::BFloat16* x1, int64_t nb, float* out) {
+#if LLQ_HAVE_AMX
   asm volatile("" ::: "memory");
   _tile_zero(0);
   _tile_zero(1);
@@ -1564,6 +1590,7 @@ LLQ_AMXBF16 void amx_bf16_dot(const c10::BFloat16* w0, const c10::BFloat16* w1, 
   _tile_stored(1, out + 256, 64);
   _tile_stored(2, out + 512, 64);
   _tile_stored(3, out + 768, 64);
+#endif
 }
 #endif
 
