@@ -122,6 +122,68 @@ LLAMALAB_AVX2 void attend_avx2(const float* q, const T* k, const T* v, int64_t e
     for (int j = 0; j < blocks; ++j) _mm256_storeu_ps(out + c0 + 8 * j, _mm256_mul_ps(acc[j], iv));
   }
 }
+
+// The same for the `g` query heads of one key/value head (grouped-query attention) at once: each
+// block of slots' keys and values is read by every head of the group while it is in L1 (one head
+// after another read the whole cache g times from L2 / memory: at batch 8 and a few hundred slots
+// the step's largest cost after the products; measured at 8 rows and ~420 slots, 9% less time
+// than one head at a time: the fp32 cache's bytes, not their reuse, are most of it). Every head's
+// arithmetic is attend_avx2's, in the same order (the value sums kept in `out` between blocks of
+// slots: fp32 stores are exact).
+template <typename T>
+LLAMALAB_AVX2 void attend_group_avx2(const float* q, int64_t g, const T* k, const T* v, int64_t end, int64_t d,
+                                     float scale, std::vector<float>& scores, float* out) {
+  const int64_t stride = end + 8;
+  scores.resize(static_cast<size_t>(g * stride));
+  int64_t t = 0;
+  for (; t + 4 <= end; t += 4)
+    for (int64_t i = 0; i < g; ++i)
+      _mm_storeu_ps(scores.data() + i * stride + t,
+                    _mm_mul_ps(dot4_avx2<T>(q + i * d, k + t * d, d, d), _mm_set1_ps(scale)));
+  for (; t < end; ++t)
+    for (int64_t i = 0; i < g; ++i) scores[i * stride + t] = dot_scalar<T>(q + i * d, k + t * d, d) * scale;
+  std::vector<float> inv(static_cast<size_t>(g));
+  for (int64_t i = 0; i < g; ++i) {
+    float* sc = scores.data() + i * stride;
+    float top = -std::numeric_limits<float>::infinity();
+    for (t = 0; t < end; ++t) top = std::max(top, sc[t]);
+    const __m256 topv = _mm256_set1_ps(top);
+    __m256 sums = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= end; t += 8) {
+      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + t), topv));
+      _mm256_storeu_ps(sc + t, e);
+      sums = _mm256_add_ps(sums, e);
+    }
+    float total = hsum256(sums);
+    for (; t < end; ++t) {
+      sc[t] = std::exp(sc[t] - top);
+      total += sc[t];
+    }
+    inv[static_cast<size_t>(i)] = 1.0f / total;
+  }
+  std::fill(out, out + g * d, 0.0f);
+  constexpr int64_t kSlots = 16;  // slots per block: 16 value rows of a 64-wide head are 4 KB
+  for (int64_t t0 = 0; t0 < end; t0 += kSlots) {
+    const int64_t t1 = std::min(end, t0 + kSlots);
+    for (int64_t i = 0; i < g; ++i)
+      for (int64_t c0 = 0; c0 < d; c0 += 64) {
+        const int64_t blocks = std::min<int64_t>(8, (d - c0) / 8);
+        float* o = out + i * d + c0;
+        __m256 acc[8];
+        for (int j = 0; j < blocks; ++j) acc[j] = _mm256_loadu_ps(o + 8 * j);
+        for (t = t0; t < t1; ++t) {
+          const __m256 pr = _mm256_set1_ps(scores[i * stride + t]);
+          const T* vt = v + t * d + c0;
+          for (int j = 0; j < blocks; ++j) acc[j] = _mm256_fmadd_ps(pr, load8(vt + 8 * j), acc[j]);
+        }
+        for (int j = 0; j < blocks; ++j) _mm256_storeu_ps(o + 8 * j, acc[j]);
+      }
+  }
+  for (int64_t i = 0; i < g; ++i) {
+    const __m256 iv = _mm256_set1_ps(inv[static_cast<size_t>(i)]);
+    for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(out + i * d + c, _mm256_mul_ps(_mm256_loadu_ps(out + i * d + c), iv));
+  }
+}
 #endif
 
 bool cpu_has_avx2() {
@@ -203,15 +265,27 @@ void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Ten
   for (int64_t b = 0; b < bsz; ++b) longest = std::max(longest, positions[b] + 1);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const bool avx2 = cpu_has_avx2();
-  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 2 * longest * d));
-  at::parallel_for(0, heads, grain, [&](int64_t h0, int64_t h1) {
-    std::vector<float> scores, out(static_cast<size_t>(d));
-    for (int64_t bh = h0; bh < h1; ++bh) {
-      const int64_t b = bh / nh, h = bh % nh, g = h / group;
-      const int64_t base = (b * nkv + g) * slots * d;
-      attend<T>(q.data() + bh * d, kc + base, vc + base, positions[b] + 1, d, scale, avx2, scores, out.data());
-      T* dst = yp + b * nh * d + h * d;
-      for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(out[c]);
+  (void)heads;
+  // Over (row, key/value head) pairs: the group's query heads together (see attend_group_avx2).
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 2 * longest * d * group));
+  at::parallel_for(0, bsz * nkv, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<float> scores, out(static_cast<size_t>(group * d));
+    for (int64_t bg = p0; bg < p1; ++bg) {
+      const int64_t b = bg / nkv, g = bg % nkv;
+      const int64_t base = bg * slots * d, first = b * nh + g * group;  // (b * nkv + g) = bg
+#ifdef LLAMALAB_X86
+      if (avx2 && d % 8 == 0) {
+        attend_group_avx2<T>(q.data() + first * d, group, kc + base, vc + base, positions[b] + 1, d, scale, scores,
+                             out.data());
+      } else
+#endif
+      {
+        for (int64_t i = 0; i < group; ++i)
+          attend<T>(q.data() + (first + i) * d, kc + base, vc + base, positions[b] + 1, d, scale, avx2, scores,
+                    out.data() + i * d);
+      }
+      T* dst = yp + first * d;  // the group's heads are consecutive in the output row
+      for (int64_t c = 0; c < group * d; ++c) dst[c] = static_cast<T>(out[c]);
     }
   });
 }
