@@ -260,12 +260,11 @@ void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Ten
       std::copy(x, x + d, vc + ((b * nkv + g) * slots + pos) * d);
     }
   }
-  const int64_t group = nh / nkv, heads = bsz * nh;
+  const int64_t group = nh / nkv;
   int64_t longest = 1;
   for (int64_t b = 0; b < bsz; ++b) longest = std::max(longest, positions[b] + 1);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const bool avx2 = cpu_has_avx2();
-  (void)heads;
   // Over (row, key/value head) pairs: the group's query heads together (see attend_group_avx2).
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 2 * longest * d * group));
   at::parallel_for(0, bsz * nkv, grain, [&](int64_t p0, int64_t p1) {
