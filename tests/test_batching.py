@@ -209,6 +209,40 @@ def test_a_shared_prompt_prefix_is_prefilled_once(tok: HFTokenizer) -> None:
     assert [r.result.ids for r in first + rest] == alone
 
 
+def test_a_cached_prefix_serves_prompts_sharing_only_its_start(tok: HFTokenizer) -> None:
+    """Two prompts sharing a system prompt and two more words cache those 26 tokens; a third that
+    shares only the 24-token system prompt reuses those 24 positions of the cached prefix (the keys
+    and values of a position depend on the tokens before it alone) instead of missing, a cached
+    prefix that a longer one extends is replaced by it, and every answer equals its alone run."""
+    gen = Generator(_model(tok.vocab_size + 4, seed=7), tok, fast=True)
+    g = torch.Generator().manual_seed(12)
+    system = torch.randint(0, tok.vocab_size, (24,), generator=g).tolist()
+    words = torch.randint(0, tok.vocab_size, (2,), generator=g).tolist()
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(0, tok.vocab_size, (n,), generator=g).tolist()
+
+    a, b = system + words + rand(6), system + words + rand(4)
+    c = system + [(words[0] + 1) % tok.vocab_size] + rand(5)
+    cfg = GenerationConfig(max_new_tokens=8, stop_ids=())
+    alone = [gen.generate([p], cfg)[0].ids for p in (a, b, c)]
+    batcher = ContinuousBatcher(gen, max_batch=4, max_seq_len=64)
+    first = [batcher.submit(p, cfg) for p in (a, b)]
+    batcher.run_until_done()
+    assert list(batcher._prefixes) == [tuple(system + words)]
+    third = batcher.submit(c, cfg)
+    batcher.run_until_done()
+    assert third.reused == 24 and batcher.prefix_hits == 1
+    assert [r.result.ids for r in [*first, third]] == alone
+    # a prompt extending the cached prefix's start by more: its longer shared prefix replaces it
+    more = rand(3)
+    d, e = system + words + more + rand(3), system + words + more + rand(4)
+    for p in (d, e):
+        batcher.submit(p, cfg)
+        batcher.run_until_done()
+    assert list(batcher._prefixes) == [tuple(system + words + more)]
+
+
 def test_logit_bias_is_added_before_choosing(tok: HFTokenizer) -> None:
     """OpenAI's logit_bias: +100 on one id makes greedy choose it every step; -100 on the unbiased
     greedy first token makes the first token the argmax of the other logits (computed here from the

@@ -448,3 +448,19 @@ def test_repeated_prompts_share_one_prefill(tok: HFTokenizer) -> None:
             logits = ours(torch.tensor([p + r.ids]))[0, len(p) - 1:-1].float()
         want = torch.log_softmax(logits[:, :gen.n_vocab], -1).gather(-1, torch.tensor(r.ids).unsqueeze(-1)).squeeze(-1)
         torch.testing.assert_close(torch.tensor(r.logprobs), want, atol=1e-4, rtol=0)
+
+
+def test_argmax_rows_is_torchs_argmax_ties_and_nan_included() -> None:
+    """argmax_rows (numpy's argmax for fp32 CPU rows) picks what torch.argmax picks: the first of
+    equal largest values, the first NaN; strided rows and other dtypes too."""
+    from llamalab.generate.sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 1, 50, generator=g)
+    x[1, 0, [7, 30]] = 9.0  # a tie: the first
+    x[2, 0, [4, 20]] = float("nan")  # NaN: the first
+    x[3, 0, :] = -float("inf")
+    for t in (x[:, -1, :], x[:, -1, :40], x[:, -1, :].bfloat16(), x[:, -1, :].double()):
+        got = argmax_rows(t)
+        assert got.dtype == torch.int64 and got.tolist() == t.argmax(-1).tolist()
+    assert argmax_rows(x[:, -1, :]).tolist()[1:3] == [7, 4]

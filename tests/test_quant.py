@@ -138,9 +138,13 @@ def test_activation_quantization_is_llama_cpps() -> None:
 # or 4 rows of x at once, and their remainders; 16 and more: the panels (AVX-512) and the AMX tiles
 # (Q8_0 in place, 16 rows at a time; K = 1536 in slices), a last partial group of weight rows and a
 # last partial set of rows of x; 8 and 12 rows against 1030 weight rows: AMX's 8-column tiles and a
-# part-filled 16-column one.
+# part-filled 16-column one; 2-9 rows against 16-row groups and a remainder: the lane kernels (AVX-512,
+# 16 weight rows x up to 8 rows of x, then the last rows of x and of W by the others); 40 rows: AMX's
+# int8 tiles (from 32 rows for these types, below the bf16 tiles' 64: see the next test).
 @pytest.mark.parametrize("n,k,m", [(1, 32, 1), (3, 64, 2), (7, 576, 1), (16, 96, 2), (13, 576, 3), (13, 576, 5),
-                                   (13, 576, 16), (64, 1536, 17), (21, 96, 33), (1030, 64, 8), (1030, 96, 12)])
+                                   (13, 576, 16), (64, 1536, 17), (21, 96, 33), (1030, 64, 8), (1030, 96, 12),
+                                   (35, 576, 8), (48, 1536, 9), (32, 64, 6), (50, 96, 3), (16, 32, 7), (40, 160, 4),
+                                   (40, 96, 40)])
 def test_kernel_equals_float64_reference(type_name: str, n: int, k: int, m: int) -> None:
     g = torch.Generator().manual_seed(n * 1000 + k + m)
     blocks = _blocks(torch.randn(n, k, generator=g) * 0.05, type_name)
@@ -166,10 +170,11 @@ def _has_amx_bf16() -> bool:
 @pytest.mark.skipif(not _has_amx_bf16(), reason="the CPU lacks AMX-BF16 (the bf16 tiles for long prompts)")
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K"])
 # 130 rows of x: 9 chunks of 16 (the last in a pair with zeros); 40 weight rows: a group of 32 and a
-# partial one whose second panel is empty; 64 rows of Q8_0: its blocks read in place.
-@pytest.mark.parametrize("n,k,m", [(40, 512, 130), (64, 256, 128), (16, 1536, 129)])
+# partial one whose second panel is empty; 64 rows of Q8_0: its blocks read in place; 70 rows of x:
+# near the tiles' threshold (64), a last chunk of 6.
+@pytest.mark.parametrize("n,k,m", [(40, 512, 130), (64, 256, 128), (16, 1536, 129), (24, 256, 70)])
 def test_amx_bf16_tiles_equal_the_bf16_product(type_name: str, n: int, k: int, m: int) -> None:
-    """From 128 rows of x the amx path rounds x and the dequantized weights to bf16 and sums in
+    """From 64 rows of x the amx path rounds x and the dequantized weights to bf16 and sums in
     fp32 in the tiles: equal, to fp32 accumulation, to the float64 product of those bf16 values
     (plus the residual), the weights dequantized by our dequantizer (equal to gguf-py's, above)."""
     if "amx" not in kernels.available_isas():
@@ -312,12 +317,18 @@ def test_decode_model_on_blocks_equals_the_plain_quantized_model(tmp_path: Path,
     with torch.no_grad():
         plain = model(x)
         full = fast(x)  # prefill through the fused calls
-        assert torch.allclose(full, plain, atol=1e-4, rtol=1e-4)
+        # The fused calls normalise x in C++, the plain path in torch: their fp32 results can differ
+        # in the last bit, and that can move one activation across an int8 rounding boundary (one
+        # step d_x = max|x| / 127 in one element), so the paths agree to a fraction of the int8
+        # step's effect, not bit for bit; the tokens they choose are the same.
+        tol = 0.02 * float(plain.abs().max())
+        assert (full - plain).abs().max() < tol and (full.argmax(-1) == plain.argmax(-1)).all()
         fast.setup_cache(1, x.shape[1])
         steps = [fast(x[:, :4], input_pos=torch.arange(4))[:, -1]]
         for pos in range(4, x.shape[1]):  # one-token steps: the kernel's decode path
             steps.append(fast(x[:, pos:pos + 1], input_pos=torch.tensor([pos]))[:, -1])
-        assert torch.allclose(torch.stack(steps, 1), plain[:, 3:], atol=1e-4, rtol=1e-4)
+        steps = torch.stack(steps, 1)
+        assert (steps - plain[:, 3:]).abs().max() < tol and (steps.argmax(-1) == plain[:, 3:].argmax(-1)).all()
 
 
 @pytest.mark.slow
@@ -548,7 +559,7 @@ def _more_blocks(n: int, k: int, type_name: str, seed: int) -> torch.Tensor:
 @needs_kernel
 @pytest.mark.parametrize("type_name", MORE_TYPES)
 @pytest.mark.parametrize("n,k,m", [(1, 256, 1), (7, 512, 2), (13, 1536, 3), (16, 256, 5), (3, 256, 4),
-                                   (21, 512, 33), (18, 1536, 17)])
+                                   (21, 512, 33), (18, 1536, 17), (1030, 256, 8)])
 def test_more_types_kernel_equals_float64_reference(type_name: str, n: int, k: int, m: int) -> None:
     blocks = _more_blocks(n, k, type_name, seed=n + k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))

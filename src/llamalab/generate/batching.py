@@ -37,7 +37,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -47,10 +47,20 @@ from torch import Tensor
 from llamalab.generate.constrain import constrained_next
 from llamalab.generate.engine import GenerationConfig, GenerationResult, Generator, _Sequence, biased
 from llamalab.generate.fast import DecodeModel
-from llamalab.generate.sampling import choose_next, process_logits, seen_mask
+from llamalab.generate.sampling import argmax_rows, choose_next, process_logits, seen_mask
 from llamalab.model import Attention, KVCache, Transformer
 
 __all__ = ["BatchRequest", "ContinuousBatcher"]
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @dataclass(eq=False)
@@ -314,34 +324,43 @@ class ContinuousBatcher:
     # ---------------------------------------------------------------- prefix caching
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[tuple[int, ...], list[tuple[Tensor, Tensor]]] | None:
-        """The longest cached prefix of ``prompt`` that leaves at least one token to prefill."""
-        best = None
-        for key, kv in self._prefixes.items():
-            if len(key) < len(prompt) and (best is None or len(key) > len(best[0])) and tuple(prompt[: len(key)]) == key:
-                best = (key, kv)
-        if best is not None:
-            self._prefixes.move_to_end(best[0])
-        return best
+        """The longest run of ``prompt``'s first tokens (``min_prefix`` or more, leaving at least one
+        to prefill) that a cached prefix starts with, and that run's keys and values.
+
+        A cached prefix serves any prompt sharing only its first L tokens: the keys and values of
+        position i depend on tokens 0..i alone. (Matching whole cached prefixes only, a system
+        prompt cached with the first words of one question missed every other question.)"""
+        best: tuple[int, tuple[int, ...]] | None = None
+        for key in self._prefixes:
+            n = min(_shared(prompt, key), len(prompt) - 1)
+            if n >= self.min_prefix and (best is None or n > best[0]):
+                best = (n, key)
+        if best is None:
+            return None
+        n, key = best
+        self._prefixes.move_to_end(key)
+        return tuple(prompt[:n]), [(k[:, :n], v[:, :n]) for k, v in self._prefixes[key]]
 
     def _remember_prefix(self, prompt: list[int], row: int) -> None:
         """Cache the prefix ``prompt`` shares with a recent prompt (a chat template's system prompt,
-        a few-shot preamble), from the row just prefilled, if it is long enough and not cached yet."""
+        a few-shot preamble), from the row just prefilled, if it is long enough and no cached prefix
+        already starts with it; a cached prefix it extends is replaced."""
         if self.prefix_cache_size == 0:
             return
-        best = 0
-        for other in self._recent:
-            n = 0
-            for a, b in zip(prompt, other):
-                if a != b:
-                    break
-                n += 1
-            best = max(best, n)
+        best = max((_shared(prompt, other) for other in self._recent), default=0)
         self._recent.append(prompt)
         best = min(best, len(prompt) - 1)
-        if best < self.min_prefix or tuple(prompt[:best]) in self._prefixes:
+        if best < self.min_prefix:
             return
-        self._prefixes[tuple(prompt[:best])] = [(c.k[row, :, :best].clone(), c.v[row, :, :best].clone())
-                                                for c in self._cache()]
+        new = tuple(prompt[:best])
+        for key in list(self._prefixes):
+            n = _shared(new, key)
+            if n >= best:  # a cached prefix starts with this one: it serves it already
+                self._prefixes.move_to_end(key)
+                return
+            if n == len(key):  # this one extends a cached prefix: keep the longer
+                del self._prefixes[key]
+        self._prefixes[new] = [(c.k[row, :, :best].clone(), c.v[row, :, :best].clone()) for c in self._cache()]
         while len(self._prefixes) > self.prefix_cache_size:
             self._prefixes.popitem(last=False)
 
@@ -355,7 +374,7 @@ class ContinuousBatcher:
         input_pos = pos if batch == 1 else pos.view(batch, 1)
         logits = self.model(ids, input_pos=input_pos)[:, -1, : self.generator.n_vocab]
         self.steps += 1
-        argmax = logits.argmax(-1).tolist()  # the greedy rows' choice, one call for the batch
+        argmax = argmax_rows(logits).tolist()  # the greedy rows' choice, one call for the batch
         for i, r in enumerate(self.rows):
             self._pos[i] += 1
             self._next[i] = self._choose(r, logits[i], argmax[i])
@@ -367,7 +386,7 @@ class ContinuousBatcher:
         row = logits.unsqueeze(0)
         processed = None
         if cfg.temperature == 0 and r._seen is None and not cfg.logit_bias:
-            token = int(row.argmax()) if argmax is None else argmax
+            token = int(argmax_rows(row)[0]) if argmax is None else argmax
         else:
             processed = process_logits(biased(row, cfg.logit_bias), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                        min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty, seen=r._seen)

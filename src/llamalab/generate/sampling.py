@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "apply_min_p",
+    "argmax_rows",
     "apply_repetition_penalty",
     "apply_temperature",
     "apply_top_k",
@@ -112,6 +113,18 @@ def process_logits(logits: Tensor, *, temperature: float = 1.0, top_k: int = 0, 
     return apply_min_p(logits, min_p)
 
 
+def argmax_rows(logits: Tensor) -> Tensor:
+    """The index of each row's largest value (the first of equal ones), ``logits`` (..., V).
+
+    fp32 CPU rows go through numpy's argmax: torch's CPU argmax reduction took ~60 us per row of a
+    49K vocabulary (0.5 ms of a batch-8 decode step on a 2-core CPU), numpy's ~3. Same answer,
+    NaN included (both return the first NaN).
+    """
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 def choose_next(processed: Tensor, temperature: float, generator: torch.Generator | None = None) -> Tensor:
     """The next id of each row (B,): argmax when ``temperature == 0``, else a draw from the softmax.
 
@@ -122,7 +135,7 @@ def choose_next(processed: Tensor, temperature: float, generator: torch.Generato
     Tokens of probability 0 (cut by top-k/top-p/min-p) are never drawn.
     """
     if temperature == 0.0:
-        return processed.argmax(dim=-1)
+        return argmax_rows(processed)
     cdf = processed.softmax(dim=-1).to(torch.float64).cumsum_(dim=-1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)

@@ -179,10 +179,16 @@ class BatchingWorker:
     ``max_batch``: rows decoded together (llama.cpp's parallel slots); ``max_seq_len``: positions
     per row (prompt + answer), default the model's context. ``on_step(batch_size, seconds)``
     and ``on_finish(request)`` (optional) see every step and every finished sequence (metrics).
+
+    ``burst_gap``: after an idle spell, the first request is held while more keep arriving, each
+    within this many seconds of the last (at most ``max_batch`` of them, and ``4 * burst_gap`` in
+    all), so that clients that send at once are prefilled together in one step instead of the
+    first alone and the rest a prefill later (0: no wait).
     """
 
     def __init__(self, generator: Any, *, max_batch: int = 4, max_seq_len: int | None = None,
-                 on_step: Any = None, on_finish: Any = None, threads: int | None = None) -> None:
+                 on_step: Any = None, on_finish: Any = None, threads: int | None = None,
+                 burst_gap: float = 0.002) -> None:
         from llamalab.generate.batching import ContinuousBatcher
 
         self.generator = generator
@@ -194,6 +200,7 @@ class BatchingWorker:
         self._lock = threading.Lock()
         self._active: dict[int, tuple[Job, list[Any]]] = {}  # id(job) -> (job, its BatchRequests)
         self.on_step, self.on_finish = on_step, on_finish
+        self.burst_gap = burst_gap
         self.completed = 0
         self.skipped = 0
         self._taking = False
@@ -244,15 +251,25 @@ class BatchingWorker:
             except queue.Empty:
                 job = _NO_JOB
             self._taking = True
+            # A burst after an idle spell is gathered (see burst_gap); otherwise what is queued now.
+            taken, until = 0, time.perf_counter() + 4 * self.burst_gap
             while job is not _NO_JOB:
                 if job is None:
                     stopping = True
                 else:
                     self._take(job)
+                    taken += 1
                 try:
                     job = self._queue.get_nowait()
                 except queue.Empty:
-                    job = _NO_JOB
+                    left = until - time.perf_counter()
+                    if not idle or stopping or taken >= self.batcher.max_batch or left <= 0:
+                        job = _NO_JOB
+                    else:
+                        try:
+                            job = self._queue.get(timeout=min(self.burst_gap, left))
+                        except queue.Empty:
+                            job = _NO_JOB
             self._taking = False
             for job, requests in list(self._active.values()):
                 if job.cancelled.is_set():

@@ -929,6 +929,130 @@ LLQ_VNNI void dot_group_mx_vnni512(const uint8_t* w, int64_t row_bytes, const in
   }
 }
 
+// ---- AVX-512 VNNI, 16 weight rows one per lane, against 1-8 rows of x (batched decode) ----------
+// The kernels above put a block's 32 values of one or two weight rows side by side in a register,
+// so each VPDPBUSD is followed by a conversion, a scaling and an FMA, and the lanes of a row are
+// summed at the end: ~4-5 instructions per 64 multiply-adds. Here lane r of a register is weight
+// row r of 16: register j holds bytes 4j..4j+3 of each row's 32 values (the layout of an AMX weight
+// tile), built from the blocks where they lie by a 4 x 4 transpose of dwords (rows 4l + q's 16 bytes
+// in lane l of register q; two rounds of unpacks leave dword t of row 4l + q at element 4l + q of
+// register t) and, for Q4, a mask and a shift. Then a row of x adds its block by eight VPDPBUSD into
+// one int32 accumulator (x's 4 bytes broadcast from memory), and the block is scaled once for all
+// 16 rows: a conversion, a multiplication by d_x, an FMA with the 16 weight scales (one gather of the
+// rows' first dword: d, and Q4_1's m beside it) and an FMA for the offsets: ~12 instructions per 512
+// multiply-adds, the unpacking shared by every row of x. The lanes are the outputs: no sums at the end.
+// Up to 4 rows of x, each row keeps two int32 accumulators (odd and even dwords), so that enough
+// VPDPBUSD are independent to hide their latency.
+template <int64_t Type, int MX>
+LLQ_VNNI void dot_lanes_vnni512(const uint8_t* w, int64_t row_bytes, const int8_t* qx, const float* dx,
+                                const float* dsx, int64_t nb, float* sums) {
+  static_assert(Type == kQ4_0 || Type == kQ4_1 || Type == kQ8_0, "Q4_0, Q4_1 and Q8_0 only");
+  constexpr bool q8 = Type == kQ8_0;
+  constexpr int64_t bytes = block_bytes_of(Type);
+  constexpr int64_t qs_at = Type == kQ4_1 ? 4 : 2;
+  constexpr int kChains = MX <= 4 ? 2 : 1;
+  const int64_t k = nb * kBlock;
+  const __m512i starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  // 16 bytes at `at` of rows 4l + q (l = 0..3) in the four lanes of register q, transposed to
+  // d[t]: dword t of row r at element r.
+  const auto transpose = [row_bytes](const uint8_t* at, __m512i* d) __attribute__((target(
+                             "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"))) {
+    __m512i t[4];
+    for (int q = 0; q < 4; ++q) {
+      const uint8_t* p = at + q * row_bytes;
+      __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 4 * row_bytes)), 1);
+      v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * row_bytes)), 2);
+      t[q] = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 12 * row_bytes)), 3);
+    }
+    const __m512i a0 = _mm512_unpacklo_epi32(t[0], t[1]), a1 = _mm512_unpackhi_epi32(t[0], t[1]);
+    const __m512i a2 = _mm512_unpacklo_epi32(t[2], t[3]), a3 = _mm512_unpackhi_epi32(t[2], t[3]);
+    d[0] = _mm512_unpacklo_epi64(a0, a2);
+    d[1] = _mm512_unpackhi_epi64(a0, a2);
+    d[2] = _mm512_unpacklo_epi64(a1, a3);
+    d[3] = _mm512_unpackhi_epi64(a1, a3);
+  };
+  __m512 acc[MX];
+  for (int m = 0; m < MX; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = w + b * bytes;
+    prefetch_ahead(w, row_bytes, 16, b * bytes * 16, bytes * 16);
+    const __m512i g = _mm512_i32gather_epi32(starts, blk, 1);
+    const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(g));
+    const __m512 mw = Type == kQ4_1 ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(g, 16)))
+                                    : _mm512_mul_ps(dw, _mm512_set1_ps(q8 ? -128.0f : -8.0f));
+    __m512i v[8];
+    if constexpr (q8) {
+      transpose(blk + qs_at, v);
+      transpose(blk + qs_at + 16, v + 4);
+      for (int j = 0; j < 8; ++j) v[j] = _mm512_xor_si512(v[j], flip);  // q + 128
+    } else {
+      transpose(blk + qs_at, v);
+      for (int t = 0; t < 4; ++t) {
+        v[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v[t], 4), low4);  // elements 16-31
+        v[t] = _mm512_and_si512(v[t], low4);                            // elements 0-15
+      }
+    }
+    __m512i s[MX][kChains];
+    for (int m = 0; m < MX; ++m)
+      for (int c = 0; c < kChains; ++c) s[m][c] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j)
+      for (int m = 0; m < MX; ++m) {
+        int32_t xj;
+        std::memcpy(&xj, qx + m * k + b * kBlock + 4 * j, 4);
+        s[m][j % kChains] = _mm512_dpbusd_epi32(s[m][j % kChains], v[j], _mm512_set1_epi32(xj));
+      }
+    for (int m = 0; m < MX; ++m) {
+      const __m512i i = kChains == 2 ? _mm512_add_epi32(s[m][0], s[m][kChains - 1]) : s[m][0];
+      const __m512 f = _mm512_mul_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(dx[m * nb + b]));
+      acc[m] = _mm512_fmadd_ps(f, dw, acc[m]);
+      acc[m] = _mm512_fmadd_ps(mw, _mm512_set1_ps(dsx[m * nb + b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MX; ++m) _mm512_storeu_ps(sums + 16 * m, acc[m]);
+}
+
+// Rows of x from which the lane kernel is taken (below the AMX tiles' threshold); the variable
+// LLAMALAB_LANES_MIN_ROWS moves it, for measuring.
+int64_t lanes_min_rows() {
+  static const int64_t rows = [] {
+    const char* v = std::getenv("LLAMALAB_LANES_MIN_ROWS");
+    return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{2};
+  }();
+  return rows;
+}
+
+using DotLanes = void (*)(const uint8_t*, int64_t, const int8_t*, const float*, const float*, int64_t, float*);
+constexpr int64_t kLaneRows = 16;  // weight rows per lane kernel call
+constexpr int64_t kLaneRowsOfX = 8;  // rows of x at most per call
+
+template <int64_t Type>
+DotLanes dot_lanes_for(int64_t mx) {
+  switch (mx) {
+    case 1: return &dot_lanes_vnni512<Type, 1>;
+    case 2: return &dot_lanes_vnni512<Type, 2>;
+    case 3: return &dot_lanes_vnni512<Type, 3>;
+    case 4: return &dot_lanes_vnni512<Type, 4>;
+    case 5: return &dot_lanes_vnni512<Type, 5>;
+    case 6: return &dot_lanes_vnni512<Type, 6>;
+    case 7: return &dot_lanes_vnni512<Type, 7>;
+    default: return &dot_lanes_vnni512<Type, 8>;
+  }
+}
+
+// The lane kernel for `type` and mx rows of x (nullptr: the type has none).
+DotLanes dot_lanes_for(int64_t type, int64_t mx) {
+  switch (type) {
+    case kQ4_0: return dot_lanes_for<kQ4_0>(mx);
+    case kQ4_1: return dot_lanes_for<kQ4_1>(mx);
+    case kQ8_0: return dot_lanes_for<kQ8_0>(mx);
+    default: return nullptr;
+  }
+}
+
 // ---- AVX-512 VNNI, many rows of x (prefill, batched decode): panels ------------------------------
 // A prompt of M rows reads each weight block M times. The kernels above unpack it (and gather and
 // convert its scales) on every read; here a group of 8 weight rows, of any block type, is unpacked
@@ -1188,12 +1312,16 @@ PanelDot panel_dot_avx2_for(int64_t type) {
 // kernel saves it on every switch while it is live; oneDNN, in the same threads, configures its own).
 constexpr int64_t kAmxRows = 16;   // weight rows per tile, and rows of x per tile
 constexpr int64_t kAmxSlice = 24;  // blocks of 32 per panel at most (see qmatmul)
-// Rows of x from which the AMX path is taken (measured: benchmarks/qmatmul_rows.py); the variable
-// LLAMALAB_AMX_MIN_ROWS moves it, for measuring.
+// Rows of x from which the AMX tiles are taken over the lane kernels (Q4_0, Q4_1, Q8_0; measured
+// with benchmarks/qmatmul_rows.py on SmolLM2's shapes, 2 threads: the lanes ahead at 8 and 16 rows,
+// the tiles from 32); the variable LLAMALAB_AMX_MIN_ROWS moves it, for measuring. The types without
+// lane kernels take the tiles over their panels from 16 rows, or 8 for calls of 1,024 weight rows
+// and more (measured in SmolLM2's batched decode step: the panels' set-up spread over too few groups
+// lost on the 576-row products).
 int64_t amx_min_rows() {
   static const int64_t rows = [] {
     const char* v = std::getenv("LLAMALAB_AMX_MIN_ROWS");
-    return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{8};
+    return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{32};
   }();
   return rows;
 }
@@ -1507,10 +1635,11 @@ bool amx_bf16_usable() {
 // Rows of x from which the bf16 tiles are taken (LLAMALAB_AMX_BF16_MIN_ROWS moves it, for measuring).
 int64_t amx_bf16_min_rows() {
   static const int64_t rows = [] {
-    // (measured on SmolLM2's gate|up product, 1 thread: 0.73x the int8 tiles at 32 rows of x, 1.0x
-    // at 64, 1.08x at 128, 1.30x at 296: the tile loads from L2 are their limit)
+    // (measured with benchmarks/qmatmul_rows.py on SmolLM2's shapes, 2 threads, since x is rounded
+    // in vectors and the results leave the tiles by gathers: at 48 rows of x 0.9x the int8 tiles on
+    // gate|up and the head, at 64 1.1-1.2x, at 112 1.2-1.6x; the tile loads from L2 are their limit)
     const char* v = std::getenv("LLAMALAB_AMX_BF16_MIN_ROWS");
-    return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{128};
+    return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{64};
   }();
   return rows;
 }
@@ -1526,6 +1655,43 @@ LLQ_AMXBF16 void amx_configure_bf16() {
 
 // x's rows in bf16 for the tiles: chunk c of 16 rows, step s of 32 columns at (c steps + s) 1024
 // bytes; within a step, column pair j of row m at bf16 index 32 j + 2 m (rows past the last 0).
+// A tile's 16 x 16 results (`block`: weight row r, row of x i at 16 r + i) into y's rows: row i of x
+// gets the `hr` weight rows' outputs at y + i * ystride (plus `other`'s, at the same offsets, when
+// given). Full tiles a row of x at a time by one gather of its column (reading the column a value
+// at a time was ~20% of a 224-row product).
+LLQ_VNNI void store_tile_rows(const float* block, int64_t mx, int64_t hr, float* y, const float* other,
+                              int64_t ystride) {
+  if (hr == 16) {
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(16));
+    for (int64_t i = 0; i < mx; ++i) {
+      __m512 v = _mm512_i32gather_ps(column, block + i, 4);
+      if (other != nullptr) v = _mm512_add_ps(v, _mm512_loadu_ps(other + i * ystride));
+      _mm512_storeu_ps(y + i * ystride, v);
+    }
+    return;
+  }
+  for (int64_t i = 0; i < mx; ++i)
+    for (int64_t r = 0; r < hr; ++r)
+      y[i * ystride + r] = other != nullptr ? block[16 * r + i] + other[i * ystride + r] : block[16 * r + i];
+}
+
+// One row of x's `steps` blocks of 32 into its tiles' column (`dst`: its first pair): 32 floats
+// rounded to nearest even by one conversion, and their 16 pairs scattered 64 bytes apart. (The
+// same a value at a time, through c10::BFloat16, was ~15% of a 224-row product.)
+LLQ_AMXBF16 void amx_bf16_x_row(const float* row, int64_t steps, c10::BFloat16* dst) {
+#if LLQ_HAVE_AMX
+  const __m512i apart = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(16));
+  for (int64_t s = 0; s < steps; ++s) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(row + 32 * s + 16), _mm512_loadu_ps(row + 32 * s));
+    _mm512_i32scatter_epi32(dst + 512 * s, apart, reinterpret_cast<__m512i>(v), 4);
+  }
+#else
+  (void)row, (void)steps, (void)dst;
+#endif
+}
+
 void amx_bf16_x(const float* xf, int64_t m_rows, int64_t k, std::vector<c10::BFloat16>& out) {
   const int64_t chunks = (m_rows + 15) / 16, steps = k / 32;
   // (rounded up to an even count: the tiles take chunks in pairs, an odd last one with zeros)
@@ -1533,14 +1699,7 @@ void amx_bf16_x(const float* xf, int64_t m_rows, int64_t k, std::vector<c10::BFl
   at::parallel_for(0, m_rows, std::max<int64_t>(1, 16384 / k), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const int64_t c = m / 16, i = m % 16;
-      const float* row = xf + m * k;
-      for (int64_t s = 0; s < steps; ++s) {
-        c10::BFloat16* dst = out.data() + (c * steps + s) * 512 + 2 * i;
-        for (int64_t j = 0; j < 16; ++j) {
-          dst[32 * j] = c10::BFloat16(row[32 * s + 2 * j]);
-          dst[32 * j + 1] = c10::BFloat16(row[32 * s + 2 * j + 1]);
-        }
-      }
+      amx_bf16_x_row(xf + m * k, steps, out.data() + c * steps * 512 + 2 * i);
     }
   });
 }
@@ -1655,6 +1814,7 @@ struct Weight {
   int64_t type;
   bool s16;
   bool panel = false;  // multiplied through panels (below)
+  bool lanes = false;  // ... 16 rows at a time by the lane kernel (the last rows: `kernels`)
   bool amx = false;    // ... through AMX tiles
   bool bf16 = false;   // ... the bf16 ones (a prompt)  // offsets from the fp16 d * sum(q) (Q4_1, as llama.cpp), else from the exact one
 };
@@ -1694,7 +1854,7 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   TORCH_CHECK(x.size(-1) == kx, "qmatmul: input of ", x.size(-1), " features for weights of ", k, " columns",
               swiglu ? " (swiglu: twice the columns, gate then up)" : "");
   const at::Tensor x2 = x.reshape({-1, kx}).contiguous();
-  const int64_t m_rows = x2.size(0);
+  const int64_t m_rows = x2.size(0), seq_rows = x.dim() >= 3 ? x.size(-2) : m_rows;
   at::Tensor nw;
   if (norm.has_value()) {
     TORCH_CHECK(norm->dim() == 1 && norm->size(0) == k && norm->device().is_cpu(),
@@ -1722,7 +1882,6 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   std::vector<std::pair<int32_t, int64_t>>& groups = groups_scratch;  // (weight, first row)
   prepare(x2.data_ptr<float>(), m_rows, k, nw.defined() ? nw.data_ptr<float>() : nullptr, eps, swiglu, isa >= kAvx2,
           xf);
-  quantize_x(xf.data(), m_rows, k, isa >= kAvx2, qx);
   const int64_t nb = k / kBlock;
   // Groups of rows (each weight's kernel's group size, or a panel's) over all weights, split over the
   // threads.
@@ -1731,21 +1890,34 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   for (size_t i = 0; i < ws.size(); ++i) {
     Weight& w = ws[i];
 #ifdef LLQ_X86
-    // Panels where they were measured faster: from 4 rows of x for the types without multi-row
-    // kernels (Q5, K-quants), from 16 for the others.
-    // AMX from 16 rows of x; from 8 (amx_min_rows) for calls of many weight rows only: measured in
-    // SmolLM2's batched decode step (8 rows), the tiles won on the gate|up and head products and
-    // lost on the 576-row ones (their panels' set-up is spread over too few groups).
-    w.amx = isa == kAmx && w.type != kQ6_K && (m_rows >= 2 * amx_min_rows() || (m_rows >= amx_min_rows() && n >= 1024));
-    w.panel = !w.amx && (isa >= kAvx512Vnni ? m_rows >= (w.kernels.group_x[2] != nullptr ? 16 : 4)
+    // Q4_0, Q4_1 and Q8_0 on AVX-512: the lane kernels from 2 rows of x, the AMX tiles from
+    // amx_min_rows(). The other types: the panels from 4 rows (AVX-512 and AVX2), the tiles from 16
+    // (8 for calls of many weight rows). See amx_min_rows for the measurements.
+    const bool has_lanes = dot_lanes_for(w.type, 1) != nullptr;
+    w.amx = isa == kAmx && w.type != kQ6_K &&
+            m_rows >= (has_lanes ? amx_min_rows() : n >= 1024 ? int64_t{8} : int64_t{16});
+    w.lanes = !w.amx && isa >= kAvx512Vnni && m_rows >= lanes_min_rows() && has_lanes;
+    w.panel = !w.amx && !w.lanes && (isa >= kAvx512Vnni ? m_rows >= (w.kernels.group_x[2] != nullptr ? 16 : 4)
                                             : isa == kAvx2 && w.type != kQ8_0 && m_rows >= kPanelMinRowsOfXAvx2);
-    w.bf16 = w.amx && m_rows >= amx_bf16_min_rows() && amx_bf16_usable();
+    // The bf16 tiles by the tokens of one sequence (x's next-to-last dimension when it has three),
+    // not by the rows of the call: their rounding differs from the int8 paths' (~2^-9 against
+    // int8's), so a prompt prefilled in a batch of short prompts must take the path it takes alone
+    // for its greedy answer to be the same (continuous batching promises it).
+    w.bf16 = w.amx && seq_rows >= amx_bf16_min_rows() && amx_bf16_usable();
     if (w.amx) any_amx = true;
     if (w.bf16) any_bf16 = true;
 #endif
-    for (int64_t r = 0; r < w.rows; r += w.bf16 ? 2 * kAmxRows : w.amx ? kAmxRows : w.panel ? kPanelRows : w.kernels.rows)
+    for (int64_t r = 0; r < w.rows;
+         r += w.bf16  ? 2 * kAmxRows
+              : w.amx ? kAmxRows
+              : w.panel ? kPanelRows
+              : w.lanes && r + kLaneRows <= w.rows ? kLaneRows
+                                                   : w.kernels.rows)
       groups.emplace_back(static_cast<int32_t>(i), r);
   }
+  // x quantized to int8 for every path but the bf16 tiles (a prompt's products on them alone skip it)
+  if (!std::all_of(ws.begin(), ws.end(), [](const Weight& w) { return w.bf16; }))
+    quantize_x(xf.data(), m_rows, k, isa >= kAvx2, qx);
 #ifdef LLQ_X86
   // x in the tiles' order, once per call (two variants of the offsets' factor: see Weight::s16)
   thread_local AmxX amx_x_scratch[2];
@@ -1805,12 +1977,9 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
             const int64_t h = hj / 2, j = hj % 2;
             const int64_t mx = std::min<int64_t>(16, m_rows - (c + j) * 16);
             const int64_t hr = std::min(kAmxRows, rows - h * kAmxRows);
-            for (int64_t i = 0; i < mx; ++i) {
-              float* ym = yp + ((c + j) * 16 + i) * n + w.col + r0 + h * kAmxRows;
-              const float* om = op != nullptr ? op + ((c + j) * 16 + i) * n + w.col + r0 + h * kAmxRows : nullptr;
-              for (int64_t r = 0; r < hr; ++r)
-                ym[r] = om != nullptr ? block[256 * hj + 16 * r + i] + om[r] : block[256 * hj + 16 * r + i];
-            }
+            if (mx <= 0 || hr <= 0) continue;
+            const int64_t at = (c + j) * 16 * n + w.col + r0 + h * kAmxRows;
+            store_tile_rows(block + 256 * hj, mx, hr, yp + at, op != nullptr ? op + at : nullptr, n);
           }
         }
         continue;
@@ -1844,13 +2013,25 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
                 ax.ds.data() + (c * nb + b0) * 16, nbs, acc.data() + c * 256);
         }
         for (int64_t c = 0; c < chunks; ++c) {
-          const float* block = acc.data() + c * 256;
-          const int64_t mx = std::min(cols, m_rows - c * cols);
+          const int64_t mx = std::min(cols, m_rows - c * cols), at = c * cols * n + w.col + r0;
+          store_tile_rows(acc.data() + c * 256, mx, rows, yp + at, op != nullptr ? op + at : nullptr, n);
+        }
+        continue;
+      }
+      if (w.lanes && w.rows - groups[g].second >= kLaneRows) {  // 16 rows, up to 8 rows of x at a time
+        const int64_t r0 = groups[g].second;
+        const uint8_t* wr = w.data + r0 * w.row_bytes;
+        const float* ds = (w.s16 ? qx.ds : qx.dsum).data();
+        for (int64_t m = 0; m < m_rows; m += kLaneRowsOfX) {
+          const int64_t mx = std::min(kLaneRowsOfX, m_rows - m);
+          alignas(64) float block[kLaneRowsOfX * kLaneRows];
+          dot_lanes_for(w.type, mx)(wr, w.row_bytes, qx.q.data() + m * k, qx.d.data() + m * nb, ds + m * nb, nb,
+                                    block);
           for (int64_t j = 0; j < mx; ++j) {
-            float* ym = yp + (c * cols + j) * n + w.col + r0;
-            const float* om = op != nullptr ? op + (c * cols + j) * n + w.col + r0 : nullptr;
-            for (int64_t r = 0; r < rows; ++r)
-              ym[r] = om != nullptr ? block[16 * r + j] + om[r] : block[16 * r + j];
+            float* ym = yp + (m + j) * n + w.col + r0;
+            const float* om = op != nullptr ? op + (m + j) * n + w.col + r0 : nullptr;
+            for (int64_t r = 0; r < kLaneRows; ++r)
+              ym[r] = om != nullptr ? block[16 * j + r] + om[r] : block[16 * j + r];
           }
         }
         continue;
