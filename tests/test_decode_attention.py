@@ -46,12 +46,28 @@ def _reference(qkv: torch.Tensor, rope: torch.Tensor, k_cache: torch.Tensor, v_c
     return out.reshape(bsz, 1, nh * d).to(dtype), kc, vc
 
 
+def _paths() -> list[str]:
+    """The kernel's paths on this CPU (the attention follows gemv's: avx2, and AVX-512 where the CPU
+    has it), each test case run on every one."""
+    return gemv.available_isas() or ["auto"]
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# Head sizes of 16 lanes (the AVX-512 kernel: 16, 48, 64, 96) and not (12: AVX2's 8, 8 + 4 scalar),
+# slot counts below, at and past 16 (its blocks of 16 scores) and groups of 1-6 query heads (its
+# value sums: 4 heads at a time).
 @pytest.mark.parametrize("nh,nkv,d,bsz,pos", [(9, 3, 64, 1, 0), (9, 3, 64, 1, 200), (4, 4, 16, 2, 7),
                                               (8, 2, 12, 3, 30), (6, 1, 64, 4, 63),
-                                              (4, 2, 96, 1, 37)])
-def test_matches_the_formula_in_fp64(dtype: torch.dtype, nh: int, nkv: int, d: int, bsz: int, pos: int) -> None:
+                                              (4, 2, 96, 1, 37), (12, 2, 48, 2, 15), (10, 2, 16, 1, 16)])
+@pytest.mark.parametrize("path", _paths())
+def test_matches_the_formula_in_fp64(dtype: torch.dtype, nh: int, nkv: int, d: int, bsz: int, pos: int,
+                                     path: str) -> None:
+    with gemv.use_isa(path):
+        _check_formula(dtype, nh, nkv, d, bsz, pos)
+
+
+def _check_formula(dtype: torch.dtype, nh: int, nkv: int, d: int, bsz: int, pos: int) -> None:
     g = torch.Generator().manual_seed(pos * 31 + nh)
     slots, rows = 64 if pos < 64 else 256, 4
     qkv = torch.randn(bsz, 1, (nh + 2 * nkv) * d, generator=g).to(dtype)
@@ -129,8 +145,14 @@ def test_peaked_scores(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nh,nkv,d,positions", [(9, 3, 64, [0, 17, 5, 63]), (8, 2, 12, [30, 2, 11]),
                                                 (4, 4, 16, [7])])
+@pytest.mark.parametrize("path", _paths())
 def test_rows_at_their_own_positions_match_the_formula_row_by_row(dtype: torch.dtype, nh: int, nkv: int, d: int,
-                                                                   positions: list[int]) -> None:
+                                                                   positions: list[int], path: str) -> None:
+    with gemv.use_isa(path):
+        _check_rows(dtype, nh, nkv, d, positions)
+
+
+def _check_rows(dtype: torch.dtype, nh: int, nkv: int, d: int, positions: list[int]) -> None:
     """decode_attention_rows: row b rotated by its own position's table, written at its own slot,
     attending over its own slots [0, pos_b]: each row equals the formula's one-row step at that
     position (rows after the batch untouched)."""

@@ -32,6 +32,8 @@
 
 #include "x86_simd.h"
 
+int llamalab_gemv_isa_level();  // gemv.cpp: the kernels' path (2 and up: AVX-512)
+
 namespace {
 
 // Work (multiply-adds) below which splitting the heads over threads costs more than it saves.
@@ -82,6 +84,20 @@ LLAMALAB_AVX2 __m128 dot4_avx2(const float* q, const T* k, int64_t stride, int64
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
+// The largest of p[0..n) (-inf for none; NaNs skipped, as std::max(top, p[t]) skips them), 8 lanes
+// at a time: the scalar loop waited on each comparison (~14% of a long context's attention).
+LLAMALAB_AVX2 inline float max_avx2(const float* p, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) m = _mm256_max_ps(_mm256_loadu_ps(p + t), m);  // (a NaN in the first operand: the second)
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float top = lanes[0];
+  for (int j = 1; j < 8; ++j) top = std::max(top, lanes[j]);
+  for (; t < n; ++t) top = std::max(top, p[t]);
+  return top;
+}
+
 using llamalab_simd::exp_avx2;
 
 // softmax(q . K[0..end) * scale) . V[0..end) for one query head, d a multiple of 8.
@@ -93,8 +109,7 @@ LLAMALAB_AVX2 void attend_avx2(const float* q, const T* k, const T* v, int64_t e
   for (; t + 4 <= end; t += 4) _mm_storeu_ps(scores.data() + t, _mm_mul_ps(dot4_avx2<T>(q, k + t * d, d, d),
                                                                           _mm_set1_ps(scale)));
   for (; t < end; ++t) scores[t] = dot_scalar<T>(q, k + t * d, d) * scale;
-  float top = -std::numeric_limits<float>::infinity();
-  for (t = 0; t < end; ++t) top = std::max(top, scores[t]);
+  const float top = max_avx2(scores.data(), end);
   const __m256 topv = _mm256_set1_ps(top);
   __m256 sums = _mm256_setzero_ps();
   for (t = 0; t + 8 <= end; t += 8) {
@@ -145,8 +160,7 @@ LLAMALAB_AVX2 void attend_group_avx2(const float* q, int64_t g, const T* k, cons
   std::vector<float> inv(static_cast<size_t>(g));
   for (int64_t i = 0; i < g; ++i) {
     float* sc = scores.data() + i * stride;
-    float top = -std::numeric_limits<float>::infinity();
-    for (t = 0; t < end; ++t) top = std::max(top, sc[t]);
+    const float top = max_avx2(sc, end);
     const __m256 topv = _mm256_set1_ps(top);
     __m256 sums = _mm256_setzero_ps();
     for (t = 0; t + 8 <= end; t += 8) {
@@ -182,6 +196,133 @@ LLAMALAB_AVX2 void attend_group_avx2(const float* q, int64_t g, const T* k, cons
   for (int64_t i = 0; i < g; ++i) {
     const __m256 iv = _mm256_set1_ps(inv[static_cast<size_t>(i)]);
     for (int64_t c = 0; c < d; c += 8) _mm256_storeu_ps(out + i * d + c, _mm256_mul_ps(_mm256_loadu_ps(out + i * d + c), iv));
+  }
+}
+
+// ---- AVX-512: the same for head_dim a multiple of 16 ---------------------------------------------
+// Half the FMAs of the AVX2 kernel per slot and head (16 lanes), and two changes of structure:
+// a head's scores for 16 slots at once (16 accumulators, the key rows read from L1 once per head),
+// summed across lanes by one transpose-and-add tree for the 16 (~3 instructions a score, against a
+// horizontal sum each), and the weighted sum of values for up to 4 heads of the group per value row
+// read. Every sum is in fp32, in another order than the AVX2 kernel's. Head sizes 16, 32, 48, 64
+// and 128 (compiled for each: the sums stay in registers); others take the AVX2 kernel.
+LLAMALAB_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+LLAMALAB_AVX512 inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// r[j] = the sum of v[j]'s 16 lanes, j = 0..15.
+LLAMALAB_AVX512 inline __m512 sum16(const __m512* v) {
+  __m512 w[8], u[4];
+  for (int j = 0; j < 8; ++j)
+    w[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  for (int j = 0; j < 4; ++j) {
+    const __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
+    u[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xdd));
+}
+
+// The weighted value sums of HN heads (<= 4) over one head_dim of ND x 16 columns, in registers.
+template <typename T, int ND, int HN>
+LLAMALAB_AVX512 void value_sums_avx512(const float* scores, int64_t stride, const float* inv, const T* v, int64_t end,
+                                       float* out) {
+  constexpr int64_t d = 16 * ND;
+  for (int c0 = 0; c0 < ND; c0 += 4) {  // 4 x 16 columns at a time (16 accumulators at most)
+    constexpr int kCols = ND < 4 ? ND : 4;
+    __m512 acc[HN][kCols];
+    for (int h = 0; h < HN; ++h)
+      for (int c = 0; c < kCols; ++c) acc[h][c] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < end; ++t) {
+      __m512 vr[kCols];
+      for (int c = 0; c < kCols; ++c) vr[c] = load16(v + t * d + 16 * (c0 + c));
+      for (int h = 0; h < HN; ++h) {
+        const __m512 p = _mm512_set1_ps(scores[h * stride + t]);
+        for (int c = 0; c < kCols; ++c) acc[h][c] = _mm512_fmadd_ps(p, vr[c], acc[h][c]);
+      }
+    }
+    for (int h = 0; h < HN; ++h) {
+      const __m512 iv = _mm512_set1_ps(inv[h]);
+      for (int c = 0; c < kCols; ++c) _mm512_storeu_ps(out + h * d + 16 * (c0 + c), _mm512_mul_ps(acc[h][c], iv));
+    }
+  }
+}
+
+// head_dim = 16 ND (ND a multiple of 4, or below 4).
+template <typename T, int ND>
+LLAMALAB_AVX512 void attend_group_avx512(const float* q, int64_t g, const T* k, const T* v, int64_t end, float scale,
+                                         std::vector<float>& scores, float* out) {
+  constexpr int64_t d = 16 * ND;
+  const int64_t stride = end + 16;
+  scores.resize(static_cast<size_t>(g * stride));
+  for (int64_t i = 0; i < g; ++i) {
+    __m512 qv[ND];
+    for (int c = 0; c < ND; ++c) qv[c] = _mm512_loadu_ps(q + i * d + 16 * c);
+    float* sc = scores.data() + i * stride;
+    int64_t t = 0;
+    for (; t + 16 <= end; t += 16) {
+      __m512 acc[16];
+      for (int s = 0; s < 16; ++s) {
+        const T* kt = k + (t + s) * d;
+        __m512 a = _mm512_mul_ps(qv[0], load16(kt));
+        for (int c = 1; c < ND; ++c) a = _mm512_fmadd_ps(qv[c], load16(kt + 16 * c), a);
+        acc[s] = a;
+      }
+      _mm512_storeu_ps(sc + t, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+    }
+    for (; t < end; ++t) {
+      const T* kt = k + t * d;
+      __m512 a = _mm512_mul_ps(qv[0], load16(kt));
+      for (int c = 1; c < ND; ++c) a = _mm512_fmadd_ps(qv[c], load16(kt + 16 * c), a);
+      sc[t] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+  float inv[64];  // (g <= 64: checked by the caller)
+  for (int64_t i = 0; i < g; ++i) {  // the softmax: as the AVX2 kernel's
+    float* sc = scores.data() + i * stride;
+    const float top = max_avx2(sc, end);
+    const __m256 topv = _mm256_set1_ps(top);
+    __m256 sums = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= end; t += 8) {
+      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + t), topv));
+      _mm256_storeu_ps(sc + t, e);
+      sums = _mm256_add_ps(sums, e);
+    }
+    float total = hsum256(sums);
+    for (; t < end; ++t) {
+      sc[t] = std::exp(sc[t] - top);
+      total += sc[t];
+    }
+    inv[i] = 1.0f / total;
+  }
+  for (int64_t i0 = 0; i0 < g; i0 += 4) {  // up to 4 heads per value row read
+    const float* sc = scores.data() + i0 * stride;
+    float* o = out + i0 * d;
+    switch (std::min<int64_t>(4, g - i0)) {
+      case 1: value_sums_avx512<T, ND, 1>(sc, stride, inv + i0, v, end, o); break;
+      case 2: value_sums_avx512<T, ND, 2>(sc, stride, inv + i0, v, end, o); break;
+      case 3: value_sums_avx512<T, ND, 3>(sc, stride, inv + i0, v, end, o); break;
+      default: value_sums_avx512<T, ND, 4>(sc, stride, inv + i0, v, end, o); break;
+    }
+  }
+}
+
+// The AVX-512 kernel for head_dim d, if it has one (16, 32, 48, 64, 128); false: use another.
+template <typename T>
+bool attend_group_avx512_for(const float* q, int64_t g, const T* k, const T* v, int64_t end, int64_t d, float scale,
+                             std::vector<float>& scores, float* out) {
+  if (g > 64) return false;
+  switch (d) {
+    case 16: attend_group_avx512<T, 1>(q, g, k, v, end, scale, scores, out); return true;
+    case 32: attend_group_avx512<T, 2>(q, g, k, v, end, scale, scores, out); return true;
+    case 48: attend_group_avx512<T, 3>(q, g, k, v, end, scale, scores, out); return true;
+    case 64: attend_group_avx512<T, 4>(q, g, k, v, end, scale, scores, out); return true;
+    case 128: attend_group_avx512<T, 8>(q, g, k, v, end, scale, scores, out); return true;
+    default: return false;
   }
 }
 #endif
@@ -264,7 +405,7 @@ void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Ten
   int64_t longest = 1;
   for (int64_t b = 0; b < bsz; ++b) longest = std::max(longest, positions[b] + 1);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const bool avx2 = cpu_has_avx2();
+  const bool avx2 = cpu_has_avx2(), avx512 = llamalab_gemv_isa_level() >= 2;
   // Over (row, key/value head) pairs: the group's query heads together (see attend_group_avx2).
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 2 * longest * d * group));
   at::parallel_for(0, bsz * nkv, grain, [&](int64_t p0, int64_t p1) {
@@ -273,7 +414,9 @@ void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Ten
       const int64_t b = bg / nkv, g = bg % nkv;
       const int64_t base = bg * slots * d, first = b * nh + g * group;  // (b * nkv + g) = bg
 #ifdef LLAMALAB_X86
-      if (avx2 && d % 8 == 0) {
+      if (avx512 && attend_group_avx512_for<T>(q.data() + first * d, group, kc + base, vc + base, positions[b] + 1, d,
+                                                 scale, scores, out.data())) {
+      } else if (avx2 && d % 8 == 0) {
         attend_group_avx2<T>(q.data() + first * d, group, kc + base, vc + base, positions[b] + 1, d, scale, scores,
                              out.data());
       } else

@@ -408,6 +408,10 @@ std::string set_isa(const std::string& name) {
 
 }  // namespace
 
+// The path in use (0 none, 1 avx2, 2 avx512, 3 avx512bf16), for the decode attention in the same
+// library (attention.cpp): forcing a path (gemv_set_isa) forces its attention kernel too.
+int llamalab_gemv_isa_level() { return static_cast<int>(current_isa()); }
+
 TORCH_LIBRARY(llamalab, m) {
   m.def("gemv_isas() -> str[]", &isas);
   m.def("gemv_isa() -> str", &get_isa);
