@@ -100,6 +100,25 @@ LLAMALAB_AVX2 inline float max_avx2(const float* p, int64_t n) {
 
 using llamalab_simd::exp_avx2;
 
+// sc[0..n) <- exp(sc - max), returns 1 / their sum: a softmax's numerators and normaliser.
+LLAMALAB_AVX2 inline float exp_shifted_avx2(float* sc, int64_t n) {
+  const float top = max_avx2(sc, n);
+  const __m256 topv = _mm256_set1_ps(top);
+  __m256 sums = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + t), topv));
+    _mm256_storeu_ps(sc + t, e);
+    sums = _mm256_add_ps(sums, e);
+  }
+  float total = hsum256(sums);
+  for (; t < n; ++t) {
+    sc[t] = std::exp(sc[t] - top);
+    total += sc[t];
+  }
+  return 1.0f / total;
+}
+
 // softmax(q . K[0..end) * scale) . V[0..end) for one query head, d a multiple of 8.
 template <typename T>
 LLAMALAB_AVX2 void attend_avx2(const float* q, const T* k, const T* v, int64_t end, int64_t d, float scale,
@@ -109,20 +128,7 @@ LLAMALAB_AVX2 void attend_avx2(const float* q, const T* k, const T* v, int64_t e
   for (; t + 4 <= end; t += 4) _mm_storeu_ps(scores.data() + t, _mm_mul_ps(dot4_avx2<T>(q, k + t * d, d, d),
                                                                           _mm_set1_ps(scale)));
   for (; t < end; ++t) scores[t] = dot_scalar<T>(q, k + t * d, d) * scale;
-  const float top = max_avx2(scores.data(), end);
-  const __m256 topv = _mm256_set1_ps(top);
-  __m256 sums = _mm256_setzero_ps();
-  for (t = 0; t + 8 <= end; t += 8) {
-    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(scores.data() + t), topv));
-    _mm256_storeu_ps(scores.data() + t, e);
-    sums = _mm256_add_ps(sums, e);
-  }
-  float total = hsum256(sums);
-  for (; t < end; ++t) {
-    scores[t] = std::exp(scores[t] - top);
-    total += scores[t];
-  }
-  const float inv = 1.0f / total;
+  const float inv = exp_shifted_avx2(scores.data(), end);
   // 64 columns (8 registers of sums) at a time over every slot: the sums stay in registers.
   for (int64_t c0 = 0; c0 < d; c0 += 64) {
     const int64_t blocks = std::min<int64_t>(8, (d - c0) / 8);
@@ -158,23 +164,7 @@ LLAMALAB_AVX2 void attend_group_avx2(const float* q, int64_t g, const T* k, cons
   for (; t < end; ++t)
     for (int64_t i = 0; i < g; ++i) scores[i * stride + t] = dot_scalar<T>(q + i * d, k + t * d, d) * scale;
   std::vector<float> inv(static_cast<size_t>(g));
-  for (int64_t i = 0; i < g; ++i) {
-    float* sc = scores.data() + i * stride;
-    const float top = max_avx2(sc, end);
-    const __m256 topv = _mm256_set1_ps(top);
-    __m256 sums = _mm256_setzero_ps();
-    for (t = 0; t + 8 <= end; t += 8) {
-      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + t), topv));
-      _mm256_storeu_ps(sc + t, e);
-      sums = _mm256_add_ps(sums, e);
-    }
-    float total = hsum256(sums);
-    for (; t < end; ++t) {
-      sc[t] = std::exp(sc[t] - top);
-      total += sc[t];
-    }
-    inv[static_cast<size_t>(i)] = 1.0f / total;
-  }
+  for (int64_t i = 0; i < g; ++i) inv[static_cast<size_t>(i)] = exp_shifted_avx2(scores.data() + i * stride, end);
   std::fill(out, out + g * d, 0.0f);
   constexpr int64_t kSlots = 16;  // slots per block: 16 value rows of a 64-wide head are 4 KB
   for (int64_t t0 = 0; t0 < end; t0 += kSlots) {
@@ -281,24 +271,7 @@ LLAMALAB_AVX512 void attend_group_avx512(const float* q, int64_t g, const T* k, 
     }
   }
   float inv[64];  // (g <= 64: checked by the caller)
-  for (int64_t i = 0; i < g; ++i) {  // the softmax: as the AVX2 kernel's
-    float* sc = scores.data() + i * stride;
-    const float top = max_avx2(sc, end);
-    const __m256 topv = _mm256_set1_ps(top);
-    __m256 sums = _mm256_setzero_ps();
-    int64_t t = 0;
-    for (; t + 8 <= end; t += 8) {
-      const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(sc + t), topv));
-      _mm256_storeu_ps(sc + t, e);
-      sums = _mm256_add_ps(sums, e);
-    }
-    float total = hsum256(sums);
-    for (; t < end; ++t) {
-      sc[t] = std::exp(sc[t] - top);
-      total += sc[t];
-    }
-    inv[i] = 1.0f / total;
-  }
+  for (int64_t i = 0; i < g; ++i) inv[i] = exp_shifted_avx2(scores.data() + i * stride, end);  // as AVX2's
   for (int64_t i0 = 0; i0 < g; i0 += 4) {  // up to 4 heads per value row read
     const float* sc = scores.data() + i0 * stride;
     float* o = out + i0 * d;
