@@ -265,3 +265,43 @@ def test_logit_bias_is_added_before_choosing(tok: HFTokenizer) -> None:
     assert [r.result.ids for r in rs] == [[7] * 6, out.ids, plain.ids]
     with pytest.raises(ValueError, match="logit_bias"):
         GenerationConfig(logit_bias={3: 101.0}).validate()
+
+
+def test_the_worker_prefills_a_burst_together(tok: HFTokenizer) -> None:
+    """Requests arriving at an idle worker a moment apart (1 ms, within a burst gap set wide here,
+    200 ms, so that a loaded machine's sleeps cannot split the burst) are prefilled in one step, the
+    first not alone; with the gap off the first starts at once, alone (the next come 300 ms later);
+    either way each answer is its alone run."""
+    import asyncio
+    import time
+
+    from llamalab.serve.worker import DONE, BatchingWorker, Job
+
+    gen = Generator(_model(tok.vocab_size + 4, seed=8), tok, fast=True)
+    prompts = _prompts(tok, 4, seed=13)
+    cfg = GenerationConfig(max_new_tokens=4, stop_ids=())
+    alone = [gen.generate([p], cfg)[0].ids for p in prompts]
+    loop = asyncio.new_event_loop()
+    try:
+        for gap, first_batch in ((0.2, 4), (0.0, 1)):
+            steps: list[int] = []
+            worker = BatchingWorker(gen, max_batch=4, max_seq_len=64, burst_gap=gap,
+                                    on_step=lambda b, s: steps.append(b))
+            worker.start()
+            time.sleep(0.05)  # idle, waiting for work
+            jobs = []
+            for p in prompts:
+                jobs.append(Job([p], cfg, stream=False, loop=loop))
+                worker.submit(jobs[-1])
+                time.sleep(0.001 if gap else 0.3)
+            deadline = time.time() + 30
+            while worker.busy and time.time() < deadline:
+                time.sleep(0.01)
+            worker.stop()
+            loop.run_until_complete(asyncio.sleep(0))  # deliver the events the worker queued
+            results = [j.events.get_nowait() for j in jobs]
+            assert all(kind == DONE for kind, _ in results)
+            assert [payload[0].ids for _, payload in results] == alone
+            assert steps[0] == first_batch, (gap, steps)
+    finally:
+        loop.close()
