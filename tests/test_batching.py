@@ -305,3 +305,5 @@ def test_the_worker_prefills_a_burst_together(tok: HFTokenizer) -> None:
             assert steps[0] == first_batch, (gap, steps)
     finally:
         loop.close()
+    with pytest.raises(ValueError, match="burst_gap=-1 must be >= 0"):
+        BatchingWorker(gen, burst_gap=-1)

@@ -15,11 +15,11 @@ from torch import Tensor
 
 __all__ = [
     "apply_min_p",
-    "argmax_rows",
     "apply_repetition_penalty",
     "apply_temperature",
     "apply_top_k",
     "apply_top_p",
+    "argmax_rows",
     "choose_next",
     "process_logits",
     "seen_mask",

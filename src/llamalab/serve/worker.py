@@ -191,6 +191,8 @@ class BatchingWorker:
                  burst_gap: float = 0.002) -> None:
         from llamalab.generate.batching import ContinuousBatcher
 
+        if not burst_gap >= 0:
+            raise ValueError(f"BatchingWorker: burst_gap={burst_gap!r} must be >= 0 seconds (0: no wait)")
         self.generator = generator
         self.threads = threads or _threads_here()  # the model's, on this worker's thread
         self.batcher = ContinuousBatcher(generator, max_batch=max_batch, max_seq_len=max_seq_len)
