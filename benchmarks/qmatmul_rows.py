@@ -10,7 +10,11 @@ With ``--cold`` every call reads its own copy of the weights, from a set of copi
 caches (``--cold-mb``, 1024 by default): the weights come from memory, as in a model's step, where
 the next layer's weights are never still cached (the default, warm, keeps them in L2/L3).
 
-    python benchmarks/qmatmul_rows.py [--rows 1,2,4,8,16,64] [--threads 1] [--rounds 5] [--cold] [--json FILE]
+With ``--tokens`` x is one prompt of that many tokens, ``(1, rows, k)``, as a prefill passes it: on
+AMX the bf16 tiles then take it from ``kernels.bf16_min_tokens()`` tokens (a 2-D x, rows of separate
+sequences, from 64 rows).
+
+    python benchmarks/qmatmul_rows.py [--rows 1,2,4,8,16,64] [--threads 1] [--rounds 5] [--cold] [--tokens] [--json FILE]
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--cold", action="store_true", help="read the weights from memory, not from the caches")
     ap.add_argument("--cold-mb", type=int, default=1024)
+    ap.add_argument("--tokens", action="store_true",
+                    help="x as one prompt of that many tokens, (1, rows, k), as prefill passes it (AMX: bf16 tiles "
+                         "from kernels.bf16_min_tokens() tokens); default a 2-D (rows, k), rows of separate sequences")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if not kernels.kernel_available():
@@ -69,7 +76,8 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "?")
     print(f"CPU: {cpu}; {args.threads} thread(s); paths {', '.join(isas)}; best of {args.rounds} rounds; "
-          f"{'cold (weights from memory)' if args.cold else 'warm (weights cached)'}")
+          f"{'cold (weights from memory)' if args.cold else 'warm (weights cached)'}; "
+          f"x {'(1, rows, k): one prompt' if args.tokens else '(rows, k)'}")
     ws = {name: _weights(rows, k, t, i) for i, (name, (rows, k, t)) in enumerate(SHAPES.items())}
     # copies[name][j]: the j-th copy of the weights (one, warm; cold: enough to overflow the caches)
     copies = {}
@@ -87,7 +95,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for m in row_counts:
             for name, (rows, k, t) in SHAPES.items():
-                x = torch.randn(m, k)
+                x = torch.randn(1, m, k) if args.tokens else torch.randn(m, k)
                 for isa in isas:
                     with kernels.use_isa(isa):
                         reps = max(2, int(2e8 / (sum(rows) * k * max(m, 4))))
@@ -107,7 +115,8 @@ def main() -> None:
             print(f"{name:<8} {m:>4} " + " ".join(f"{u:>13.1f}" for u in us) + f" {macs / top / 1e3:>12.1f} {ratio:>7.2f}")
             results.append({"weights": name, "rows_of_x": m, **{f"{i}_us": u for i, u in zip(isas, us)}})
     if args.json:
-        args.json.write_text(json.dumps({"cpu": cpu, "threads": args.threads, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"cpu": cpu, "threads": args.threads, "tokens": args.tokens, "results": results},
+                                        indent=1))
 
 
 if __name__ == "__main__":

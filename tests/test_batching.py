@@ -188,6 +188,44 @@ def test_quantized_model_batches_too(tmp_path: Path) -> None:
     assert same == len(prompts), [(r.result.ids, a) for r, a in zip(requests, alone)]
 
 
+def test_short_prompts_are_not_padded_onto_the_prompt_tiles(tmp_path: Path) -> None:
+    """Newcomers shorter than the quantized kernels' prompt-tile length (AMX's bf16 tiles, which round
+    otherwise than the int8 products) are prefilled apart from longer ones, so that none is padded
+    past it; every answer still equals its alone run. Where the CPU has no such tiles the length is
+    set here, to check the grouping all the same."""
+    from test_checkpoint import make_hf_model, train_tokenizer, write_gguf
+
+    import llamalab
+    from llamalab.quant import kernels
+
+    hf = make_hf_model("llama2-gqa", seed=7, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, initializer_range=0.05)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(30.0)
+    lm = llamalab.load(write_gguf(tmp_path / "tiny-Q8_0.gguf", hf, "Q8_0", train_tokenizer()), dtype=None)
+    gen = Generator(lm.model, lm.tokenizer)
+    cut = kernels.bf16_min_tokens() or 16
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, lm.tokenizer.vocab_size, (n,), generator=g).tolist()
+               for n in (cut + 9, 3, cut - 1, cut, 7, cut + 2)]
+    cfg = GenerationConfig(max_new_tokens=6, stop_ids=())
+    alone = [gen.generate([p], cfg)[0].ids for p in prompts]
+    batcher = ContinuousBatcher(gen, max_batch=6, max_seq_len=64, prefix_cache_size=0)
+    batcher._prompt_tiles_from = lambda: cut  # type: ignore[method-assign]
+    calls: list[list[int]] = []
+    prefill_rows = batcher._prefill_rows
+
+    def recorded(row: int, rest: list[list[int]], starts: list[int]) -> torch.Tensor:
+        calls.append([len(t) for t in rest])
+        return prefill_rows(row, rest, starts)
+
+    batcher._prefill_rows = recorded  # type: ignore[method-assign]
+    requests = [batcher.submit(p, cfg) for p in prompts]
+    batcher.run_until_done()
+    assert sorted(calls) == [[3, cut - 1, 7], [cut + 9, cut, cut + 2]], calls
+    assert [r.result.ids for r in requests] == alone
+
+
 def test_a_shared_prompt_prefix_is_prefilled_once(tok: HFTokenizer) -> None:
     """Prompts that start alike (a chat template's system prompt): after two of them, the shared
     prefix's keys and values are cached, and later prompts prefill only their own rest; every

@@ -192,6 +192,38 @@ def test_amx_bf16_tiles_equal_the_bf16_product(type_name: str, n: int, k: int, m
 
 
 @needs_kernel
+@pytest.mark.skipif(not _has_amx_bf16(), reason="the CPU lacks AMX-BF16 (the bf16 tiles for prompts)")
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1"])
+def test_prompt_tiles_follow_the_tokens_of_one_sequence(type_name: str) -> None:
+    """A 3-D x (prompts, tokens, k) takes the bf16 tiles from kernels.bf16_min_tokens() tokens a
+    prompt whatever the number of prompts: 3 prompts of 20 tokens (60 rows, under the 64 rows a 2-D x
+    needs) equal the bf16 product, 5 prompts of one token fewer than the threshold (75 rows) equal
+    the int8 product (the reference of test_kernel_equals_float64_reference), as each prompt alone."""
+    if "amx" not in kernels.available_isas():
+        pytest.skip("no amx path here")
+    with kernels.use_isa("amx"):
+        cut = kernels.bf16_min_tokens()
+    with kernels.use_isa("avx512vnni"):
+        assert kernels.bf16_min_tokens() == 0
+    assert cut >= 2
+    g = torch.Generator().manual_seed(7)
+    n, k = 40, 576
+    blocks = _blocks(torch.randn(n, k, generator=g) * 0.05, type_name)
+    wb = dequantize(blocks, type_name, k).bfloat16().double()
+    for shape in ((3, max(cut, 20), k), (1, cut, k)):
+        x = torch.randn(*shape, generator=g) * 3
+        xb = x.reshape(-1, k).bfloat16().double()
+        with kernels.use_isa("amx"):
+            y = kernels.qmatmul(x, [blocks], [type_name]).reshape(-1, n)
+        assert ((y.double() - xb @ wb.T).abs() <= 1e-6 * (xb.abs() @ wb.abs().T) + 1e-6).all(), shape
+    x = torch.randn(5, cut - 1, k, generator=g) * 3
+    exact, bound = _reference(x.reshape(-1, k), blocks, type_name)
+    with kernels.use_isa("amx"):
+        y = kernels.qmatmul(x, [blocks], [type_name]).reshape(-1, n)
+    assert ((y.double() - exact).abs() / bound).max() < 1e-6
+
+
+@needs_kernel
 def test_one_call_for_several_weights_is_their_concatenation() -> None:
     g = torch.Generator().manual_seed(2)
     ws = [_blocks(torch.randn(n, 96, generator=g), t) for n, t in ((9, "Q4_1"), (5, "Q8_0"), (6, "Q4_0"))]

@@ -134,6 +134,7 @@ class ContinuousBatcher:
         self.max_seq_len = max_seq_len
         self.max_prefill_tokens = max_prefill_tokens
         self._attentions = [m for m in base.modules() if isinstance(m, Attention)]
+        self._quantized = any(type(m).__name__ == "QuantizedLinear" for m in base.modules())
         self._caches: list[KVCache] | None = None  # allocated at the first step
         self._lock = threading.Lock()
         self._waiting: deque[BatchRequest] = deque()
@@ -270,10 +271,16 @@ class ContinuousBatcher:
         t0 = time.perf_counter()
         device, first = self.base.tok_embeddings.weight.device, len(self.rows)
         caches = self._cache()
+        hits = [self._cached_prefix(r.prompt) for r in new]
+        starts = [0 if hit is None else len(hit[0]) for hit in hits]
+        # Prompts shorter than the quantized kernels' prompt-tile length are prefilled apart from the
+        # longer ones: padded to it by a longer newcomer they would take the other rounding than alone.
+        cut = self._prompt_tiles_from()
+        order = sorted(range(len(new)), key=lambda i: len(new[i].prompt) - starts[i] >= cut) if cut else None
+        if order is not None:
+            new, hits, starts = [new[i] for i in order], [hits[i] for i in order], [starts[i] for i in order]
         # A cached prefix's keys and values copied into the newcomer's row: only the rest is prefilled.
-        starts = []
-        for i, r in enumerate(new):
-            hit = self._cached_prefix(r.prompt)
+        for i, (r, hit) in enumerate(zip(new, hits)):
             if hit is not None:
                 key, kv = hit
                 for c, (k, v) in zip(caches, kv):
@@ -281,28 +288,15 @@ class ContinuousBatcher:
                     c.v[first + i, :, : len(key)] = v
                 self.prefix_hits += 1
                 self.prefix_tokens_reused += len(key)
-            r.reused = 0 if hit is None else len(hit[0])
-            starts.append(r.reused)
+            r.reused = starts[i]
         rest = [r.prompt[s0:] for r, s0 in zip(new, starts)]
-        longest = max(len(t) for t in rest)
-        tokens = torch.zeros(len(new), longest, dtype=torch.long, device=device)
-        for i, t in enumerate(rest):
-            tokens[i, : len(t)] = torch.tensor(t, device=device)
-        last = torch.tensor([len(t) - 1 for t in rest], device=device)
-        span = torch.arange(longest, device=device)
-        # From position 0 for every row: the (S,) positions of a plain prefill (causal attention, no
-        # mask); else each row from its own start (a (B, S) mask over the cached part and its own).
-        positions = span if not any(starts) else torch.tensor(starts, device=device).unsqueeze(1) + span
-        if int(positions.max()) >= self.max_seq_len:  # right padding past the slot's end: one at a time
-            positions = None
-        # The newcomers' rows of the cache as a batch of their own: the prefill writes there.
-        with self._in_model([c.rows(first, len(new)) for c in caches]):
-            if positions is None:
-                logits = torch.cat([self._prefill(tokens[i:i + 1, : len(t)], torch.arange(starts[i], starts[i] + len(t),
-                                                                                       device=device).unsqueeze(0),
-                                                  last[i:i + 1]) for i, t in enumerate(rest)])
-            else:
-                logits = self._prefill(tokens, positions, last)
+        groups = [list(range(len(new)))]
+        if cut:
+            short = [i for i, t in enumerate(rest) if len(t) < cut]
+            if 0 < len(short) < len(new):
+                groups = [short, list(range(len(short), len(new)))]
+        logits = torch.cat([self._prefill_rows(first + g[0], [rest[i] for i in g], [starts[i] for i in g])
+                            for g in groups])
         now = time.perf_counter()
         for i, r in enumerate(new):
             r.prefill_s = now - t0
@@ -313,6 +307,37 @@ class ContinuousBatcher:
             self._pos.append(len(r.prompt))
             self._next.append(self._choose(r, logits[i]))
         self.admitted += len(new)
+
+    def _prefill_rows(self, row: int, rest: list[list[int]], starts: list[int]) -> Tensor:
+        """Prefill the prompts' remaining tokens ``rest`` (each from position ``starts[i]``) together
+        into the cache rows from ``row``; their logits at their last tokens, (B, V) fp32."""
+        device = self.base.tok_embeddings.weight.device
+        longest = max(len(t) for t in rest)
+        tokens = torch.zeros(len(rest), longest, dtype=torch.long, device=device)
+        for i, t in enumerate(rest):
+            tokens[i, : len(t)] = torch.tensor(t, device=device)
+        last = torch.tensor([len(t) - 1 for t in rest], device=device)
+        span = torch.arange(longest, device=device)
+        # From position 0 for every row: the (S,) positions of a plain prefill (causal attention, no
+        # mask); else each row from its own start (a (B, S) mask over the cached part and its own).
+        positions = span if not any(starts) else torch.tensor(starts, device=device).unsqueeze(1) + span
+        if int(positions.max()) >= self.max_seq_len:  # right padding past the slot's end: one at a time
+            positions = None
+        # The newcomers' rows of the cache as a batch of their own: the prefill writes there.
+        with self._in_model([c.rows(row, len(rest)) for c in self._cache()]):
+            if positions is None:
+                return torch.cat([self._prefill(tokens[i:i + 1, : len(t)], torch.arange(starts[i], starts[i] + len(t),
+                                                                                     device=device).unsqueeze(0),
+                                                last[i:i + 1]) for i, t in enumerate(rest)])
+            return self._prefill(tokens, positions, last)
+
+    def _prompt_tiles_from(self) -> int:
+        """The prompt length from which the quantized kernels change rounding (0: none, or a float model)."""
+        if not self._quantized:
+            return 0
+        from llamalab.quant import kernels
+
+        return kernels.bf16_min_tokens()
 
     def _prefill(self, tokens: Tensor, positions: Tensor, last: Tensor) -> Tensor:
         """Run (B, S) tokens at ``positions`` ((S,) or (B, S)) into the cache; each row's logits at

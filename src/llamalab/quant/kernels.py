@@ -8,7 +8,8 @@ one call with their outputs side by side. Optional RMSNorm or SwiGLU of x first 
 added after, as the decode kernel (``llamalab.generate.gemv``) does.
 
 Paths: ``avx2`` (AVX2 + FMA + F16C), ``avx512vnni`` (AVX-512F/BW/VL + VNNI) and ``amx`` (those, and
-AMX int8 tiles for products of many rows of x, bf16 tiles from 128: prefill, batched decode), chosen by what the CPU
+AMX int8 tiles for products of many rows of x, bf16 tiles for prompts of 16 tokens or more: prefill, batched
+decode), chosen by what the CPU
 (and, for AMX, the OS) reports; ``LLAMALAB_QUANT_ISA=avx2|avx512vnni|amx`` or :func:`use_isa`
 forces one the CPU has.
 Where the kernel cannot be had (not x86-64, no AVX2, no compiler or ninja, ``LLAMALAB_QUANT=0``)
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from llamalab.quant.blocks import block_type
 
-__all__ = ["kernel_available", "unavailable_reason", "qmatmul", "isa", "available_isas", "use_isa"]
+__all__ = ["kernel_available", "unavailable_reason", "qmatmul", "isa", "available_isas", "use_isa", "bf16_min_tokens"]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,14 @@ def use_isa(name: str) -> Iterator[None]:
         yield
     finally:
         torch.ops.llamalab_quant.set_isa(previous)
+
+
+def bf16_min_tokens() -> int:
+    """From how many tokens of one prompt (x of shape (..., tokens, k)) the current path multiplies
+    on AMX's bf16 tiles rather than on int8 products (0: it never does here). Their rounding
+    differs, so a prompt shorter than this must not be padded to it by a longer one in a batched
+    prefill if its answer is to equal its alone run's (``ContinuousBatcher`` sees to it)."""
+    return 0 if unavailable_reason() else int(torch.ops.llamalab_quant.bf16_min_tokens())
 
 
 def qmatmul(x: Tensor, weights: Sequence[Tensor], types: Sequence[str], other: Tensor | None = None, *,

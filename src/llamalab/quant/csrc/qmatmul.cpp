@@ -1310,7 +1310,9 @@ PanelDot panel_dot_avx2_for(int64_t type) {
 // flight so the tile unit works on one while the vector unit scales the other. The tile state is
 // configured at the start of each thread's share of the work and released at its end (the Linux
 // kernel saves it on every switch while it is live; oneDNN, in the same threads, configures its own).
-constexpr int64_t kAmxRows = 16;   // weight rows per tile, and rows of x per tile
+constexpr int64_t kAmxRows = 16;
+constexpr int64_t kBf16Run = 4;     // groups of 32 weight rows at once on the bf16 tiles (see qmatmul)
+constexpr int64_t kBf16Slice = 8;   // steps of 32 columns per slice of K there   // weight rows per tile, and rows of x per tile
 constexpr int64_t kAmxSlice = 24;  // blocks of 32 per panel at most (see qmatmul)
 // Rows of x from which the AMX tiles are taken over the lane kernels (Q4_0, Q4_1, Q8_0; measured
 // with benchmarks/qmatmul_rows.py on SmolLM2's shapes, 2 threads: the lanes ahead at 8 and 16 rows,
@@ -1624,20 +1626,33 @@ bool amx_bf16_usable() {
 
 // ---- AMX bf16 tiles: long prompts -------------------------------------------------------------
 // The int8 tiles above leave the tile unit after every block of 32 (each block has its own scales),
-// so most of their time is the fp32 scaling, not the tile products. From amx_bf16_min_rows() rows of x
-// (amx_bf16_min_rows: a prompt), the weights are instead dequantized once per group of 16 rows into bf16 (w = scale u +
+// so most of their time is the fp32 scaling, not the tile products. For a prompt (amx_bf16_min_tokens()
+// tokens of one sequence, or amx_bf16_min_rows() rows of a 2-D x), the weights are instead dequantized
+// once per group of 16 rows into bf16 (w = scale u +
 // min in fp32, rounded to nearest even: the file's values to bf16's 8 bits), x is rounded to bf16
 // once per call, and TDPBF16PS sums a 16 x 16 tile over the whole row in fp32 inside the tile: one
 // store per 16 x 16 outputs. The weights' rounding costs ~2^-9 relative per weight, about what the
 // int8 quantization of x costs the other paths (and x's bf16 rounding replaces that quantization).
 // Tiles: 0-3 results (2 x 16 weight rows by 2 chunks of 16 rows of x), 4-5 weights (16 rows x 32
 // bf16), 6-7 x (16 pairs of columns x 16 rows of x, bf16 pairs interleaved as TDPBF16PS reads them).
-// Rows of x from which the bf16 tiles are taken (LLAMALAB_AMX_BF16_MIN_ROWS moves it, for measuring).
+// From how many tokens of one sequence (x of shape (..., tokens, k): a prompt) the bf16 tiles are
+// taken, and from how many rows of a 2-D x (rows of unrelated sequences: the head's last positions,
+// decode rows). LLAMALAB_AMX_BF16_MIN_TOKENS / _MIN_ROWS move them, for measuring.
+int64_t amx_bf16_min_tokens() {
+  static const int64_t tokens = [] {
+    // (benchmarks/qmatmul_rows.py --tokens --cold, SmolLM2's shapes, 2 threads, against the lane
+    // kernels: converting the weights costs the tiles a fixed ~0.1 ms a layer, so they are 0.56-0.89x
+    // at 16 tokens, 1.0-1.2x at 26, 1.4-1.9x at 64 and 1.8-2.5x at 200. A prompt of 16-25 tokens
+    // loses a little alone and gains where it is batched, which would otherwise take the int8 tiles:
+    // 8 chat prompts of ~23 tokens each were prefilled in 0.78x the time)
+    const char* v = std::getenv("LLAMALAB_AMX_BF16_MIN_TOKENS");
+    return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{16};
+  }();
+  return tokens;
+}
+
 int64_t amx_bf16_min_rows() {
   static const int64_t rows = [] {
-    // (measured with benchmarks/qmatmul_rows.py on SmolLM2's shapes, 2 threads, since x is rounded
-    // in vectors and the results leave the tiles by gathers: at 48 rows of x 0.9x the int8 tiles on
-    // gate|up and the head, at 64 1.1-1.2x, at 112 1.2-1.6x; the tile loads from L2 are their limit)
     const char* v = std::getenv("LLAMALAB_AMX_BF16_MIN_ROWS");
     return v != nullptr && std::atoll(v) > 0 ? static_cast<int64_t>(std::atoll(v)) : int64_t{64};
   }();
@@ -1692,16 +1707,20 @@ LLQ_AMXBF16 void amx_bf16_x_row(const float* row, int64_t steps, c10::BFloat16* 
 #endif
 }
 
-void amx_bf16_x(const float* xf, int64_t m_rows, int64_t k, std::vector<c10::BFloat16>& out) {
+// Returns where they start in `out` (64-byte aligned: a tile's rows are then whole cache lines).
+c10::BFloat16* amx_bf16_x(const float* xf, int64_t m_rows, int64_t k, std::vector<c10::BFloat16>& out) {
   const int64_t chunks = (m_rows + 15) / 16, steps = k / 32;
   // (rounded up to an even count: the tiles take chunks in pairs, an odd last one with zeros)
-  out.assign(static_cast<size_t>((chunks + 1) / 2 * 2 * steps * 512), c10::BFloat16(0.0f));
+  out.assign(static_cast<size_t>((chunks + 1) / 2 * 2 * steps * 512 + 32), c10::BFloat16(0.0f));
+  c10::BFloat16* base =
+      reinterpret_cast<c10::BFloat16*>((reinterpret_cast<uintptr_t>(out.data()) + 63) & ~static_cast<uintptr_t>(63));
   at::parallel_for(0, m_rows, std::max<int64_t>(1, 16384 / k), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const int64_t c = m / 16, i = m % 16;
-      amx_bf16_x_row(xf + m * k, steps, out.data() + c * steps * 512 + 2 * i);
+      amx_bf16_x_row(xf + m * k, steps, base + c * steps * 512 + 2 * i);
     }
   });
+  return base;
 }
 
 // The group's panel (int8 values in place or unpacked, scales, mins) as bf16 weights: step b (a
@@ -1723,18 +1742,73 @@ LLQ_AMXBF16 void amx_bf16_weights(const AmxPanel& p, int64_t nb, c10::BFloat16* 
 #endif
 }
 
-// Two bf16 panels (weight rows 0-15 and 16-31 of a group of 32) against two chunks of x, nb steps:
-// four independent sums (2 x 2 tiles), because one tile's sums each wait for the last product
+// Q4_0, Q4_1 and Q8_0 straight from their blocks into the bf16 panel, without the int8 panel between
+// (which the other types still take): a row's block widened to 32 fp32 values, w = d u + m as above
+// (Q4_0: u = q, m = -8 d; Q8_0: signed u, m = 0), rounded by one conversion. Rows past `rows` zero.
+// Half of a 26-row prompt's product on the tiles was the two-pass dequantization.
+template <int64_t Type>
+LLQ_AMXBF16 void amx_bf16_weights_direct(const uint8_t* w, int64_t row_bytes, int64_t rows, int64_t nb,
+                                         c10::BFloat16* out) {
+#if LLQ_HAVE_AMX
+  constexpr int64_t bytes = block_bytes_of(Type);
+  const __m512i m4 = _mm512_set1_epi32(0x0F);
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* blk = w + r * row_bytes + b * bytes;
+      // (the same block of the rows 16 further on: the next panel's, asked for while these are converted)
+      _mm_prefetch(reinterpret_cast<const char*>(blk + kAmxRows * row_bytes), _MM_HINT_T0);
+      uint16_t dh;
+      std::memcpy(&dh, blk, 2);
+      const float d = _cvtsh_ss(dh);
+      __m512 lo, hi, m;
+      if constexpr (Type == kQ8_0) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+        lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(v)));
+        hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(v, 1)));
+        m = _mm512_setzero_ps();
+      } else {
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (Type == kQ4_1 ? 4 : 2))));
+        lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m4));  // weights 0-15: the low nibbles
+        hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));  // 16-31: the high ones
+        if constexpr (Type == kQ4_1) {
+          uint16_t mh;
+          std::memcpy(&mh, blk + 2, 2);
+          m = _mm512_set1_ps(_cvtsh_ss(mh));
+        } else {
+          m = _mm512_set1_ps(d * -8.0f);
+        }
+      }
+      const __m512 sd = _mm512_set1_ps(d);
+      const __m512 wa = _mm512_fmadd_ps(lo, sd, m), wc = _mm512_fmadd_ps(hi, sd, m);
+      _mm512_storeu_si512(out + b * 512 + 32 * r, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(wc, wa)));
+    }
+  for (int64_t r = rows; r < kAmxRows; ++r)
+    for (int64_t b = 0; b < nb; ++b) _mm512_storeu_si512(out + b * 512 + 32 * r, _mm512_setzero_si512());
+#else
+  (void)w, (void)row_bytes, (void)rows, (void)nb, (void)out;
+#endif
+}
+
+// Two bf16 panels (weight rows 0-15 and 16-31 of a group of 32) against two chunks of x, nb steps
+// (`resume`: added to the sums in `out`, for a row's K taken in slices): four independent sums (2 x 2 tiles), because one tile's sums each wait for the last product
 // (TDPBF16PS's latency is several times its issue interval: measured, one accumulator per chunk
 // ran the tile unit at a fifth of its rate). out[256 (2 i + j) + 16 r + m]: panel i, chunk j.
 LLQ_AMXBF16 void amx_bf16_dot(const c10::BFloat16* w0, const c10::BFloat16* w1, const c10::BFloat16* x0,
-                              const c10::BFloat16* x1, int64_t nb, float* out) {
+                              const c10::BFloat16* x1, int64_t nb, float* out, bool resume) {
 #if LLQ_HAVE_AMX
   asm volatile("" ::: "memory");
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  if (resume) {  // the sums of the row's earlier steps, as stored (fp32, exact): the same sums as in one go
+    _tile_loadd(0, out, 64);
+    _tile_loadd(1, out + 256, 64);
+    _tile_loadd(2, out + 512, 64);
+    _tile_loadd(3, out + 768, 64);
+  } else {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  }
   for (int64_t b = 0; b < nb; ++b) {
     _tile_loadd(4, w0 + b * 512, 64);
     _tile_loadd(6, x0 + b * 512, 64);
@@ -1855,6 +1929,9 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
               swiglu ? " (swiglu: twice the columns, gate then up)" : "");
   const at::Tensor x2 = x.reshape({-1, kx}).contiguous();
   const int64_t m_rows = x2.size(0), seq_rows = x.dim() >= 3 ? x.size(-2) : m_rows;
+#ifdef LLQ_X86
+  const int64_t bf16_from = x.dim() >= 3 ? amx_bf16_min_tokens() : amx_bf16_min_rows();
+#endif
   at::Tensor nw;
   if (norm.has_value()) {
     TORCH_CHECK(norm->dim() == 1 && norm->size(0) == k && norm->device().is_cpu(),
@@ -1903,7 +1980,8 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
     // not by the rows of the call: their rounding differs from the int8 paths' (~2^-9 against
     // int8's), so a prompt prefilled in a batch of short prompts must take the path it takes alone
     // for its greedy answer to be the same (continuous batching promises it).
-    w.bf16 = w.amx && seq_rows >= amx_bf16_min_rows() && amx_bf16_usable();
+    w.bf16 = isa == kAmx && w.type != kQ6_K && seq_rows >= bf16_from && amx_bf16_usable();
+    if (w.bf16) w.amx = true, w.lanes = false, w.panel = false;
     if (w.amx) any_amx = true;
     if (w.bf16) any_bf16 = true;
 #endif
@@ -1924,7 +2002,7 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
   AmxX* amx_x = amx_x_scratch;
   thread_local std::vector<c10::BFloat16> xb16_scratch;
   std::vector<c10::BFloat16>& xb16 = xb16_scratch;
-  if (any_bf16) amx_bf16_x(xf.data(), m_rows, k, xb16);
+  c10::BFloat16* xb16p = any_bf16 ? amx_bf16_x(xf.data(), m_rows, k, xb16) : nullptr;
   if (any_amx) {
     bool made[2] = {false, false};
     for (const Weight& w : ws)
@@ -1946,42 +2024,71 @@ at::Tensor qmatmul(const at::Tensor& x, at::TensorList weights, at::IntArrayRef 
     for (int64_t g = g0; g < g1; ++g) {
       const Weight& w = ws[groups[g].first];
 #ifdef LLQ_X86
-      if (w.bf16) {  // 2 x 16 weight rows in bf16, then every 2 x 16 rows of x against them
+      if (w.bf16) {  // runs of 2 x 16 weight rows in bf16, then every 2 x 16 rows of x against them
         thread_local AmxPanel bpanel;  // each worker thread's own
         thread_local std::vector<c10::BFloat16> wb16;
+        thread_local std::vector<float> sums16;
         if (tiles != 2) {
           amx_configure_bf16();
           tiles = 2;
         }
-        const int64_t r0 = groups[g].second, rows = std::min(2 * kAmxRows, w.rows - r0);
-        wb16.resize(static_cast<size_t>(2 * nb * 512));
-        for (int64_t h = 0; h < 2; ++h) {  // the two panels (the second all zero past the weight's end)
-          c10::BFloat16* dst = wb16.data() + h * nb * 512;
-          const int64_t hr = std::min(kAmxRows, rows - h * kAmxRows);
-          if (hr <= 0) {
-            std::fill(dst, dst + nb * 512, c10::BFloat16(0.0f));
-            continue;
-          }
-          const int64_t rh = r0 + h * kAmxRows;
-          amx_panel(w.type, w.data + rh * w.row_bytes, w.row_bytes, hr, nb, bpanel, rh + 2 * kAmxRows <= w.rows);
-          if (w.type == kQ8_0) amx_bf16_weights<true>(bpanel, nb, dst);
-          else amx_bf16_weights<false>(bpanel, nb, dst);
-        }
+        // Up to kBf16Run of this thread's next groups of the same weight together, and K in slices
+        // of at most kBf16Slice steps: each slice of a pair of x's chunks is then read from L2 once for
+        // all the run's groups and stays in L1 meanwhile (a whole row of K = 1536 is 96 KB a pair).
+        // (One pair of chunks, a short prompt: one group at a time, its 2 x nb KB staying in L1.)
         const int64_t chunks = (m_rows + 15) / 16;
-        for (int64_t c = 0; c < chunks; c += 2) {
-          alignas(64) float block[1024];
-          // (an odd last chunk against the zero rows after x's: see amx_bf16_x)
-          amx_bf16_dot(wb16.data(), wb16.data() + nb * 512, xb16.data() + c * nb * 512,
-                       xb16.data() + (c + 1) * nb * 512, nb, block);
-          for (int64_t hj = 0; hj < 4; ++hj) {
-            const int64_t h = hj / 2, j = hj % 2;
-            const int64_t mx = std::min<int64_t>(16, m_rows - (c + j) * 16);
+        int64_t run = 1;
+        while (chunks > 2 && run < kBf16Run && g + run < g1 && groups[g + run].first == groups[g].first) ++run;
+        const int64_t wsize = 2 * nb * 512;
+        // (64-byte aligned: each of a row's converted blocks is one whole cache line)
+        wb16.resize(static_cast<size_t>(run * wsize + 32));
+        c10::BFloat16* wbase = reinterpret_cast<c10::BFloat16*>((reinterpret_cast<uintptr_t>(wb16.data()) + 63) &
+                                                                ~static_cast<uintptr_t>(63));
+        sums16.resize(static_cast<size_t>(run * 1024));
+        for (int64_t j = 0; j < run; ++j) {
+          const int64_t r0 = groups[g + j].second, rows = std::min(2 * kAmxRows, w.rows - r0);
+          for (int64_t h = 0; h < 2; ++h) {  // the two panels (the second all zero past the weight's end)
+            c10::BFloat16* dst = wbase + j * wsize + h * nb * 512;
             const int64_t hr = std::min(kAmxRows, rows - h * kAmxRows);
-            if (mx <= 0 || hr <= 0) continue;
-            const int64_t at = (c + j) * 16 * n + w.col + r0 + h * kAmxRows;
-            store_tile_rows(block + 256 * hj, mx, hr, yp + at, op != nullptr ? op + at : nullptr, n);
+            if (hr <= 0) {
+              std::fill(dst, dst + nb * 512, c10::BFloat16(0.0f));
+              continue;
+            }
+            const uint8_t* wr = w.data + (r0 + h * kAmxRows) * w.row_bytes;
+            switch (w.type) {
+              case kQ4_0: amx_bf16_weights_direct<kQ4_0>(wr, w.row_bytes, hr, nb, dst); break;
+              case kQ4_1: amx_bf16_weights_direct<kQ4_1>(wr, w.row_bytes, hr, nb, dst); break;
+              case kQ8_0: amx_bf16_weights_direct<kQ8_0>(wr, w.row_bytes, hr, nb, dst); break;
+              default:
+                amx_panel(w.type, wr, w.row_bytes, hr, nb, bpanel, r0 + h * kAmxRows + 2 * kAmxRows <= w.rows);
+                amx_bf16_weights<false>(bpanel, nb, dst);
+            }
           }
         }
+        const int64_t slices = (nb + kBf16Slice - 1) / kBf16Slice, slice = (nb + slices - 1) / slices;
+        for (int64_t c = 0; c < chunks; c += 2) {
+          // (an odd last chunk against the zero rows after x's: see amx_bf16_x)
+          const c10::BFloat16 *x0 = xb16p + c * nb * 512, *x1 = x0 + nb * 512;
+          for (int64_t b0 = 0; b0 < nb; b0 += slice)
+            for (int64_t j = 0; j < run; ++j) {
+              const c10::BFloat16* wj = wbase + j * wsize + b0 * 512;
+              amx_bf16_dot(wj, wj + nb * 512, x0 + b0 * 512, x1 + b0 * 512, std::min(slice, nb - b0),
+                           sums16.data() + j * 1024, b0 > 0);
+            }
+          for (int64_t j = 0; j < run; ++j) {
+            const int64_t r0 = groups[g + j].second, rows = std::min(2 * kAmxRows, w.rows - r0);
+            for (int64_t hj = 0; hj < 4; ++hj) {
+              const int64_t h = hj / 2, i = hj % 2;
+              const int64_t mx = std::min<int64_t>(16, m_rows - (c + i) * 16);
+              const int64_t hr = std::min(kAmxRows, rows - h * kAmxRows);
+              if (mx <= 0 || hr <= 0) continue;
+              const int64_t at = (c + i) * 16 * n + w.col + r0 + h * kAmxRows;
+              store_tile_rows(sums16.data() + j * 1024 + 256 * hj, mx, hr, yp + at, op != nullptr ? op + at : nullptr,
+                              n);
+            }
+          }
+        }
+        g += run - 1;
         continue;
       }
       if (w.amx) {  // 16 weight rows ready for the tiles, then every 16 rows of x against them
@@ -2192,8 +2299,20 @@ std::string set_isa(const std::string& name) {
 
 }  // namespace
 
+// The prompt length (tokens of one sequence) from which the current path takes the bf16 tiles; 0
+// where it never does (no AMX-BF16, or another path forced). For the batcher, which keeps a shorter
+// prompt from being padded to it (see amx_bf16_min_tokens).
+int64_t bf16_min_tokens() {
+#ifdef LLQ_X86
+  return current_isa() == kAmx && amx_bf16_usable() ? amx_bf16_min_tokens() : 0;
+#else
+  return 0;
+#endif
+}
+
 TORCH_LIBRARY(llamalab_quant, m) {
   m.def("isas() -> str[]", &isas);
+  m.def("bf16_min_tokens() -> int", &bf16_min_tokens);
   m.def("isa() -> str", &get_isa);
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("quantize_activations(Tensor x) -> Tensor[]", &quantize_activations);
