@@ -197,6 +197,9 @@ def test_sweep_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "not a number" in _one_line_error(capsys, [*argv, "--budgets", "1e12,lots"])
     assert "DIMxLAYERS" in _one_line_error(capsys, [*argv, "--budgets", "1e12", "--sizes", "big"])
     assert "no such file" in _one_line_error(capsys, [*argv, "--budgets", "1e12"])
+    no_out = ["scaling", "sweep", "--config", str(tmp_path / "x.toml"), "--budgets", "1e12"]
+    assert "--out DIR" in _one_line_error(capsys, no_out)
+    assert "no such file" in _one_line_error(capsys, [*no_out, "--dry-run"])  # planned without --out
 
 
 def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,9 +85,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ScalingError(f"--task-limit {args.task_limit}: expected a number of questions >= 1")
     if args.task is None and (args.task_limit is not None or args.task_shots):
         raise ScalingError("--task-limit/--task-shots: give --task too (e.g. --task arc_challenge)")
-    if args.dry_run:
-        print(format_plan(plan_sweep(args.config, args.overrides, budgets, shapes, args.out)))
+    if args.dry_run:  # (the run folders shown under --out, or under runs/scaling)
+        print(format_plan(plan_sweep(args.config, args.overrides, budgets, shapes, args.out or "runs/scaling")))
         return 0
+    if args.out is None:
+        raise ScalingError("--out DIR: the sweep folder is needed to train (only --dry-run goes without)")
     task = {"name": args.task, "limit": args.task_limit, "shots": args.task_shots} if args.task else None
     if args.threads is not None:
         if args.threads < 1:
@@ -151,7 +153,8 @@ def add_scaling_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--budgets", required=True, metavar="C,C,...", help="compute budgets in FLOPs, e.g. 1e12,2e12,4e12")
     s.add_argument("--sizes", default=DEFAULT_SIZES, metavar="DxL,...",
                    help=f"model shapes on the tiny preset: DIMxLAYERS[xHEADS] (default {DEFAULT_SIZES})")
-    s.add_argument("--out", required=True, metavar="DIR", help="the sweep folder (sweep.json and one run_dir per run)")
+    s.add_argument("--out", default=None, metavar="DIR",
+                   help="the sweep folder (sweep.json and one run_dir per run); needed to train, not for --dry-run")
     s.add_argument("--task", default=None, metavar="NAME",
                    help="also score each final model on this multiple-choice task (e.g. arc_challenge)")
     s.add_argument("--task-limit", type=int, default=None, metavar="N", help="the task's first N questions (default all)")

@@ -1624,7 +1624,7 @@ bool amx_bf16_usable() {
   return ok;
 }
 
-// ---- AMX bf16 tiles: long prompts -------------------------------------------------------------
+// ---- AMX bf16 tiles: prompts ------------------------------------------------------------------
 // The int8 tiles above leave the tile unit after every block of 32 (each block has its own scales),
 // so most of their time is the fp32 scaling, not the tile products. For a prompt (amx_bf16_min_tokens()
 // tokens of one sequence, or amx_bf16_min_rows() rows of a 2-D x), the weights are instead dequantized
@@ -1791,8 +1791,8 @@ LLQ_AMXBF16 void amx_bf16_weights_direct(const uint8_t* w, int64_t row_bytes, in
 }
 
 // Two bf16 panels (weight rows 0-15 and 16-31 of a group of 32) against two chunks of x, nb steps
-// (`resume`: added to the sums in `out`, for a row's K taken in slices): four independent sums (2 x 2 tiles), because one tile's sums each wait for the last product
-// (TDPBF16PS's latency is several times its issue interval: measured, one accumulator per chunk
+// (`resume`: added to the sums in `out`, for a row's K taken in slices): four independent sums
+// (2 x 2 tiles), because one tile's sums each wait for the last product (TDPBF16PS's latency is several times its issue interval: measured, one accumulator per chunk
 // ran the tile unit at a fifth of its rate). out[256 (2 i + j) + 16 r + m]: panel i, chunk j.
 LLQ_AMXBF16 void amx_bf16_dot(const c10::BFloat16* w0, const c10::BFloat16* w1, const c10::BFloat16* x0,
                               const c10::BFloat16* x1, int64_t nb, float* out, bool resume) {
