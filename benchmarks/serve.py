@@ -86,12 +86,12 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0) -> Non
     raise SystemExit(f"the server at {base} did not come up in {timeout:.0f} s")
 
 
-def start_llamalab(model: str, parallel: int) -> tuple[subprocess.Popen, str, str]:
+def start_llamalab(model: str, parallel: int, kv_cache: str = "auto") -> tuple[subprocess.Popen, str, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     proc = subprocess.Popen([sys.executable, "-m", "llamalab.cli", "serve", "--model", model, "--port", str(port),
                              "--threads", str(THREADS), "--parallel", str(parallel), "--ctx-size", "1024",
-                             "--log-level", "warning"], env=env, stderr=subprocess.DEVNULL)
+                             "--kv-cache", kv_cache, "--log-level", "warning"], env=env, stderr=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}", Path(model).name if Path(model).exists() else model
 
 
@@ -184,6 +184,9 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=16, help="llamalab serve --parallel (rows decoded together)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--llama-cpp", action="store_true", help="also llama-cpp-python's server on the same file")
+    ap.add_argument("--kv-cache", default="auto",
+                    help="llamalab serve --kv-cache; a comma list (e.g. float32,float16) runs one server per value, "
+                         "measured in alternation")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sys.path.insert(0, "src")
@@ -192,7 +195,9 @@ def main() -> None:
 
     path = str(resolve(args.model))
     counts = [int(c) for c in args.clients.split(",")]
-    servers = [("llamalab", *start_llamalab(args.model, args.parallel))]
+    kinds = args.kv_cache.split(",")
+    servers = [("llamalab" if len(kinds) == 1 else f"kv={kv}", *start_llamalab(args.model, args.parallel, kv))
+               for kv in kinds]
     if args.llama_cpp:
         servers.append(("llama.cpp", *start_llama_cpp(path)))
     results: dict[str, dict[int, list[dict[str, float]]]] = {s[0]: {n: [] for n in counts} for s in servers}
@@ -205,7 +210,7 @@ def main() -> None:
                 for name, _, base, model in servers:
                     m = run_round(base, model, n, args.max_tokens, f"{r}.{n}")
                     results[name][n].append(m)
-                    print(f"round {r + 1}/{args.rounds} {name:<9} {n:>2} clients: {m['tok_s']:7.1f} tok/s, "
+                    print(f"round {r + 1}/{args.rounds} {name:<12} {n:>2} clients: {m['tok_s']:7.1f} tok/s, "
                           f"TTFT p50 {m['ttft_p50'] * 1e3:7.0f} ms, ITL p50 {m['itl_p50'] * 1e3:6.1f} ms, "
                           f"{m['tokens']} tokens", flush=True)
     finally:
@@ -218,7 +223,7 @@ def main() -> None:
     isa = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in cpu_flags())
     print(f"\nCPU: {cpu_name()} ({isa}); {Path(path).name} as stored, {THREADS} threads; streaming chat, "
           f"max_tokens {args.max_tokens}, greedy; llamalab --parallel {args.parallel}; medians of {args.rounds} rounds")
-    print(f"{'server':<10}{'clients':>8}{'tok/s':>9}{'x 1 client':>11}{'TTFT p50 ms':>13}{'x 1 client':>11}"
+    print(f"{'server':<12}{'clients':>8}{'tok/s':>9}{'x 1 client':>11}{'TTFT p50 ms':>13}{'x 1 client':>11}"
           f"{'TTFT max ms':>13}{'ITL p50 ms':>12}{'step ms':>9}{'batch':>7}")
     table: dict[str, dict[str, dict[str, float]]] = {}
     for name, per in results.items():
@@ -227,7 +232,7 @@ def main() -> None:
         for n, m in med.items():
             tput = m["tok_s"] / base1["tok_s"] if base1 else float("nan")
             ttft = m["ttft_p50"] / base1["ttft_p50"] if base1 else float("nan")
-            print(f"{name:<10}{n:>8}{m['tok_s']:>9.1f}{tput:>11.2f}{m['ttft_p50'] * 1e3:>13.0f}{ttft:>11.2f}"
+            print(f"{name:<12}{n:>8}{m['tok_s']:>9.1f}{tput:>11.2f}{m['ttft_p50'] * 1e3:>13.0f}{ttft:>11.2f}"
                   f"{m['ttft_max'] * 1e3:>13.0f}{m['itl_p50'] * 1e3:>12.1f}{m['step_ms']:>9.1f}{m['batch']:>7.1f}")
         table[name] = {str(n): m for n, m in med.items()}
     if args.json:

@@ -113,7 +113,9 @@ def test_bad_input_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match="do not split into groups"):
         gemv.decode_attention(qkv, rope, kc, vc, 0, 5, nkv)
     with pytest.raises(RuntimeError, match="one dtype"):
-        gemv.decode_attention(qkv.bfloat16(), rope, kc, vc, 0, nh, nkv)
+        gemv.decode_attention(qkv, rope, kc.half(), vc, 0, nh, nkv)
+    with pytest.raises(RuntimeError, match="an fp32 or bf16 qkv"):
+        gemv.decode_attention(qkv.half(), rope, kc, vc, 0, nh, nkv)
     with pytest.raises(RuntimeError, match="one token's q, k, v per row"):
         gemv.decode_attention(qkv[:, :-1], rope, kc, vc, 0, nh, nkv)
     with pytest.raises(RuntimeError, match="rotary table"):
@@ -187,3 +189,68 @@ def test_rows_bad_input_is_a_clear_error() -> None:
         gemv.decode_attention_rows(qkv, rope, kc, vc, torch.tensor([0]), nh, nkv)
     with pytest.raises(RuntimeError, match="each row's rotary table"):
         gemv.decode_attention_rows(qkv, rope[:1], kc, vc, torch.tensor([0, 3]), nh, nkv)
+
+
+# ---------------------------------------------------------------- a 16-bit cache of an fp32 (or bf16) model
+
+
+def _written_and_attended(qkv: torch.Tensor, rope: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          pos: int, nh: int, nkv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rotated key, value) as the eager step stores them: rotated in fp64, rounded to the activations'
+    dtype (``type_as``), then to the cache's; and the rotated query in the activations' dtype."""
+    act, cache, d = qkv.dtype, k_cache.dtype, k_cache.shape[-1]
+    bsz = qkv.shape[0]
+    x = qkv.reshape(bsz, nh + 2 * nkv, d).double()
+    qk = x[:, : nh + nkv].reshape(bsz, nh + nkv, d // 2, 2)
+    z = torch.view_as_complex(qk.contiguous()) * torch.view_as_complex(rope.double().contiguous())
+    qk = torch.view_as_real(z).flatten(-2).to(act)
+    return qk[:, nh:].to(cache), x[:, nh + nkv:].to(act).to(cache), qk[:, :nh].double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("act,cache", [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                       (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("nh,nkv,d,positions", [(9, 3, 64, [0, 17, 5, 63]), (8, 2, 12, [30, 2, 11]),
+                                                (12, 2, 48, [15, 16]), (4, 2, 96, [37])])
+@pytest.mark.parametrize("path", _paths())
+def test_a_16bit_cache_matches_the_formula(act: torch.dtype, cache: torch.dtype, nh: int, nkv: int, d: int,
+                                           positions: list[int], path: str) -> None:
+    """An f16 / bf16 cache under fp32 (or bf16) activations (``Transformer.kv_cache_dtype``): the new
+    key and value stored rounded to the cache's dtype, the cached ones widened exactly, the output in
+    the activations' dtype; both ops, every path this CPU has."""
+    g = torch.Generator().manual_seed(len(positions) * 5 + d)
+    bsz, slots = len(positions), 64
+    qkv = torch.randn(bsz, 1, (nh + 2 * nkv) * d, generator=g).to(act)
+    k0 = torch.randn(bsz + 1, nkv, slots, d, generator=g).to(cache)
+    v0 = torch.randn(bsz + 1, nkv, slots, d, generator=g).to(cache)
+    ulp = 2 ** -10 if cache == torch.float16 else 2 ** -7
+    tol = dict(atol=2e-5, rtol=1e-4) if act == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    with gemv.use_isa(path):
+        for rows in (False, True):
+            if rows:  # each row at its own position
+                rope = torch.stack([_rope(p, d) for p in positions])
+                kc, vc = k0.clone(), v0.clone()
+                got = gemv.decode_attention_rows(qkv, rope, kc, vc, torch.tensor(positions), nh, nkv)
+                cases = list(enumerate(positions))
+            else:  # every row at the first position
+                rope = _rope(positions[0], d)
+                kc, vc = k0.clone(), v0.clone()
+                got = gemv.decode_attention(qkv, rope, kc, vc, positions[0], nh, nkv)
+                cases = [(b, positions[0]) for b in range(bsz)]
+            assert got.dtype == act and kc.dtype == cache
+            for b, pos in cases:
+                key, value, q = _written_and_attended(qkv[b:b + 1], rope[b] if rows else rope, k0, v0, pos, nh, nkv)
+                # the write: the value exactly, the key within one rounding of the cache's dtype (the
+                # kernel rotates in fp32, the reference in fp64)
+                torch.testing.assert_close(vc[b, :, pos], value[0], atol=0, rtol=0)
+                torch.testing.assert_close(kc[b, :, pos].float(), key[0].float(), atol=1e-6, rtol=ulp)
+                untouched = torch.ones(slots, dtype=torch.bool)
+                untouched[pos] = False
+                assert torch.equal(kc[b, :, untouched], k0[b, :, untouched])
+                # the attention over the slots as stored, in fp64
+                keys = kc[b, :, : pos + 1].double().repeat_interleave(nh // nkv, dim=0)
+                values = vc[b, :, : pos + 1].double().repeat_interleave(nh // nkv, dim=0)
+                scores = torch.einsum("hd,htd->ht", q[0], keys) / d ** 0.5
+                want = torch.einsum("ht,htd->hd", scores.softmax(-1), values).reshape(nh * d)
+                torch.testing.assert_close(got[b, 0].double(), want, **tol)
+            assert torch.equal(kc[bsz:], k0[bsz:]) and torch.equal(vc[bsz:], v0[bsz:])

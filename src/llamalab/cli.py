@@ -7,7 +7,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from llamalab.precision import KV_CACHE_CHOICES
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -112,6 +114,18 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_kv_cache(model: Any, name: str, verbose: bool = False) -> None:
+    """Apply ``--kv-cache`` to a loaded model (``auto``: leave its default); ``verbose``: say which."""
+    from llamalab.precision import parse_kv_cache
+
+    dtype = parse_kv_cache(name)
+    if dtype is not None:
+        model.kv_cache_dtype = dtype
+    if verbose:
+        shown = model.kv_cache_dtype or model.tok_embeddings.weight.dtype
+        print(f"llamalab: KV cache {str(shown).removeprefix('torch.')}", file=sys.stderr)
+
+
 def _load_for_generation(args: argparse.Namespace):  # noqa: ANN202 - torch imported lazily
     """Load ``--model`` (and ``--tokenizer``) for generate/chat; returns (loaded model, tokenizer, seconds)."""
     import torch
@@ -126,6 +140,7 @@ def _load_for_generation(args: argparse.Namespace):  # noqa: ANN202 - torch impo
         print(hardware_line(), file=sys.stderr)
     t0 = time.perf_counter()
     lm = llamalab.load(args.model, dtype=_dtype(args.dtype))
+    _set_kv_cache(lm.model, args.kv_cache, verbose=args.verbose)
     tok = lm.tokenizer
     if args.tokenizer:
         from llamalab.tokenizer import load_tokenizer
@@ -295,6 +310,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
                         "dequantizes a GGUF at load). bfloat16 weights decode ~1.5x faster "
                         "than float32 on any x86-64 CPU (half the bytes; widened to fp32 in registers without "
                         "AVX512-BF16)")
+    p.add_argument("--kv-cache", default="auto", choices=KV_CACHE_CHOICES,
+                   help="the KV cache's dtype (default auto: float16 for a quantized GGUF, as llama.cpp keeps it; "
+                        "else the weights' dtype); a 16-bit cache holds twice the positions in the same memory")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--verbose", action="store_true",
                    help="also print the CPU, the precision auto picks and the decode kernel in use")

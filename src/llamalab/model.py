@@ -96,6 +96,7 @@ class KVCache(nn.Module):
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store ``k, v`` (B, H_kv, S, D) at ``input_pos`` ((S,) or (B, S)); return the batch's cache."""
         bsz = k.shape[0]
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # (a cache in another precision: rounded here)
         if input_pos.dim() == 1:
             self.k[:bsz, :, input_pos] = k
             self.v[:bsz, :, input_pos] = v
@@ -186,6 +187,8 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if k.dtype != q.dtype:  # a cache in another precision (kv_cache_dtype)
+                k, v = k.to(q.dtype), v.to(q.dtype)
         out = mask.apply(self.attend, q, k, v) if isinstance(mask, DocumentMask) else self.attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -251,6 +254,9 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope", self._rope(self.tok_embeddings.weight.device), persistent=False)
         self.cache_len = 0
+        # The KV cache's dtype (None: the weights'). An inference setting: a 16-bit cache halves the
+        # bytes a decode step reads per cached position (llama.cpp keeps f16 keys and values).
+        self.kv_cache_dtype: torch.dtype | None = None
         # How doc_ids become a mask: "segments" (DocumentMask: per-document attention, no S x S
         # tensor), "dense" (one boolean S x S mask per row) or "auto" (segments unless the rows
         # hold so many short documents that a kernel call per document costs more).
@@ -277,14 +283,18 @@ class Transformer(nn.Module):
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None,
                     dtype: torch.dtype | None = None) -> None:
-        """Preallocate a KV cache in every layer; decoding then passes ``input_pos``."""
+        """Preallocate a KV cache in every layer; decoding then passes ``input_pos``.
+
+        ``dtype``: the cache's (default :attr:`kv_cache_dtype`, else the weights' dtype); keys and
+        values are rounded to it when stored and read back in the activations' dtype."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"cache length {max_seq_len} exceeds max_seq_len={self.config.max_seq_len}")
         w = self.tok_embeddings.weight
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_len, self.config.n_kv_heads,
-                                               self.config.head_dim, dtype or w.dtype, w.device)
+                                               self.config.head_dim, dtype or self.kv_cache_dtype or w.dtype,
+                                               w.device)
         self.cache_len = max_seq_len
 
     def clear_cache(self) -> None:

@@ -122,6 +122,21 @@ def parse_load_dtype(name: str) -> "torch.dtype | None":
     return None if name == "auto" else parse_dtype(name)
 
 
+KV_CACHE_CHOICES = ("auto", "float32", "float16", "bfloat16")
+
+
+def parse_kv_cache(name: str) -> "torch.dtype | None":
+    """A ``--kv-cache`` value: ``auto`` is None (the model's default: f16 for a quantized GGUF, as
+    llama.cpp keeps its cache, else the weights' dtype), else that dtype (``float32``/``fp32``,
+    ``float16``/``fp16``, ``bfloat16``/``bf16``); anything else is a ValueError naming the choices."""
+    if name == "auto":
+        return None
+    try:
+        return parse_dtype(name)
+    except ValueError:
+        raise ValueError(f"--kv-cache {name!r}: expected one of {', '.join(KV_CACHE_CHOICES)}") from None
+
+
 def dtype_name(name: str) -> str:
     """The concrete dtype a ``--dtype`` value means here (``auto`` resolved), for logs and result files."""
     return str(parse_dtype(name)).removeprefix("torch.")

@@ -363,6 +363,15 @@ class DecodeModel(nn.Module):
         """Length of the KV cache set up in the wrapped model (0 when none)."""
         return self.model.cache_len
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype | None:
+        """The wrapped model's KV cache dtype (None: its weights')."""
+        return self.model.kv_cache_dtype
+
+    @kv_cache_dtype.setter
+    def kv_cache_dtype(self, dtype: torch.dtype | None) -> None:
+        self.model.kv_cache_dtype = dtype
+
     def setup_cache(self, max_batch_size: int, max_seq_len: int | None = None,
                     dtype: torch.dtype | None = None) -> None:
         """Preallocate the KV cache (in the wrapped model), as ``Transformer.setup_cache``."""
@@ -508,13 +517,15 @@ class DecodeModel(nn.Module):
             cache = layer.attention.kv_cache
             if caches is not None:  # the compiled batch-1 step: (S,) positions
                 ck, cv = caches[i]
-                ck[:bsz, :, positions] = k
-                cv[:bsz, :, positions] = v
+                ck[:bsz, :, positions] = k.to(ck.dtype)
+                cv[:bsz, :, positions] = v.to(cv.dtype)
                 k, v = ck[:bsz], cv[:bsz]
             elif cache is not None:
                 k, v = cache.update(positions, k, v)
             if end is not None and (caches is not None or cache is not None):
                 k, v = k[:, :, :end], v[:, :, :end]
+            if k.dtype != q.dtype:  # a cache in another precision (kv_cache_dtype): attention in q's
+                k, v = k.to(q.dtype), v.to(q.dtype)
             if seqlen == 1 and (mask is None or mask.shape[0] == 1):
                 out = _one_query_attention(q, k, v, mask)
             else:

@@ -176,8 +176,9 @@ def decode_attention(qkv: Tensor, rope: Tensor, k_cache: Tensor, v_cache: Tensor
 
     ``qkv`` (B, [1,] (n_heads + 2 n_kv_heads) head_dim): the new token's query, key and value
     heads as the fused q/k/v product gives them; ``rope`` (head_dim/2, 2): the (cos, sin) pairs of
-    position ``pos``; ``k_cache, v_cache`` (B_max, n_kv_heads, T, head_dim), contiguous, the
-    model's dtype. Rotates the query and key, writes key and value into slot ``pos`` of batch rows
+    position ``pos``; ``k_cache, v_cache`` (B_max, n_kv_heads, T, head_dim), contiguous, in the
+    model's dtype or a 16-bit one (f16 / bf16 under an fp32 model: stored rounded, read widened
+    exactly). Rotates the query and key, writes key and value into slot ``pos`` of batch rows
     ``[0, B)``, and returns every query head's attention over slots ``[0, pos]`` (B, [1,]
     n_heads head_dim), computed in fp32 and rounded once to the model's dtype.
     """

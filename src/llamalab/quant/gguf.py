@@ -53,7 +53,8 @@ def quantized_model(ckpt: Checkpoint, *, device: torch.device | str = "cpu", qui
 
     Linear weights in Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q6_K run on the kernels of :mod:`llamalab.quant.kernels`;
     other quantized linear weights (K-quants ...) are dequantized to fp32 here, and one line on
-    stderr says which (unless ``quiet``). Activations, norms and the KV cache are fp32.
+    stderr says which (unless ``quiet``). Activations and norms are fp32, the KV cache f16
+    (``model.kv_cache_dtype``; set it to ``torch.float32`` before ``setup_cache`` for an fp32 one).
     """
     if str(device) != "cpu":
         raise ValueError(f"quantized GGUF weights run on the CPU; load with a float dtype for {device}")
@@ -113,6 +114,9 @@ def quantized_model(ckpt: Checkpoint, *, device: torch.device | str = "cpu", qui
     if leftover:
         raise RuntimeError(f"{ckpt.path}: quantized_model left {', '.join(leftover[:3])} unbuilt")
     model.init_buffers(device)
+    # Keys and values in f16, as llama.cpp keeps them for such files: half the bytes a decode step
+    # reads per cached position and twice the positions in the same memory (fp32: kv_cache_dtype).
+    model.kv_cache_dtype = torch.float16
     if dequantized and not quiet:
         what = ", ".join(f"{n} {t}" for t, n in sorted(dequantized.items()))
         print(f"llamalab: {ckpt.path.name}: no kernel yet for {what} weight(s): dequantized to fp32 at load",

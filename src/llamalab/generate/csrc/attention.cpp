@@ -10,8 +10,10 @@
 // AVX2 EPYC, the part of the step that halving the weights' bytes does not shrink.
 //
 // Numerics follow the eager path of `generate/fast.py`: the rotation in fp32, its result rounded to
-// the cache's dtype (the key as stored, the query as the eager path's `type_as`), scores, softmax and
-// the weighted sum of values in fp32, the output rounded once to the model's dtype.
+// the model's dtype (the eager path's `type_as`) and the key then to the cache's as stored; scores,
+// softmax and the weighted sum of values in fp32, the output rounded once to the model's dtype.
+// The cache may be in another dtype than the activations (`Transformer.kv_cache_dtype`): an f16 or
+// bf16 cache of an fp32 model, widened exactly as it is read, halves the bytes each step reads.
 //
 // Vector code: AVX2 + FMA for head_dim a multiple of 8 (every x86-64 CPU the decode kernel runs on
 // has it, AVX-512 ones included: this is ~1% of a step's arithmetic, not worth a second path):
@@ -21,6 +23,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -31,6 +34,11 @@
 #include <vector>
 
 #include "x86_simd.h"
+
+#ifdef LLAMALAB_X86
+// The AVX2 paths also read an f16 cache (F16C's conversions: every AVX2 CPU has them).
+#define ATTN_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
 
 int llamalab_gemv_isa_level();  // gemv.cpp: the kernels' path (2 and up: AVX-512)
 
@@ -57,12 +65,17 @@ void axpy_scalar(float a, const T* v, float* out, int64_t d) {
 }
 
 #ifdef LLAMALAB_X86
-LLAMALAB_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+ATTN_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 // Eight bf16 values as fp32: zero-extended to 32 bits, shifted into the top half.
-LLAMALAB_AVX2 inline __m256 load8(const c10::BFloat16* p) {
+ATTN_AVX2 inline __m256 load8(const c10::BFloat16* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Eight f16 values as fp32 (exact).
+ATTN_AVX2 inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
 // Four dot products q . k[t], t = 0..3 (rows `stride` apart), d a multiple of 8: four independent
@@ -70,7 +83,7 @@ LLAMALAB_AVX2 inline __m256 load8(const c10::BFloat16* p) {
 using llamalab_simd::hsum256;
 
 template <typename T>
-LLAMALAB_AVX2 __m128 dot4_avx2(const float* q, const T* k, int64_t stride, int64_t d) {
+ATTN_AVX2 __m128 dot4_avx2(const float* q, const T* k, int64_t stride, int64_t d) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t c = 0; c < d; c += 8) {
     const __m256 qv = _mm256_loadu_ps(q + c);
@@ -86,7 +99,7 @@ LLAMALAB_AVX2 __m128 dot4_avx2(const float* q, const T* k, int64_t stride, int64
 
 // The largest of p[0..n) (-inf for none; NaNs skipped, as std::max(top, p[t]) skips them), 8 lanes
 // at a time: the scalar loop waited on each comparison (~14% of a long context's attention).
-LLAMALAB_AVX2 inline float max_avx2(const float* p, int64_t n) {
+ATTN_AVX2 inline float max_avx2(const float* p, int64_t n) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t t = 0;
   for (; t + 8 <= n; t += 8) m = _mm256_max_ps(_mm256_loadu_ps(p + t), m);  // (a NaN in the first operand: the second)
@@ -101,7 +114,7 @@ LLAMALAB_AVX2 inline float max_avx2(const float* p, int64_t n) {
 using llamalab_simd::exp_avx2;
 
 // sc[0..n) <- exp(sc - max), returns 1 / their sum: a softmax's numerators and normaliser.
-LLAMALAB_AVX2 inline float exp_shifted_avx2(float* sc, int64_t n) {
+ATTN_AVX2 inline float exp_shifted_avx2(float* sc, int64_t n) {
   const float top = max_avx2(sc, n);
   const __m256 topv = _mm256_set1_ps(top);
   __m256 sums = _mm256_setzero_ps();
@@ -121,7 +134,7 @@ LLAMALAB_AVX2 inline float exp_shifted_avx2(float* sc, int64_t n) {
 
 // softmax(q . K[0..end) * scale) . V[0..end) for one query head, d a multiple of 8.
 template <typename T>
-LLAMALAB_AVX2 void attend_avx2(const float* q, const T* k, const T* v, int64_t end, int64_t d, float scale,
+ATTN_AVX2 void attend_avx2(const float* q, const T* k, const T* v, int64_t end, int64_t d, float scale,
                                     std::vector<float>& scores, float* out) {
   scores.resize(static_cast<size_t>(end + 8));
   int64_t t = 0;
@@ -152,7 +165,7 @@ LLAMALAB_AVX2 void attend_avx2(const float* q, const T* k, const T* v, int64_t e
 // arithmetic is attend_avx2's, in the same order (the value sums kept in `out` between blocks of
 // slots: fp32 stores are exact).
 template <typename T>
-LLAMALAB_AVX2 void attend_group_avx2(const float* q, int64_t g, const T* k, const T* v, int64_t end, int64_t d,
+ATTN_AVX2 void attend_group_avx2(const float* q, int64_t g, const T* k, const T* v, int64_t end, int64_t d,
                                      float scale, std::vector<float>& scores, float* out) {
   const int64_t stride = end + 8;
   scores.resize(static_cast<size_t>(g * stride));
@@ -200,6 +213,9 @@ LLAMALAB_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p)
 LLAMALAB_AVX512 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+LLAMALAB_AVX512 inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // r[j] = the sum of v[j]'s 16 lanes, j = 0..15.
@@ -303,7 +319,7 @@ bool attend_group_avx512_for(const float* q, int64_t g, const T* k, const T* v, 
 bool cpu_has_avx2() {
 #ifdef LLAMALAB_X86
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif
@@ -335,15 +351,16 @@ void attend(const float* q, const T* k, const T* v, int64_t end, int64_t d, floa
 }
 
 // Row b's token at position pos[b] (`rope_stride` 0: one rotary table for every row, else row b's
-// table at rope + b * rope_stride).
-template <typename T>
+// table at rope + b * rope_stride). T: the model's activations (qkv, the output); C: the cache's
+// dtype (T, or a 16-bit cache of an fp32 model: half the bytes each step reads).
+template <typename T, typename C>
 void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Tensor& k_cache, at::Tensor& v_cache,
           const int64_t* positions, int64_t nh, int64_t nkv, at::Tensor& y) {
   const int64_t bsz = qkv.size(0), d = k_cache.size(3), slots = k_cache.size(2), half = d / 2;
   const int64_t width = (nh + 2 * nkv) * d;
   const T* in = static_cast<const T*>(qkv.data_ptr());
-  T* kc = static_cast<T*>(k_cache.data_ptr());
-  T* vc = static_cast<T*>(v_cache.data_ptr());
+  C* kc = static_cast<C*>(k_cache.data_ptr());
+  C* vc = static_cast<C*>(v_cache.data_ptr());
   T* yp = static_cast<T*>(y.data_ptr());
   // The rotated queries in fp32 after their rounding to T, (B, nh, d).
   std::vector<float> q(static_cast<size_t>(bsz * nh * d));
@@ -354,24 +371,26 @@ void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Ten
     for (int64_t h = 0; h < nh + nkv; ++h) {
       const T* x = row + h * d;
       const bool is_key = h >= nh;
-      T* key = is_key ? kc + ((b * nkv + (h - nh)) * slots + pos) * d : nullptr;
+      C* key = is_key ? kc + ((b * nkv + (h - nh)) * slots + pos) * d : nullptr;
       float* qh = is_key ? nullptr : q.data() + (b * nh + h) * d;
       for (int64_t i = 0; i < half; ++i) {
         const float x0 = widen(x[2 * i]), x1 = widen(x[2 * i + 1]);
         const float c = rp[2 * i], s = rp[2 * i + 1];
-        const T r0 = static_cast<T>(x0 * c - x1 * s), r1 = static_cast<T>(x0 * s + x1 * c);
+        // Rounded to the activations' dtype (the eager path's `type_as`), then the key to the cache's.
+        const float r0 = widen(static_cast<T>(x0 * c - x1 * s)), r1 = widen(static_cast<T>(x0 * s + x1 * c));
         if (is_key) {
-          key[2 * i] = r0;
-          key[2 * i + 1] = r1;
+          key[2 * i] = static_cast<C>(r0);
+          key[2 * i + 1] = static_cast<C>(r1);
         } else {
-          qh[2 * i] = widen(r0);
-          qh[2 * i + 1] = widen(r1);
+          qh[2 * i] = r0;
+          qh[2 * i + 1] = r1;
         }
       }
     }
     for (int64_t g = 0; g < nkv; ++g) {
       const T* x = row + (nh + nkv + g) * d;
-      std::copy(x, x + d, vc + ((b * nkv + g) * slots + pos) * d);
+      C* dst = vc + ((b * nkv + g) * slots + pos) * d;
+      for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<C>(widen(x[c]));
     }
   }
   const int64_t group = nh / nkv;
@@ -387,16 +406,16 @@ void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Ten
       const int64_t b = bg / nkv, g = bg % nkv;
       const int64_t base = bg * slots * d, first = b * nh + g * group;  // (b * nkv + g) = bg
 #ifdef LLAMALAB_X86
-      if (avx512 && attend_group_avx512_for<T>(q.data() + first * d, group, kc + base, vc + base, positions[b] + 1, d,
+      if (avx512 && attend_group_avx512_for<C>(q.data() + first * d, group, kc + base, vc + base, positions[b] + 1, d,
                                                  scale, scores, out.data())) {
       } else if (avx2 && d % 8 == 0) {
-        attend_group_avx2<T>(q.data() + first * d, group, kc + base, vc + base, positions[b] + 1, d, scale, scores,
+        attend_group_avx2<C>(q.data() + first * d, group, kc + base, vc + base, positions[b] + 1, d, scale, scores,
                              out.data());
       } else
 #endif
       {
         for (int64_t i = 0; i < group; ++i)
-          attend<T>(q.data() + (first + i) * d, kc + base, vc + base, positions[b] + 1, d, scale, avx2, scores,
+          attend<C>(q.data() + (first + i) * d, kc + base, vc + base, positions[b] + 1, d, scale, avx2, scores,
                     out.data() + i * d);
       }
       T* dst = yp + first * d;  // the group's heads are consecutive in the output row
@@ -413,12 +432,12 @@ int64_t check_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::T
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.size(1) == n_kv_heads,
               "decode_attention: expected key and value caches (B, ", n_kv_heads, ", T, head_dim), got ",
               k_cache.sizes(), " and ", v_cache.sizes());
-  const at::ScalarType dt = k_cache.scalar_type();
-  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && v_cache.scalar_type() == dt &&
-                  qkv.scalar_type() == dt && k_cache.device().is_cpu() && v_cache.device().is_cpu() &&
-                  qkv.device().is_cpu(),
-              "decode_attention: expected fp32 or bf16 CPU tensors of one dtype, got qkv ", qkv.scalar_type(),
-              ", caches ", k_cache.scalar_type(), "/", v_cache.scalar_type());
+  const at::ScalarType dt = k_cache.scalar_type(), xt = qkv.scalar_type();
+  TORCH_CHECK((xt == at::kFloat || xt == at::kBFloat16) &&
+                  (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf) && v_cache.scalar_type() == dt &&
+                  k_cache.device().is_cpu() && v_cache.device().is_cpu() && qkv.device().is_cpu(),
+              "decode_attention: expected an fp32 or bf16 qkv and fp32, bf16 or f16 caches of one dtype, on the "
+              "CPU, got qkv ", qkv.scalar_type(), ", caches ", k_cache.scalar_type(), "/", v_cache.scalar_type());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention: the caches must be contiguous");
   const int64_t d = k_cache.size(3);
   TORCH_CHECK(d % 2 == 0, "decode_attention: head_dim ", d, " is odd (rotary embeddings rotate pairs)");
@@ -437,10 +456,21 @@ at::Tensor run_step(const at::Tensor& qkv, const at::Tensor& rope, int64_t rope_
   std::vector<int64_t> shape = qkv.sizes().vec();
   shape.back() = n_heads * k_cache.size(3);
   at::Tensor y = at::empty(shape, qkv.options());
-  if (k_cache.scalar_type() == at::kBFloat16)
-    step<c10::BFloat16>(x, rope.data_ptr<float>(), rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
-  else
-    step<float>(x, rope.data_ptr<float>(), rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
+  const float* rp = rope.data_ptr<float>();
+  const bool bf16 = qkv.scalar_type() == at::kBFloat16;
+  switch (k_cache.scalar_type()) {
+    case at::kBFloat16:
+      if (bf16) step<c10::BFloat16, c10::BFloat16>(x, rp, rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
+      else step<float, c10::BFloat16>(x, rp, rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
+      break;
+    case at::kHalf:
+      if (bf16) step<c10::BFloat16, c10::Half>(x, rp, rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
+      else step<float, c10::Half>(x, rp, rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
+      break;
+    default:
+      if (bf16) step<c10::BFloat16, float>(x, rp, rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
+      else step<float, float>(x, rp, rope_stride, k_cache, v_cache, positions, n_heads, n_kv_heads, y);
+  }
   return y;
 }
 
