@@ -193,6 +193,22 @@ def test_short_prompts_are_not_padded_onto_the_prompt_tiles(tmp_path: Path) -> N
     otherwise than the int8 products) are prefilled apart from longer ones, so that none is padded
     past it; every answer still equals its alone run. Where the CPU has no such tiles the length is
     set here, to check the grouping all the same."""
+    gen, cut = _tiny_q8_0(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, gen.tokenizer.vocab_size, (n,), generator=g).tolist()
+               for n in (cut + 9, 3, cut - 1, cut, 7, cut + 2)]
+    cfg = GenerationConfig(max_new_tokens=6, stop_ids=())
+    alone = [gen.generate([p], cfg)[0].ids for p in prompts]
+    batcher, calls = _recording_batcher(gen, cut, max_batch=6, max_seq_len=64, prefix_cache_size=0)
+    requests = [batcher.submit(p, cfg) for p in prompts]
+    batcher.run_until_done()
+    assert sorted(calls) == [[3, cut - 1, 7], [cut + 9, cut, cut + 2]], calls
+    assert [r.result.ids for r in requests] == alone
+
+
+def _tiny_q8_0(tmp_path: Path) -> tuple[Generator, int]:
+    """A Generator on a tiny Q8_0 GGUF (its quantized kernels), and the prompt-tile length: the CPU's
+    (AMX), else 16, which the tests set on the batcher to check its grouping all the same."""
     from test_checkpoint import make_hf_model, train_tokenizer, write_gguf
 
     import llamalab
@@ -203,14 +219,12 @@ def test_short_prompts_are_not_padded_onto_the_prompt_tiles(tmp_path: Path) -> N
     with torch.no_grad():
         hf.lm_head.weight.mul_(30.0)
     lm = llamalab.load(write_gguf(tmp_path / "tiny-Q8_0.gguf", hf, "Q8_0", train_tokenizer()), dtype=None)
-    gen = Generator(lm.model, lm.tokenizer)
-    cut = kernels.bf16_min_tokens() or 16
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(0, lm.tokenizer.vocab_size, (n,), generator=g).tolist()
-               for n in (cut + 9, 3, cut - 1, cut, 7, cut + 2)]
-    cfg = GenerationConfig(max_new_tokens=6, stop_ids=())
-    alone = [gen.generate([p], cfg)[0].ids for p in prompts]
-    batcher = ContinuousBatcher(gen, max_batch=6, max_seq_len=64, prefix_cache_size=0)
+    return Generator(lm.model, lm.tokenizer), kernels.bf16_min_tokens() or 16
+
+
+def _recording_batcher(gen: Generator, cut: int, **kw: Any) -> tuple[ContinuousBatcher, list[list[int]]]:
+    """A batcher with prompt-tile length ``cut`` that records the lengths each prefill call runs."""
+    batcher = ContinuousBatcher(gen, **kw)
     batcher._prompt_tiles_from = lambda: cut  # type: ignore[method-assign]
     calls: list[list[int]] = []
     prefill_rows = batcher._prefill_rows
@@ -220,10 +234,34 @@ def test_short_prompts_are_not_padded_onto_the_prompt_tiles(tmp_path: Path) -> N
         return prefill_rows(row, rest, starts)
 
     batcher._prefill_rows = recorded  # type: ignore[method-assign]
-    requests = [batcher.submit(p, cfg) for p in prompts]
+    return batcher, calls
+
+
+def test_a_cached_prefix_leaves_the_prompt_tiles_their_length(tmp_path: Path) -> None:
+    """With prompt tiles (AMX's bf16 products, from ``cut`` tokens), a prompt sharing a cached prefix
+    still prefills at least ``cut`` tokens, on the tiles as alone: the prefix is reused only up to
+    ``len(prompt) - cut`` (not at all where that is under ``min_prefix``), and prompts shorter than
+    ``cut`` are not remembered; every answer equals its alone run."""
+    gen, cut = _tiny_q8_0(tmp_path)
+    g = torch.Generator().manual_seed(8)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(0, gen.tokenizer.vocab_size, (n,), generator=g).tolist()
+
+    system = rand(30)
+    prompts = [system + rand(n) for n in (6, 9)] + [system + rand(3), system[:24] + rand(5)]
+    cfg = GenerationConfig(max_new_tokens=6, stop_ids=())
+    alone = [gen.generate([p], cfg)[0].ids for p in prompts]
+    batcher, calls = _recording_batcher(gen, cut, max_batch=4, max_seq_len=64)
+    first = [batcher.submit(p, cfg) for p in prompts[:2]]
     batcher.run_until_done()
-    assert sorted(calls) == [[3, cut - 1, 7], [cut + 9, cut, cut + 2]], calls
-    assert [r.result.ids for r in requests] == alone
+    assert list(batcher._prefixes) == [tuple(system)]
+    later = [batcher.submit(p, cfg) for p in prompts[2:]]
+    batcher.run_until_done()
+    # 33 tokens: 30 shared, but 17 reused and 16 prefilled; 29 tokens: 24 shared, 13 < 16 reusable: none
+    assert [r.reused for r in later] == [len(prompts[2]) - cut, 0]
+    assert all(n >= cut for call in calls for n in call), calls
+    assert [r.result.ids for r in first + later] == alone
 
 
 def test_a_shared_prompt_prefix_is_prefilled_once(tok: HFTokenizer) -> None:

@@ -357,14 +357,20 @@ class ContinuousBatcher:
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[tuple[int, ...], list[tuple[Tensor, Tensor]]] | None:
         """The longest run of ``prompt``'s first tokens (``min_prefix`` or more, leaving at least one
-        to prefill) that a cached prefix starts with, and that run's keys and values.
+        to prefill, or for a quantized model with prompt tiles at least their length) that a cached
+        prefix starts with, and that run's keys and values.
 
         A cached prefix serves any prompt sharing only its first L tokens: the keys and values of
         position i depend on tokens 0..i alone. (Matching whole cached prefixes only, a system
         prompt cached with the first words of one question missed every other question.)"""
         best: tuple[int, tuple[int, ...]] | None = None
+        # At least the quantized kernels' prompt-tile length left to prefill (where they have one): the
+        # prompt alone takes those tiles for every position, and a shorter rest would take the int8
+        # products, which round otherwise. (Every kept position was computed on the tiles too: only
+        # prompts of that length or more are remembered, and their rest was prefilled by this rule.)
+        left = max(1, self._prompt_tiles_from())
         for key in self._prefixes:
-            n = min(_shared(prompt, key), len(prompt) - 1)
+            n = min(_shared(prompt, key), len(prompt) - left)
             if n >= self.min_prefix and (best is None or n > best[0]):
                 best = (n, key)
         if best is None:
@@ -377,7 +383,7 @@ class ContinuousBatcher:
         """Cache the prefix ``prompt`` shares with a recent prompt (a chat template's system prompt,
         a few-shot preamble), from the row just prefilled, if it is long enough and no cached prefix
         already starts with it; a cached prefix it extends is replaced."""
-        if self.prefix_cache_size == 0:
+        if self.prefix_cache_size == 0 or len(prompt) < self._prompt_tiles_from():
             return
         best = max((_shared(prompt, other) for other in self._recent), default=0)
         self._recent.append(prompt)
