@@ -662,22 +662,31 @@ def test_fsdp_finetune_follows_the_single_process_run(base: Path, sft_data: Path
 
 def test_lora_at_bf16_holds_the_frozen_base_in_bf16_with_the_same_results(base: Path, sft_data: Path,
                                                                           tmp_path: Path, monkeypatch) -> None:
-    """bf16 autocast casts each frozen linear to bf16 at every forward; holding them in bf16 once
-    must change nothing: the same losses step by step, and a final model merged into the fp32
-    starting weights (not into the bf16 copies) equal to the run that kept them in fp32."""
+    """bf16 autocast casts each frozen linear to bf16 at every forward; holding them in bf16 from
+    the build on must change nothing: the same losses step by step, and a final model merged into
+    the fp32 starting weights (not into the bf16 copies) equal to the run that kept them in fp32."""
     import llamalab
     import llamalab.finetune.objectives as objectives
+    from llamalab.checkpoint.base import build_model as real_build
 
     run_file = _run_file(tmp_path, base, sft_data, "sft", lora=True)
     steps = ["finetune.max_steps=4", "train.precision=bf16", "eval.every=2"]
-    freed: list[int] = []
-    real = objectives.cast_frozen_linears
-    monkeypatch.setattr(objectives, "cast_frozen_linears", lambda model, dtype: freed.append(real(model, dtype))
-                        or freed[-1])
+    built: list[dict[str, torch.dtype]] = []
+
+    def recording_build(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        built.append({k: p.dtype for k, p in model.named_parameters()})
+        return model
+
+    monkeypatch.setattr("llamalab.checkpoint.base.build_model", recording_build)
     held = finetune(load_config(run_file, [f"run_dir={tmp_path / 'bf16-base'}", *steps]), progress=False)
-    assert freed and freed[0] > 0  # the frozen linears were held in bf16
-    monkeypatch.setattr(objectives, "cast_frozen_linears", lambda model, dtype: 0)
+    dtypes = built[0]
+    assert {k for k, d in dtypes.items() if d == torch.bfloat16} == {
+        k for k in dtypes if k.startswith("layers.") and "norm" not in k}  # exactly the block linears
+    monkeypatch.setattr(objectives, "frozen_linears_in", lambda dtype: (lambda name: None))
+    n = len(built)
     kept = finetune(load_config(run_file, [f"run_dir={tmp_path / 'fp32-base'}", *steps]), progress=False)
+    assert all(d == torch.float32 for d in built[n].values())
     assert held["status"] == kept["status"] == "completed"
     a, b = read_metrics(tmp_path / "bf16-base"), read_metrics(tmp_path / "fp32-base")
     for key in ("loss", "val_loss"):
@@ -689,19 +698,31 @@ def test_lora_at_bf16_holds_the_frozen_base_in_bf16_with_the_same_results(base: 
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
 
 
-def test_cast_frozen_linears_leaves_adapters_norms_and_embeddings() -> None:
-    from llamalab.finetune.lora import cast_frozen_linears
+def test_frozen_linears_are_built_in_bf16_as_the_rounding_of_the_fp32_weights(tmp_path: Path) -> None:
+    """build_model's hold: the block linears (and nothing else) in bf16, each exactly the bf16
+    rounding of the fp32 build; LoRA's adapters on such a base are fp32."""
+    from llamalab.checkpoint.base import build_model
+    from llamalab.finetune.lora import frozen_linears_in
 
-    model = Transformer(CONFIG)
-    apply_lora(model, LoRAConfig(rank=2, alpha=4.0, targets=["wq", "w2"]))
-    freed = cast_frozen_linears(model, torch.bfloat16)
-    block_linears = sum(m.weight.numel() for b in model.layers for n, m in b.named_modules()
-                        if isinstance(m, torch.nn.Linear) and "lora" not in n)
-    assert freed == block_linears * 2
-    for name, p in model.named_parameters():
-        want = torch.bfloat16 if (name.startswith("layers.") and "lora" not in name and "norm" not in name) \
-            else torch.float32
-        assert p.dtype == want, name
+    torch.manual_seed(0)
+    state = {k: v.detach().clone() for k, v in Transformer(CONFIG).state_dict().items()}
+    ckpt = Checkpoint(config=CONFIG, state_dict=state, tokenizer=None, format="native", path=tmp_path)
+    plain = build_model(ckpt, dtype=torch.float32)
+    held = build_model(ckpt, dtype=torch.float32, hold=frozen_linears_in(torch.bfloat16))
+    linears = {f"layers.{i}.{n}.weight" for i in range(CONFIG.n_layers)
+               for n in ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                         "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    ps = dict(plain.named_parameters())
+    for name, p in held.named_parameters():
+        if name in linears:
+            assert p.dtype == torch.bfloat16, name
+            assert torch.equal(p, ps[name].to(torch.bfloat16)), name
+        else:
+            assert p.dtype == torch.float32 and torch.equal(p, ps[name]), name
+    assert linears <= set(ps)
+    apply_lora(held, LoRAConfig(rank=2, alpha=4.0, targets=["wq", "w2"]))
+    adapters = {k: p.dtype for k, p in held.named_parameters() if "lora" in k}
+    assert adapters and set(adapters.values()) == {torch.float32}
 
 
 @pytest.mark.slow

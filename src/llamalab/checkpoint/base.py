@@ -119,11 +119,15 @@ def check_state_dict(state_dict: Mapping[str, Tensor], config: ModelConfig, sour
 
 
 def build_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32,
-                device: torch.device | str = "cpu") -> Transformer:
+                device: torch.device | str = "cpu",
+                hold: Callable[[str], torch.dtype | None] | None = None) -> Transformer:
     """Build the Transformer on the meta device and move each checkpoint tensor in once.
 
     No random initialisation and no second full copy: peak memory is the model plus
-    the tensor being converted.
+    the tensor being converted. ``hold(name)``, where given and not None, is the dtype to keep
+    that tensor in: it is built in ``dtype`` and converted at once (LoRA's frozen linears in
+    bf16 are exactly the bf16 rounding of the ``dtype`` weights, and no full-size copy in
+    ``dtype`` of them ever exists).
     """
     config = checkpoint.config
     check_state_dict(checkpoint.state_dict, config, checkpoint.path)
@@ -140,6 +144,9 @@ def build_model(checkpoint: Checkpoint, *, dtype: torch.dtype = torch.float32,
             converted[name] = load(name, dtype=dtype, device=device)
         else:
             converted[name] = state_dict[name].to(device=device, dtype=dtype, copy=True)
+        held = hold(name) if hold is not None else None
+        if held is not None and held != converted[name].dtype:
+            converted[name] = converted[name].to(held)
     if config.tie_embeddings:
         converted["output.weight"] = converted["tok_embeddings.weight"]
     model.load_state_dict(converted, strict=True, assign=True)

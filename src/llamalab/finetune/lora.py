@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from llamalab.train.config import LoraSection
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LORA_TARGETS", "LoRAConfig", "adapter_state_dict", "adapters_disabled",
-           "apply_lora", "cast_frozen_linears", "effective_weight", "has_lora", "load_adapter", "load_adapter_state_dict", "lora_modules", "merge_lora",
+           "apply_lora", "effective_weight", "frozen_linears_in", "has_lora", "load_adapter", "load_adapter_state_dict", "lora_modules", "merge_lora",
            "save_adapter"]
 
 # Meta's names of the linears an adapter can go on.
@@ -108,8 +109,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, *, freeze_bas
             p.requires_grad_(False)
     for _, lin in found:
         w = lin.weight
-        a = nn.Linear(lin.in_features, config.rank, bias=False, device=w.device, dtype=w.dtype)
-        b = nn.Linear(config.rank, lin.out_features, bias=False, device=w.device, dtype=w.dtype)
+        # Trained weights in fp32 at least, also on a base held in bf16 (frozen_linears_in).
+        dtype = torch.promote_types(w.dtype, torch.float32)
+        a = nn.Linear(lin.in_features, config.rank, bias=False, device=w.device, dtype=dtype)
+        b = nn.Linear(config.rank, lin.out_features, bias=False, device=w.device, dtype=dtype)
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # nn.Linear's own init, as in the paper's code
         nn.init.zeros_(b.weight)
         lin.lora_a, lin.lora_b = a, b
@@ -121,22 +124,25 @@ def apply_lora(model: nn.Module, config: LoRAConfig | None = None, *, freeze_bas
     return [name for name, _ in found]
 
 
-def cast_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
-    """Hold the frozen ``nn.Linear`` weights of the model's blocks in ``dtype`` (adapters, norms,
-    embeddings and the head keep theirs); returns how many bytes that frees.
+# A block's linear weights by their Meta names: the weights that LoRA freezes and adapts.
+_BLOCK_LINEAR = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight")
 
-    Under autocast to ``dtype`` this changes no result: autocast would cast these weights to
-    ``dtype`` at every forward (and keep the copies until the step's backward). A merge needs
-    the original weights again (see ``finetune/objectives.py``'s export).
+
+def frozen_linears_in(dtype: torch.dtype) -> Callable[[str], torch.dtype | None]:
+    """For ``build_model(..., hold=)``: every block's linear weights held in ``dtype``; the
+    embeddings, norms and head keep the build's dtype.
+
+    With LoRA at bf16 this changes no result: those weights are frozen and bf16 autocast casts
+    them to bf16 at every forward anyway (and keeps the copies until the step's backward), so
+    holding them in bf16 from the build on saves half their memory and the per-step copies.
+    Building them so, one tensor at a time, also leaves no fragmented heap of freed fp32
+    copies behind. A merge needs the full-precision weights again (the fine-tuning export
+    rebuilds them from the checkpoint).
     """
-    freed = 0
-    for block in getattr(model, "layers", []):
-        for name, m in block.named_modules():
-            if (isinstance(m, nn.Linear) and not name.endswith(("lora_a", "lora_b"))
-                    and not m.weight.requires_grad and m.weight.dtype != dtype):
-                freed += m.weight.numel() * (m.weight.element_size() - torch.empty((), dtype=dtype).element_size())
-                m.weight.data = m.weight.data.to(dtype)
-    return freed
+    def hold(name: str) -> torch.dtype | None:
+        return dtype if _BLOCK_LINEAR.fullmatch(name) else None
+
+    return hold
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

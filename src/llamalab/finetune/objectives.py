@@ -69,8 +69,8 @@ from llamalab.finetune.lora import (
     adapter_state_dict,
     adapters_disabled,
     apply_lora,
-    cast_frozen_linears,
     effective_weight,
+    frozen_linears_in,
     load_adapter_state_dict,
     merge_lora,
     save_adapter,
@@ -346,16 +346,17 @@ class _Finetune(Objective):
         self.device = device
         # The weights (and the adapters' initial values, drawn from the seeded RNG) as one process
         # would have them; with FSDP each process then keeps its shards of them.
-        model = build_model(self.ckpt, dtype=torch.float32, device="cpu" if mesh is not None else device)
+        # LoRA at bf16 in one process: the frozen linears held in bf16 from the build on (the same
+        # products as autocast's casts, half their memory; the export merges into the fp32
+        # starting weights, not into these).
+        hold = frozen_linears_in(torch.bfloat16) if self.lora is not None and mesh is None and precision == "bf16" \
+            else None
+        model = build_model(self.ckpt, dtype=torch.float32, device="cpu" if mesh is not None else device, hold=hold)
         model.train()
+        self.base_cast = any(p.dtype != torch.float32 for p in model.parameters())
         if self.lora is not None:
             apply_lora(model, self.lora)
         self._adapt(model)
-        if self.lora is not None and mesh is None and precision == "bf16":
-            # bf16 autocast casts every frozen linear's weight to bf16 at each forward anyway: hold
-            # them in bf16 once (the same products, half their memory, no per-step copies). The
-            # export merges into the fp32 starting weights, not into these.
-            self.base_cast = cast_frozen_linears(model, torch.bfloat16) > 0
         if mesh is not None:
             full = model.state_dict()
             sharded = meta_model(model.config)

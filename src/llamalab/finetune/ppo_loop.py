@@ -59,8 +59,8 @@ from llamalab.finetune.lora import (
     adapter_state_dict,
     adapters_disabled,
     apply_lora,
-    cast_frozen_linears,
     effective_weight,
+    frozen_linears_in,
     load_adapter_state_dict,
 )
 from llamalab.finetune.objectives import _expand, _Finetune, adapters_and_head, load_adapters_and_head
@@ -237,7 +237,10 @@ class PPOObjective(_Finetune):
 
         p, t = self.cfg.ppo, self.cfg.train
         self.device, self.precision = device, precision
-        policy = build_model(self.ckpt, dtype=torch.float32, device=device).train()
+        # LoRA at bf16: the frozen linears of both models held in bf16 from the build on (autocast
+        # would cast them at every forward; the export merges into the fp32 starting weights).
+        hold = frozen_linears_in(torch.bfloat16) if self.lora is not None and precision == "bf16" else None
+        policy = build_model(self.ckpt, dtype=torch.float32, device=device, hold=hold).train()
         if self.lora is not None:
             apply_lora(policy, self.lora)
         if p.value_init == "reward_model":
@@ -246,22 +249,21 @@ class PPOObjective(_Finetune):
                 raise ConfigError(f"ppo.value_init = \"reward_model\": {p.reward_model} has another tokenizer than "
                                   f"the policy (the value model reads the policy's tokens); set ppo.value_init = "
                                   f"\"policy\"")
-            value = build_model(rm_ckpt, dtype=torch.float32, device=device).train()
+            value = build_model(rm_ckpt, dtype=torch.float32, device=device, hold=hold).train()
             if self.lora is not None:
                 apply_lora(value, self.lora)
             head = attach_reward_head(value)
             with torch.no_grad():
                 head.weight.copy_(load_file(str(Path(p.reward_model) / HEAD_FILE))["weight"])
         else:
-            value = build_model(self.ckpt, dtype=torch.float32, device=device).train()
+            value = build_model(self.ckpt, dtype=torch.float32, device=device, hold=hold).train()
             if self.lora is not None:
                 apply_lora(value, self.lora)
             attach_reward_head(value, seed=self.cfg.seed)
         head = reward_head(value)
         head.to(device)
         head.weight.requires_grad_(True)
-        if self.lora is not None and precision == "bf16":
-            self.base_cast = (cast_frozen_linears(policy, torch.bfloat16) + cast_frozen_linears(value, torch.bfloat16)) > 0
+        self.base_cast = hold is not None
         self.ref = None
         if self.lora is None:
             self.ref = build_model(self.ckpt, dtype=torch.float32, device=device).eval().requires_grad_(False)

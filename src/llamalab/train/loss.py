@@ -30,9 +30,12 @@ from torch import Tensor
 
 MatmulT = Callable[[Tensor, Tensor], Tensor]  # (a, b) -> a @ b.T
 
-# Elements of one chunk's logits (fp32: 128 MB): large enough for efficient products, small
-# enough to stay far below the full matrix for any vocabulary.
-CHUNK_ELEMENTS = 32 * 1024 * 1024
+# Elements of one chunk's logits (fp32: 32 MB; 170 tokens of a 49K vocabulary, 65 of Llama 3's
+# 128K): large enough for efficient products, and small enough that a chunk's transients (its
+# products, fp32 logits and gradient, ~12 bytes an element at bf16) stay a small share of a
+# LoRA step's memory. Measured on 2 cores (2048 tokens, 49K vocabulary, bf16): 170-token chunks
+# take 0.80x the time of 682-token ones, 85-token chunks 0.90x.
+CHUNK_ELEMENTS = 8 * 1024 * 1024
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -76,6 +79,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 # grad_w accumulates over chunks (in fp32 at least, whatever the products run in).
                 if grad_w is not None:
                     grad_w += mm_t(g.t(), h_c.t())
+                del logits, probs, g  # before the next chunk's, not after: one chunk alive at a time
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / count
@@ -140,8 +144,12 @@ class LinearTokenLogProbs(torch.autograd.Function):
             for start in range(0, n, chunk):
                 sl = slice(start, start + chunk)
                 logits = mm_t(h[sl], w).to(acc)
-                lse[sl] = torch.logsumexp(logits, dim=1)
-                out[sl] = (logits.gather(1, safe[sl].unsqueeze(1)).squeeze(1) - lse[sl]) * valid[sl]
+                # Log-sum-exp in place (torch.logsumexp allocates full-size temporaries).
+                top = logits.amax(dim=1, keepdim=True)
+                target = logits.gather(1, safe[sl].unsqueeze(1)).squeeze(1)
+                lse[sl] = logits.sub_(top).exp_().sum(dim=1).log_().add_(top.squeeze(1))
+                out[sl] = (target - lse[sl]) * valid[sl]
+                del logits
         ctx.save_for_backward(hidden, weight, safe, valid, lse)
         ctx.settings = (dtype, chunk, mm_t)
         return out
@@ -168,6 +176,7 @@ class LinearTokenLogProbs(torch.autograd.Function):
                     grad_h[sl] = mm_t(gl, w_t)
                 if grad_w is not None:
                     grad_w += mm_t(gl.t(), h[sl].t())
+                del probs, gl
         return (grad_h.to(hidden.dtype) if grad_h is not None else None,
                 grad_w.to(weight.dtype) if grad_w is not None else None, None, None, None, None)
 
