@@ -330,7 +330,8 @@ def _save(run_dir: Path, step: int, model: nn.Module, optimizer: Any, scheduler:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    save_sharded(tmp / "dcp", model, optimizer, extra={"step": step})
+    # Only what trains: frozen parameters (LoRA's base) are rebuilt from the starting weights at resume.
+    save_sharded(tmp / "dcp", model, optimizer, extra={"step": step}, trainable_only=True)
     torch.save(_rng_state(), tmp / f"rng-rank{rank}.pt")
     dist.barrier()
     if rank == 0:
@@ -357,7 +358,7 @@ def _load(path: Path, model: nn.Module, optimizer: Any, scheduler: Any, objectiv
         return load_checkpoint(path, model, optimizer, scheduler, apply_weights=objective.load_weights)
     import json
 
-    load_sharded(path / "dcp", model, optimizer)
+    load_sharded(path / "dcp", model, optimizer, trainable_only=True)
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(trainer["scheduler"])
     rank = dist.get_rank() if dist.is_initialized() else 0

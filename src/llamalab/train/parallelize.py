@@ -384,44 +384,50 @@ def clip_grad_norm_(parameters: Iterable[Tensor] | Tensor, max_norm: float, norm
 
 
 def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, *, trainable_only: bool = False) -> None:
     """Write model (and optimizer) state with DCP into directory ``path``; every rank must call it.
 
     Keys are Meta's parameter names (``layers.0.attention.wq.weight``; optimizer state is
     keyed by the same names), so the checkpoint loads into any layout. ``extra`` holds
     small picklable values stored beside them (e.g. ``{"step": 100}``), read back by
-    :func:`load_sharded`.
+    :func:`load_sharded`. ``trainable_only``: leave out the parameters that do not require
+    gradients (LoRA's frozen base: a resumed run rebuilds them from its starting weights).
     """
+    opts = StateDictOptions(ignore_frozen_params=trainable_only)
     if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=opts)
         state: dict[str, Any] = {"model": msd, "optim": osd}
     else:
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": get_model_state_dict(model, options=opts)}
     if extra:
         state["extra"] = extra
     dcp.save(state, checkpoint_id=str(path))
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                 extra: dict[str, Any] | None = None, *, trainable_only: bool = False) -> dict[str, Any] | None:
     """Load a :func:`save_sharded` checkpoint into ``model`` (and ``optimizer``) in place.
 
     The model may be parallelized differently, over a different number of processes, or
     not at all (no process group needed). Pass ``extra`` with the keys and default values
-    to read back (e.g. ``{"step": 0}``); the filled dict is returned.
+    to read back (e.g. ``{"step": 0}``); the filled dict is returned. ``trainable_only``: read
+    only the parameters that require gradients (the others keep their values; a checkpoint
+    that holds them too still loads).
     """
+    opts = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
     if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer)
+        msd, osd = get_state_dict(model, optimizer, options=opts)
         state: dict[str, Any] = {"model": msd, "optim": osd}
     else:
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": get_model_state_dict(model, options=opts)}
     if extra is not None:
         state["extra"] = dict(extra)
     dcp.load(state, checkpoint_id=str(path))
     if optimizer is not None:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=opts)
     else:
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=opts)
     return state.get("extra")
 
 
