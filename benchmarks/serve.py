@@ -19,7 +19,8 @@ beside llama-cpp-python), its server runs the same file beside it, measured in t
 That server answers one request at a time (llama-cpp-python 0.3.36 has no parallel slots:
 llama.cpp's own C++ ``llama-server`` has, and is not in the Python package).
 
-Usage: ``python benchmarks/serve.py [--rounds 3] [--clients 1,2,4,8,16] [--parallel 16] [--json out.json]``
+Usage: ``python benchmarks/serve.py [--rounds 3] [--clients 1,2,4,8,16] [--parallel 16]
+[--kv-cache auto] [--max-prefill-tokens 4096] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -86,12 +87,14 @@ def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300.0) -> Non
     raise SystemExit(f"the server at {base} did not come up in {timeout:.0f} s")
 
 
-def start_llamalab(model: str, parallel: int, kv_cache: str = "auto") -> tuple[subprocess.Popen, str, str]:
+def start_llamalab(model: str, parallel: int, kv_cache: str = "auto",
+                   max_prefill_tokens: int = 4096) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     proc = subprocess.Popen([sys.executable, "-m", "llamalab.cli", "serve", "--model", model, "--port", str(port),
                              "--threads", str(THREADS), "--parallel", str(parallel), "--ctx-size", "1024",
-                             "--kv-cache", kv_cache, "--log-level", "warning"], env=env, stderr=subprocess.DEVNULL)
+                             "--kv-cache", kv_cache, "--max-prefill-tokens", str(max_prefill_tokens),
+                             "--log-level", "warning"], env=env, stderr=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}", Path(model).name if Path(model).exists() else model
 
 
@@ -187,6 +190,9 @@ def main() -> None:
     ap.add_argument("--kv-cache", default="auto",
                     help="llamalab serve --kv-cache; a comma list (e.g. float32,float16) runs one server per value, "
                          "measured in alternation")
+    ap.add_argument("--max-prefill-tokens", default="4096",
+                    help="llamalab serve --max-prefill-tokens; a comma list (e.g. 4096,40) runs one server per value "
+                         "(and per --kv-cache value), measured in alternation")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sys.path.insert(0, "src")
@@ -196,8 +202,13 @@ def main() -> None:
     path = str(resolve(args.model))
     counts = [int(c) for c in args.clients.split(",")]
     kinds = args.kv_cache.split(",")
-    servers = [("llamalab" if len(kinds) == 1 else f"kv={kv}", *start_llamalab(args.model, args.parallel, kv))
-               for kv in kinds]
+    budgets = [int(b) for b in args.max_prefill_tokens.split(",")]
+
+    def label(kv: str, budget: int) -> str:
+        parts = ([f"kv={kv}"] if len(kinds) > 1 else []) + ([f"pf={budget}"] if len(budgets) > 1 else [])
+        return ",".join(parts) or "llamalab"
+
+    servers = [(label(kv, b), *start_llamalab(args.model, args.parallel, kv, b)) for kv in kinds for b in budgets]
     if args.llama_cpp:
         servers.append(("llama.cpp", *start_llama_cpp(path)))
     results: dict[str, dict[int, list[dict[str, float]]]] = {s[0]: {n: [] for n in counts} for s in servers}
@@ -210,7 +221,7 @@ def main() -> None:
                 for name, _, base, model in servers:
                     m = run_round(base, model, n, args.max_tokens, f"{r}.{n}")
                     results[name][n].append(m)
-                    print(f"round {r + 1}/{args.rounds} {name:<12} {n:>2} clients: {m['tok_s']:7.1f} tok/s, "
+                    print(f"round {r + 1}/{args.rounds} {name:<18} {n:>2} clients: {m['tok_s']:7.1f} tok/s, "
                           f"TTFT p50 {m['ttft_p50'] * 1e3:7.0f} ms, ITL p50 {m['itl_p50'] * 1e3:6.1f} ms, "
                           f"{m['tokens']} tokens", flush=True)
     finally:
@@ -223,7 +234,7 @@ def main() -> None:
     isa = " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "amx_int8") if f in cpu_flags())
     print(f"\nCPU: {cpu_name()} ({isa}); {Path(path).name} as stored, {THREADS} threads; streaming chat, "
           f"max_tokens {args.max_tokens}, greedy; llamalab --parallel {args.parallel}; medians of {args.rounds} rounds")
-    print(f"{'server':<12}{'clients':>8}{'tok/s':>9}{'x 1 client':>11}{'TTFT p50 ms':>13}{'x 1 client':>11}"
+    print(f"{'server':<18}{'clients':>8}{'tok/s':>9}{'x 1 client':>11}{'TTFT p50 ms':>13}{'x 1 client':>11}"
           f"{'TTFT max ms':>13}{'ITL p50 ms':>12}{'step ms':>9}{'batch':>7}")
     table: dict[str, dict[str, dict[str, float]]] = {}
     for name, per in results.items():
@@ -232,7 +243,7 @@ def main() -> None:
         for n, m in med.items():
             tput = m["tok_s"] / base1["tok_s"] if base1 else float("nan")
             ttft = m["ttft_p50"] / base1["ttft_p50"] if base1 else float("nan")
-            print(f"{name:<12}{n:>8}{m['tok_s']:>9.1f}{tput:>11.2f}{m['ttft_p50'] * 1e3:>13.0f}{ttft:>11.2f}"
+            print(f"{name:<18}{n:>8}{m['tok_s']:>9.1f}{tput:>11.2f}{m['ttft_p50'] * 1e3:>13.0f}{ttft:>11.2f}"
                   f"{m['ttft_max'] * 1e3:>13.0f}{m['itl_p50'] * 1e3:>12.1f}{m['step_ms']:>9.1f}{m['batch']:>7.1f}")
         table[name] = {str(n): m for n, m in med.items()}
     if args.json:

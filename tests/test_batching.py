@@ -285,6 +285,31 @@ def test_a_shared_prompt_prefix_is_prefilled_once(tok: HFTokenizer) -> None:
     assert [r.result.ids for r in first + rest] == alone
 
 
+def test_the_prefill_budget_counts_the_tokens_left_to_prefill(tok: HFTokenizer) -> None:
+    """max_prefill_tokens bounds the tokens a step prefills: prompts whose start is cached count
+    only their rest (four 24 + 6-token prompts after the system prompt is cached fit a budget of
+    12 two a step, not one), newcomers beyond it wait for the next step, and every answer still
+    equals its alone run."""
+    gen = Generator(_model(tok.vocab_size + 4, seed=8), tok, fast=True)
+    g = torch.Generator().manual_seed(13)
+    system = torch.randint(0, tok.vocab_size, (24,), generator=g).tolist()
+    prompts = [system + torch.randint(0, tok.vocab_size, (6,), generator=g).tolist() for _ in range(6)]
+    cfg = GenerationConfig(max_new_tokens=6, stop_ids=())
+    alone = [gen.generate([p], cfg)[0].ids for p in prompts]
+    batcher = ContinuousBatcher(gen, max_batch=8, max_seq_len=64, max_prefill_tokens=12)
+    warm = [batcher.submit(p, cfg) for p in prompts[:2]]  # 30 tokens each: one a step (a long one alone)
+    batcher.step()
+    assert batcher.running == 1 and batcher.waiting == 1
+    batcher.step()
+    assert batcher.running == 2 and len(batcher._prefixes) == 1  # the shared 24 tokens cached
+    rest = [batcher.submit(p, cfg) for p in prompts[2:]]
+    batcher.step()
+    assert batcher.running == 4 and batcher.waiting == 2  # 6 + 6 tokens to prefill: two of them
+    batcher.run_until_done()
+    assert [r.reused for r in rest] == [24] * 4
+    assert [r.result.ids for r in warm + rest] == alone
+
+
 def test_a_cached_prefix_serves_prompts_sharing_only_its_start(tok: HFTokenizer) -> None:
     """Two prompts sharing a system prompt and two more words cache those 26 tokens; a third that
     shares only the 24-token system prompt reuses those 24 positions of the cached prefix (the keys

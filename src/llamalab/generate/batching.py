@@ -107,8 +107,9 @@ class ContinuousBatcher:
 
     ``generator``: the :class:`~llamalab.generate.Generator` whose model, tokenizer and vocabulary
     limit are used. ``max_seq_len``: positions per slot (prompt + new tokens; default the model's
-    context). ``max_prefill_tokens``: prompt tokens admitted in one step at most (a long prompt
-    still gets in, alone), so that newcomers do not stall the running sequences for long.
+    context). ``max_prefill_tokens``: prompt tokens prefilled in one step at most (those a cached
+    prefix supplies not counted; a longer prompt still gets in, alone), so that newcomers do not
+    stall the running sequences for long.
     ``prefix_cache_size``: prompt prefixes (of ``min_prefix`` tokens or more) whose keys and values
     are kept, so that a prompt starting with one prefills only the rest (0: off).
     """
@@ -127,6 +128,8 @@ class ContinuousBatcher:
                              "(the model's context)")
         if max_batch < 1:
             raise ValueError(f"ContinuousBatcher: max_batch={max_batch} must be at least 1")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"ContinuousBatcher: max_prefill_tokens={max_prefill_tokens} must be at least 1")
         self.generator = generator
         self.model = model
         self.base = base
@@ -265,20 +268,23 @@ class ContinuousBatcher:
     def _admit(self) -> None:
         """Prefill waiting requests into the free rows, together, and choose their first tokens."""
         new: list[BatchRequest] = []
+        hits: list[tuple[tuple[int, ...], list[tuple[Tensor, Tensor]]] | None] = []
         tokens_in = 0
         with self._lock:
             while self._waiting and len(self.rows) + len(new) < self.max_batch:
                 r = self._waiting[0]
-                if new and tokens_in + len(r.prompt) > self.max_prefill_tokens:
+                hit = self._cached_prefix(r.prompt)
+                n = len(r.prompt) - (0 if hit is None else len(hit[0]))  # what is prefilled: the rest
+                if new and tokens_in + n > self.max_prefill_tokens:
                     break
                 new.append(self._waiting.popleft())
-                tokens_in += len(r.prompt)
+                hits.append(hit)
+                tokens_in += n
         if not new:
             return
         t0 = time.perf_counter()
         device, first = self.base.tok_embeddings.weight.device, len(self.rows)
         caches = self._cache()
-        hits = [self._cached_prefix(r.prompt) for r in new]
         starts = [0 if hit is None else len(hit[0]) for hit in hits]
         # Prompts shorter than the quantized kernels' prompt-tile length are prefilled apart from the
         # longer ones: padded to it by a longer newcomer they would take the other rounding than alone.

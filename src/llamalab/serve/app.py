@@ -184,7 +184,8 @@ class _ClientGone(Exception):
 
 def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = None,
                default_max_tokens: int = 512, parallel: int = 4, ctx_size: int | None = None,
-               api_key: str | None = None, threads: int | None = None) -> FastAPI:
+               api_key: str | None = None, threads: int | None = None,
+               max_prefill_tokens: int = 4096) -> FastAPI:
     """The FastAPI app serving ``loaded_model`` (a ``llamalab.LoadedModel``) as ``model_name``.
 
     ``generator``: a ``llamalab.generate.Generator`` (default: one over the model and its
@@ -195,6 +196,7 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
     capped by what the context leaves); completions default to OpenAI's 16. ``api_key``: every
     route but ``/health`` then needs ``Authorization: Bearer <api_key>`` (else 401). ``threads``:
     the model's threads on the worker's thread (default: this thread's count).
+    ``max_prefill_tokens``: prompt tokens prefilled in one step at most (a longer prompt alone).
     """
     from llamalab.generate import Generator
 
@@ -210,7 +212,8 @@ def create_app(loaded_model: Any, model_name: str, *, generator: Any | None = No
         ctx_size = ctx_size or min(context, DEFAULT_CTX_SIZE)
         if not 1 <= ctx_size <= context:
             raise ValueError(f"ctx_size={ctx_size}: expected 1..{context} (the model's context)")
-        worker: Any = BatchingWorker(generator, max_batch=parallel, max_seq_len=ctx_size, threads=threads)
+        worker: Any = BatchingWorker(generator, max_batch=parallel, max_seq_len=ctx_size, threads=threads,
+                                     max_prefill_tokens=max_prefill_tokens)
         context = ctx_size
     else:
         worker = GenerationWorker(generator, threads=threads)

@@ -58,6 +58,10 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "at bfloat16) on CPU; compiles for ~20-80 s before serving")
     p.add_argument("--parallel", type=int, default=4,
                    help="requests decoded together (KV cache rows; default 4); more wait in arrival order")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096,
+                   help="prompt tokens prefilled in one step at most, those of a cached prefix not counted "
+                        "(default 4096; a longer prompt gets in alone). Lower staggers a burst of newcomers: "
+                        "the first get their first token sooner, the last later")
     p.add_argument("--ctx-size", type=int, default=None,
                    help="positions per request, prompt and answer (default: the model's context, at most 4096); "
                         "the KV cache holds --parallel x --ctx-size positions")
@@ -130,6 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--default-max-tokens {args.default_max_tokens}: expected at least 1")
     if args.parallel < 1:
         raise ValueError(f"--parallel {args.parallel}: expected at least 1")
+    if args.max_prefill_tokens < 1:
+        raise ValueError(f"--max-prefill-tokens {args.max_prefill_tokens}: expected at least 1")
     if args.grace < 0:
         raise ValueError(f"--grace {args.grace}: expected seconds >= 0")
     _check_port_free(args.host, args.port)
@@ -170,7 +176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--ctx-size {args.ctx_size}: expected 1..{context} (the model's context)")
     api_key = args.api_key or os.environ.get("LLAMALAB_API_KEY") or None
     app = create_app(lm, name, generator=generator, default_max_tokens=args.default_max_tokens,
-                     parallel=args.parallel, ctx_size=args.ctx_size, api_key=api_key, threads=threads)
+                     parallel=args.parallel, ctx_size=args.ctx_size, api_key=api_key, threads=threads,
+                     max_prefill_tokens=args.max_prefill_tokens)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     kv = str(lm.model.kv_cache_dtype or lm.model.tok_embeddings.weight.dtype).removeprefix("torch.")
     print(f"llamalab serve: loaded {name} in {time.perf_counter() - t0:.1f} s (KV cache {kv}); "

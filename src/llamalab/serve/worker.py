@@ -177,7 +177,8 @@ class BatchingWorker:
     ``n`` rows), a job's events as :class:`GenerationWorker` sends them.
 
     ``max_batch``: rows decoded together (llama.cpp's parallel slots); ``max_seq_len``: positions
-    per row (prompt + answer), default the model's context. ``on_step(batch_size, seconds)``
+    per row (prompt + answer), default the model's context; ``max_prefill_tokens``: prompt tokens
+    prefilled in one step at most (the batcher's). ``on_step(batch_size, seconds)``
     and ``on_finish(request)`` (optional) see every step and every finished sequence (metrics).
 
     ``burst_gap``: after an idle spell, the first request is held while more keep arriving, each
@@ -187,7 +188,7 @@ class BatchingWorker:
     """
 
     def __init__(self, generator: Any, *, max_batch: int = 4, max_seq_len: int | None = None,
-                 on_step: Any = None, on_finish: Any = None, threads: int | None = None,
+                 max_prefill_tokens: int = 4096, on_step: Any = None, on_finish: Any = None, threads: int | None = None,
                  burst_gap: float = 0.002) -> None:
         from llamalab.generate.batching import ContinuousBatcher
 
@@ -195,7 +196,8 @@ class BatchingWorker:
             raise ValueError(f"BatchingWorker: burst_gap={burst_gap!r} must be >= 0 seconds (0: no wait)")
         self.generator = generator
         self.threads = threads or _threads_here()  # the model's, on this worker's thread
-        self.batcher = ContinuousBatcher(generator, max_batch=max_batch, max_seq_len=max_seq_len)
+        self.batcher = ContinuousBatcher(generator, max_batch=max_batch, max_seq_len=max_seq_len,
+                                         max_prefill_tokens=max_prefill_tokens)
         self.max_seq_len = self.batcher.max_seq_len
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
