@@ -252,3 +252,43 @@ def test_bad_config_from_the_command_line(data: Path, tmp_path: Path) -> None:
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert len(err.strip().splitlines()) == 1 and "train.precision" in err and "Traceback" not in err
+
+
+def test_a_step_casts_each_weight_to_bf16_once_for_all_its_micro_batches(data: Path, tmp_path: Path) -> None:
+    """Under bf16 autocast the trained weights are cast to bf16 once a step (one autocast region
+    around the micro-batches; the weights change only at the optimizer step), not once a
+    micro-batch: counted at the dispatcher over 2 steps of 4 micro-batches."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import llamalab.train.loop as loop
+
+    casts: list[int] = []
+    watched: dict[int, str] = {}
+
+    class CountCasts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+                if args[0].data_ptr() in watched:
+                    casts.append(len(casts))
+            return func(*args, **kwargs)
+
+    real_optimizer = loop.build_optimizer
+
+    def watching_optimizer(model, *a, **kw):  # noqa: ANN001, ANN002, ANN003
+        watched.update({p.data_ptr(): n for n, p in model.named_parameters() if n == "layers.0.attention.wq.weight"})
+        return real_optimizer(model, *a, **kw)
+
+    loop.build_optimizer = watching_optimizer
+    try:
+        cfg = load_config(_run_file(data, tmp_path / "run"), ["train.global_batch_tokens=1024", "train.total_steps=2",
+                                                             "train.precision=bf16", "optim.warmup_steps=1",
+                                                             "eval.every=0", "checkpoint.every=0"])
+        assert cfg.grad_accum_steps() == 4
+        with CountCasts():
+            summary = train(cfg, progress=False)
+    finally:
+        loop.build_optimizer = real_optimizer
+    assert summary["status"] == "completed" and watched
+    assert len(casts) == 2, len(casts)  # one a step (it was one a micro-batch: 8)

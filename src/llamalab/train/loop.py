@@ -653,6 +653,9 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
     def autocast() -> Any:
         return torch.autocast(device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
 
+    def no_autocast() -> Any:
+        return torch.autocast(device.type, enabled=False) if use_autocast else nullcontext()
+
     o = cfg.optim
     optimizer = build_optimizer(model, o.lr, o.betas, o.weight_decay, o.eps, o.fused,
                                 decay_embeddings=o.decay_embeddings)
@@ -755,17 +758,23 @@ def run(cfg: TrainConfig, objective: Objective, *, progress: bool = True) -> dic
                 seq_len = plan.seq_len
                 loss_sum = torch.zeros((), device=device)
                 stat_sums: dict[str, Tensor] = {}
-                for micro, (batch, weight) in enumerate(plan.items):
-                    if distributed:
-                        model.set_requires_gradient_sync(micro == len(plan.items) - 1)
-                    with autocast():
-                        loss, stats = objective.loss(model, batch)
-                    if step + 1 in inject:
-                        loss = loss * float("nan")
-                    (loss * weight).backward()
-                    loss_sum += loss.detach().float() * weight
-                    for k, v in stats.items():
-                        stat_sums[k] = stat_sums.get(k, 0.0) + v.detach().float() * weight
+                # One autocast region around the step's micro-batches: autocast keeps its bf16 casts of
+                # the trained weights until the outermost region ends, so they are made once a step
+                # (the weights change only at optimizer.step) instead of once a micro-batch. Backward
+                # runs outside autocast, as it would after each micro-batch's own region.
+                with autocast():
+                    for micro, (batch, weight) in enumerate(plan.items):
+                        if distributed:
+                            model.set_requires_gradient_sync(micro == len(plan.items) - 1)
+                        with autocast():
+                            loss, stats = objective.loss(model, batch)
+                        if step + 1 in inject:
+                            loss = loss * float("nan")
+                        with no_autocast():
+                            (loss * weight).backward()
+                            loss_sum += loss.detach().float() * weight
+                            for k, v in stats.items():
+                                stat_sums[k] = stat_sums.get(k, 0.0) + v.detach().float() * weight
                 train_loss = all_reduce_mean(loss_sum)
                 # Each process logged its share of the step's figures (weighted as its loss): average them.
                 stat_sums = {k: all_reduce_mean(v) for k, v in stat_sums.items()}
