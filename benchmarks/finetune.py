@@ -26,7 +26,9 @@ turns it on for both, ``train.activation_checkpointing = "full"`` on llamalab).
   micro-batch. The reference: full fine-tuning precomputes its log-probs before the first step
   on both sides (TRL ``precompute_ref_log_probs``, llamalab ``dpo.reference = "cached"``; not
   timed); LoRA switches the adapters off for the reference forward (both libraries' default).
-  Figure: pairs per second.
+  Figure: pairs per second. llamalab runs each pair as one row whose prompt is computed once
+  (``dpo.share_prompt``, its default; the same log-probs); ``--impls llamalab,llamalab-2rows,trl``
+  adds llamalab with two rows a pair, as TRL runs them.
 - **Reward model** (``reward-full``): the same pairs, all weights, Llama 2's margin loss with
   m = 1 on every pair (llamalab ``reward.margin = "small"`` on "significantly_better" pairs, TRL a
   ``margin`` column of 1.0), 4 pairs a step, one a micro-batch; TRL's model is
@@ -55,6 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 ROWS = ("sft-full", "sft-lora", "dpo-full", "dpo-lora", "reward-full")
+IMPLS = ("llamalab", "trl", "llamalab-2rows")  # llamalab-2rows: DPO with dpo.share_prompt = false (an A/B)
 SFT_SEQ, SFT_ROWS = 256, 8          # 8 packed rows of 256 a step
 DPO_SEQ, DPO_PAIRS = 1024, 4        # 4 pairs a step, one a micro-batch
 LORA_TARGETS = {"wq": "q_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -135,6 +138,7 @@ targets = {json.dumps(list(LORA_TARGETS))}
 beta = 0.1
 nll_weight = 0.2
 reference = "{'adapters-off' if adapters == 'lora' else 'cached'}"
+share_prompt = {str(spec['impl'] != 'llamalab-2rows').lower()}
 [reward]
 margin = "small"
 [train]
@@ -285,7 +289,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        fn = child_llamalab if spec["impl"] == "llamalab" else child_trl
+        fn = child_llamalab if spec["impl"].startswith("llamalab") else child_trl
         print(json.dumps(fn(spec)), flush=True)
         return
 
@@ -293,9 +297,9 @@ def main() -> None:
     from llamalab.precision import cpu_flags, cpu_name
 
     rows, impls = args.rows.split(","), args.impls.split(",")
-    bad = [r for r in rows if r not in ROWS] + [i for i in impls if i not in ("llamalab", "trl")]
+    bad = [r for r in rows if r not in ROWS] + [i for i in impls if i not in IMPLS]
     if bad:
-        raise SystemExit(f"unknown row/impl {bad}; rows: {', '.join(ROWS)}; impls: llamalab, trl")
+        raise SystemExit(f"unknown row/impl {bad}; rows: {', '.join(ROWS)}; impls: {', '.join(IMPLS)}")
     isa = " ".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags())
     dtype = "bf16" if _bf16(args.dtype) else "fp32"
     print(f"CPU: {cpu_name()} ({isa}); {dtype}", file=sys.stderr)

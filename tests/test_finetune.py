@@ -300,8 +300,10 @@ def test_dpo_objective_against_the_formula_on_transformers_log_probs(base: Path,
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     batch = obj.step_batches(0, print).items[0][0]
+    assert "mask" in batch  # the default: each pair one row, its prompt computed once
     with torch.no_grad():
         loss, stats = obj.loss(model, batch)
+    batch = _two_rows(obj, batch)  # transformers reads each side as a row of its own
     hf_dir = tmp_path / "hf"
     write_checkpoint(Checkpoint(config=model.config, state_dict=model.state_dict(), tokenizer=obj.tokenizer,
                                 format="test", path=tmp_path), hf_dir, to="hf")
@@ -330,6 +332,15 @@ def test_dpo_objective_against_the_formula_on_transformers_log_probs(base: Path,
     assert math.isclose(float(loss), want_dpo + 0.2 * want_nll, rel_tol=1e-4)
     acc = float(((pol[:n] - ref[:n]) > (pol[n:] - ref[n:])).double().mean())
     assert math.isclose(float(stats["reward_accuracy"]), acc)
+
+
+def _two_rows(obj: DPOObjective, batch: dict[str, Any]) -> dict[str, Any]:
+    """The same pairs as plain rows (chosen rows, then rejected), for the references' side."""
+    obj.cfg.dpo.share_prompt = False
+    try:
+        return obj._collate(batch["idx"], obj.pairs)
+    finally:
+        obj.cfg.dpo.share_prompt = True
 
 
 def _trl_dpo_trainer(tmp: Path, model: Any, ref_model: Any, *, beta: float, nll_weight: float) -> Any:
@@ -370,8 +381,10 @@ def test_dpo_loss_and_gradients_equal_trls(base: Path, dpo_data: Path, tmp_path:
     trainer = _trl_dpo_trainer(tmp_path, policy, reference, beta=cfg.dpo.beta, nll_weight=cfg.dpo.nll_weight)
 
     model.train()
+    assert "mask" in batch  # ours: each pair one row sharing its prompt; TRL's: two rows a pair
     loss, _ = obj.loss(model, batch)
     loss.backward()
+    batch = _two_rows(obj, batch)
     # TRL's completion_mask marks the tokens that are scored; our labels[:, t] is the target of position t.
     tokens, labels = batch["tokens"], batch["labels"]
     completion = torch.zeros_like(tokens)

@@ -492,3 +492,90 @@ def test_options_are_checked(chatml: tuple[Any, Any]) -> None:
     with pytest.raises(ValueError, match="method"):
         pack(_samples(), 8, method="best_fit")  # type: ignore[arg-type]
     assert ft.pad_id_for(tok) == tok.eos_id  # no pad token: eos, which carries no loss as padding
+
+
+# --------------------------------------------------------------------------------------------
+# Preference pairs sharing their prompt in one row
+# --------------------------------------------------------------------------------------------
+
+
+def _side(tokens: list[int], loss_from: int, formatting: tuple[int, ...] = ()) -> ft.Sample:
+    t = np.asarray(tokens, dtype=np.int32)
+    loss = np.arange(len(t)) >= loss_from
+    return ft.Sample(t, loss, np.isin(np.arange(len(t)), formatting))
+
+
+def test_share_prompts_lays_out_the_pair_by_hand() -> None:
+    """Prompt [5 6 7], chosen rest [8 9], rejected rest [3]: one row [5 6 7 8 9 3], the rejected
+    token at position 3, not seeing 8 and 9; each side's targets read where a row of its own would."""
+    c, r = ft.sample_rows([_side([5, 6, 7, 8, 9], 3)]), ft.sample_rows([_side([5, 6, 7, 3], 3)])
+    s = ft.share_prompts(c, r, pad_id=0)
+    assert s.tokens.tolist() == [[5, 6, 7, 8, 9, 3]]
+    assert s.input_pos.tolist() == [[0, 1, 2, 3, 4, 3]]
+    allowed = [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0],
+               [1, 1, 1, 0, 0, 1]]
+    assert s.mask[0, 0].int().tolist() == allowed
+    # chosen: slot 2 predicts 8, slot 3 predicts 9; rejected: slot 2 (shared) predicts 3
+    assert s.index.tolist() == [[2, 3], [2, 0]]
+    assert s.targets.tolist() == [[8, 9], [3, IGNORE_INDEX]]
+    assert (s.shared, s.n_real, s.n_slots) == (3, 6, 6)
+
+
+def test_share_prompts_gives_each_side_the_log_probs_of_its_own_row() -> None:
+    """Against plain rows through the same model (fp32): every side's summed log-probs (1e-5) and
+    the weights' gradients, with pairs of unequal lengths padded together, a shared part running into the
+    responses, formatting targets masked, and one side a prefix of the other."""
+    from llamalab.model import Transformer
+    from llamalab.train.loss import linear_token_logprobs
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=64,
+                                    multiple_of=16))
+    model.init_weights()
+    pairs = [([1, 2, 3, 4, 10, 11, 12, 13], [1, 2, 3, 4, 10, 20], 4, (7,)),
+             ([1, 5, 6, 30, 31], [1, 5, 6, 40, 41, 42, 43, 44, 45], 3, ()),
+             ([2, 7, 8, 9], [2, 7, 8, 9, 17, 18], 2, ())]
+    chosen = ft.sample_rows([_side(c, k, f) for c, _, k, f in pairs])
+    rejected = ft.sample_rows([_side(r, k, f) for _, r, k, f in pairs])
+    head = model.output.weight
+
+    def plain() -> tuple[torch.Tensor, torch.Tensor]:
+        rows = ft.collate(chosen + rejected, pad_id=0)
+        labels = rows.labels.masked_fill(rows.label_formatting, IGNORE_INDEX)
+        return linear_token_logprobs(model.hidden_states(rows.tokens), head, labels).sum(1), labels
+
+    def shared() -> tuple[torch.Tensor, torch.Tensor]:
+        s = ft.share_prompts(chosen, rejected, pad_id=0, mask_formatting=True)
+        assert s.shared == 5 + 3 + 4  # pair 1 shares a response token too; pair 3 all of chosen
+        hidden = model.hidden_states(s.tokens, input_pos=s.input_pos, mask=s.mask)
+        return linear_token_logprobs(hidden.flatten(0, 1)[s.index], head, s.targets).sum(1), s.targets
+
+    want, labels = plain()
+    got, targets = shared()
+    # the same targets per side (formatting ones dropped), and the same log-probs
+    assert [sorted(t[t != IGNORE_INDEX].tolist()) for t in targets] == \
+        [sorted(t[t != IGNORE_INDEX].tolist()) for t in labels]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    weights = torch.arange(1, 7, dtype=torch.float32)
+    grads = []
+    for fn in (plain, shared):
+        model.zero_grad()
+        (fn()[0] * weights).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for (name, _), a, b in zip(model.named_parameters(), *grads):
+        # fp32 sums in another order (a shared slot's gradient is the sum of both sides' at once)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()),
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_model_mask_argument_is_checked() -> None:
+    from llamalab.model import Transformer
+
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=20, max_seq_len=16,
+                                    multiple_of=16))
+    tokens = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"boolean \(1 or 1, 1, 4, 4\)"):
+        model.hidden_states(tokens, mask=torch.ones(1, 1, 4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="doc_ids or mask"):
+        model.hidden_states(tokens, doc_ids=torch.zeros(1, 4, dtype=torch.long),
+                            mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))

@@ -304,18 +304,20 @@ class Transformer(nn.Module):
         self.cache_len = 0
 
     def forward(self, tokens: Tensor, input_pos: Tensor | None = None,
-                doc_ids: Tensor | None = None) -> Tensor:
+                doc_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """Logits (B, S, vocab) in fp32 for ``tokens`` (B, S).
 
         ``input_pos`` ((S,) or (B, S)) gives each token's position; it is required once a
         KV cache is set up, and defaults to ``0..S-1`` otherwise. ``doc_ids`` (B, S) marks
         which packed document each token belongs to: tokens attend only within their own
-        document (Llama 3's document mask).
+        document (Llama 3's document mask). ``mask``, for a full-sequence pass instead of both:
+        any boolean (B or 1, 1, S, S) "may attend" pattern (e.g. two responses sharing one
+        prompt's tokens, ``finetune/data.py: share_prompts``); no query row may be all False.
         """
-        return self.output(self.hidden_states(tokens, input_pos, doc_ids)).float()
+        return self.output(self.hidden_states(tokens, input_pos, doc_ids, mask)).float()
 
     def hidden_states(self, tokens: Tensor, input_pos: Tensor | None = None,
-                      doc_ids: Tensor | None = None) -> Tensor:
+                      doc_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         """Final-normed hidden states (B, S, dim): the trunk shared with reward and value heads."""
         bsz, seqlen = tokens.shape
         if self.cache_len and input_pos is None:
@@ -323,11 +325,25 @@ class Transformer(nn.Module):
         positions = input_pos if input_pos is not None else torch.arange(seqlen, device=tokens.device)
         rope = self.rope[positions]
         rope = rope.unsqueeze(0) if rope.dim() == 3 else rope
-        mask = self._mask(positions, doc_ids, seqlen)
+        if mask is None:
+            mask = self._mask(positions, doc_ids, seqlen)
+        else:
+            self._check_mask(mask, doc_ids, bsz, seqlen)
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
             h = layer(h, rope, mask, input_pos)
         return self.norm(h)
+
+    def _check_mask(self, mask: Tensor, doc_ids: Tensor | None, bsz: int, seqlen: int) -> None:
+        """A caller's own attention mask: boolean, (B or 1, 1, S, S), for a full-sequence pass."""
+        if self.cache_len:
+            raise ValueError("mask= is for full-sequence forward passes, not the KV cache")
+        if doc_ids is not None:
+            raise ValueError("pass doc_ids or mask, not both (the mask already says what each token sees)")
+        if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[0] not in (1, bsz) or mask.shape[1] != 1
+                or tuple(mask.shape[2:]) != (seqlen, seqlen)):
+            raise ValueError(f"mask: expected a boolean ({bsz} or 1, 1, {seqlen}, {seqlen}) tensor, got "
+                             f"{mask.dtype} {tuple(mask.shape)}")
 
     def _mask(self, positions: Tensor, doc_ids: Tensor | None, seqlen: int) -> Tensor | None:
         """The boolean attention mask, or None when SDPA's built-in causal mask suffices."""

@@ -66,6 +66,8 @@ __all__ = [
     "SFTRecord",
     "collate",
     "collate_preferences",
+    "SharedPromptBatch",
+    "share_prompts",
     "encode_conversation",
     "encode_preference",
     "load_preference_samples",
@@ -879,3 +881,74 @@ def collate_preferences(pairs: Sequence[PreferenceSample], *, pad_id: int,
     margin = torch.tensor([math.nan if p.margin is None else p.margin for p in pairs], dtype=torch.float32)
     return PreferenceBatch(collate(chosen, pad_id=pad_id, pad_to=width), collate(rejected, pad_id=pad_id, pad_to=width),
                            margin, [p.preference for p in pairs])
+
+
+@dataclass
+class SharedPromptBatch:
+    """B preference pairs, one row each: the tokens both sides of a pair start with (the rendered
+    prompt) once, then the rest of the chosen sequence, then the rest of the rejected one.
+
+    ``mask`` (B, 1, W, W): causal, except that the rejected rest does not see the chosen rest, so
+    each side's tokens see exactly what they see in a row of their own; ``input_pos``: both rests
+    continue from the shared part's length. A side's log-probs come from the hidden states at
+    ``index`` (2B, L; flat into the (B * W) slots, chosen sides first): the slots that predict its
+    labelled targets ``targets`` (2B, L; -100 where a side has fewer). The shared part's slots serve
+    both sides (its last one predicts both first response tokens), so the sides' figures equal those
+    of two separate rows, at the cost of the shared tokens once instead of twice (``shared``).
+    """
+
+    tokens: Tensor
+    input_pos: Tensor
+    mask: Tensor
+    index: Tensor
+    targets: Tensor
+    n_real: int
+    n_slots: int
+    shared: int
+
+
+def _shared_len(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def share_prompts(chosen: Sequence[Row], rejected: Sequence[Row], *, pad_id: int,
+                  mask_formatting: bool = False) -> SharedPromptBatch:
+    """Pack each pair's two rows (from :func:`sample_rows`) into one row sharing their common first
+    tokens (see :class:`SharedPromptBatch`); ``mask_formatting``: targets that are formatting tokens
+    carry no log-prob (Llama 3's DPO), as ``labels.masked_fill(label_formatting, -100)``."""
+    if not chosen or len(chosen) != len(rejected):
+        raise ValueError(f"share_prompts: {len(chosen)} chosen and {len(rejected)} rejected rows")
+    rows, sides, shared = [], [], 0
+    for c, r in zip(chosen, rejected):
+        p = _shared_len(c.tokens, r.tokens)
+        nc = len(c)
+        rows.append((np.concatenate([c.tokens, r.tokens[p:]]),
+                     np.concatenate([np.arange(nc), np.arange(p, len(r))]), p, nc))
+        base = len(rows) - 1
+        for row, slot in ((c, np.arange(nc)), (r, np.concatenate([np.arange(p), np.arange(nc, nc + len(r) - p)]))):
+            labels = np.where(row.label_formatting, IGNORE_INDEX, row.labels) if mask_formatting else row.labels
+            keep = labels != IGNORE_INDEX
+            sides.append((base, slot[keep], labels[keep]))
+        shared += p
+    width = max(len(t) for t, _, _, _ in rows)
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.tril(np.ones((len(rows), 1, width, width), dtype=bool))
+    for b, (t, pos, p, nc) in enumerate(rows):
+        n = len(t)
+        tokens[b, :n], positions[b, :n] = t, pos
+        positions[b, n:] = np.arange(width - n)
+        mask[b, 0, nc:n, p:nc] = False  # the rejected rest does not see the chosen rest
+    # Chosen sides first, then rejected: rows 2b and 2b + 1 of `sides` are pair b's.
+    ordered = sides[0::2] + sides[1::2]
+    length = max(1, max(len(s) for _, s, _ in ordered))
+    index = np.zeros((len(ordered), length), dtype=np.int64)
+    targets = np.full((len(ordered), length), IGNORE_INDEX, dtype=np.int64)
+    for i, (b, slot, lab) in enumerate(ordered):
+        index[i, : len(slot)] = b * width + slot
+        targets[i, : len(lab)] = lab
+    n_real = sum(len(t) for t, _, _, _ in rows)
+    return SharedPromptBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(mask),
+                             torch.from_numpy(index), torch.from_numpy(targets), n_real, len(rows) * width, shared)

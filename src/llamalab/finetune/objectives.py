@@ -56,6 +56,7 @@ from llamalab.finetune.data import (
     Sample,
     collate,
     collate_preferences,
+    share_prompts,
     load_preference_samples,
     load_sft_samples,
     mix_sources,
@@ -531,6 +532,11 @@ class DPOObjective(_Finetune):
                 f"tokens {'masked' if d.mask_formatting else 'kept'}; reference log-probs: {self.reference}"]
 
     def _collate(self, idx: list[int], pairs: list[PreferenceSample]) -> dict[str, Any]:
+        if self.cfg.dpo.share_prompt:  # one row a pair, the prompt once (see share_prompts)
+            s = share_prompts(sample_rows([pairs[i].chosen for i in idx]), sample_rows([pairs[i].rejected for i in idx]),
+                              pad_id=self.pad_id, mask_formatting=self.cfg.dpo.mask_formatting)
+            return {"tokens": s.tokens, "input_pos": s.input_pos, "mask": s.mask, "index": s.index,
+                    "labels": s.targets, "idx": idx, "n_real": s.n_real}
         b = collate_preferences([pairs[i] for i in idx], pad_id=self.pad_id)
         labels = torch.cat([b.chosen.labels, b.rejected.labels])
         if self.cfg.dpo.mask_formatting:
@@ -540,13 +546,21 @@ class DPOObjective(_Finetune):
                 "n_real": b.chosen.n_real + b.rejected.n_real}
 
     def _logps(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Per side (chosen rows, then rejected): summed log-probs of its targets and their count."""
         tokens, labels = batch["tokens"].to(self.device), batch["labels"].to(self.device)
+        shared = "index" in batch  # one row a pair: each side's targets read at its slots
+        kw = {"input_pos": batch["input_pos"].to(self.device), "mask": batch["mask"].to(self.device)} if shared else {}
         head = model.output
         if self.distributed or (self.lora is not None and self.lora.dropout and hasattr(head, "_lora_handle")):
-            return sequence_logps(model(tokens), labels)  # (FSDP's hooks are on forward(); see SFT)
+            logits = model(tokens, **kw)  # (FSDP's hooks are on forward(); see SFT)
+            if shared:
+                logits = logits.flatten(0, 1)[batch["index"].to(self.device)]
+            return sequence_logps(logits, labels)
+        hidden = model.hidden_states(tokens, **kw)
+        if shared:
+            hidden = hidden.flatten(0, 1)[batch["index"].to(self.device)]
         # The head and the log-softmax a chunk of tokens at a time: no (2B, S, vocab) logits.
-        lp = linear_token_logprobs(model.hidden_states(tokens), effective_weight(head), labels,
-                                   ignore_index=IGNORE_INDEX)
+        lp = linear_token_logprobs(hidden, effective_weight(head), labels, ignore_index=IGNORE_INDEX)
         return lp.sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1)
 
     @torch.no_grad()

@@ -149,13 +149,16 @@ class DPOSection:
     ``reference``: where pi_ref's log-probs come from. "cached": computed once with the starting
     weights before training and kept in run_dir (a full fine-tune holds no second model);
     "adapters-off": the same model with its LoRA adapters disabled, per batch; "auto": the
-    latter with LoRA, else the former.
+    latter with LoRA, else the former. ``share_prompt``: each pair's chosen and rejected sequences
+    run as one row in which the prompt they share is computed once (a mask keeps each response
+    from seeing the other: the same log-probs as two rows, for fewer tokens); off: two rows.
     """
 
     beta: float = 0.1
     nll_weight: float = 0.2
     mask_formatting: bool = True
     reference: Literal["auto", "cached", "adapters-off"] = "auto"
+    share_prompt: bool = True
 
 
 @dataclass

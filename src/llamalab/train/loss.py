@@ -12,7 +12,8 @@ the loss and at once the gradient of the loss with respect to the logits
 (``softmax - one_hot``, divided by the number of counted tokens), which it immediately turns
 into the gradients of the hidden states and of the head's weight. Only those two gradients
 are kept for backward (the loss is the end of the graph, so its gradient is a scalar that
-just scales them). No full logits tensor ever exists and nothing is recomputed: the FLOPs are
+just scales them). Tokens whose target is not counted (a prompt under SFT's loss mask, padding)
+are dropped before the head: their logits are never computed. No full logits tensor ever exists and nothing is recomputed: the FLOPs are
 those of the unfused head. The result equals ``F.cross_entropy(h @ W.T, y)`` (mean over the
 targets that are not ``ignore_index``) up to floating-point rounding: tested against it.
 
@@ -124,8 +125,19 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *, ign
     output head's (vocab, dim) matrix. ``mm_t(a, b) = a @ b.T`` computes the three products (e.g.
     ``train.speed.onednn_mm_t`` for fp32 in oneDNN); the default is torch's.
     """
-    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                    ignore_index, chunk_tokens, mm_t)
+    hidden, targets, _ = _counted_rows(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), ignore_index)
+    return LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_tokens, mm_t)
+
+
+def _counted_rows(hidden: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The (N, dim) ``hidden`` rows whose target counts, their targets, and where they were (None:
+    every row counts). The head is the largest product of a small model's step: a prompt's or a
+    padding slot's logits are not computed at all (SFT on the answers, DPO on the responses)."""
+    counted = targets != ignore_index
+    if bool(counted.all()):
+        return hidden, targets, None
+    where = counted.nonzero().squeeze(1)
+    return hidden.index_select(0, where), targets.index_select(0, where), where
 
 
 class LinearTokenLogProbs(torch.autograd.Function):
@@ -197,8 +209,10 @@ def linear_token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, ig
     """``log_softmax(hidden @ weight.T)`` at each target, shaped like ``targets`` (0 where the
     target is ``ignore_index``), computed chunk by chunk without the full logits; differentiable
     in ``hidden`` and ``weight`` (see :class:`LinearTokenLogProbs`)."""
-    out = LinearTokenLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                    ignore_index, chunk_tokens, mm_t)
+    h, t, where = _counted_rows(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), ignore_index)
+    out = LinearTokenLogProbs.apply(h, weight, t, ignore_index, chunk_tokens, mm_t)
+    if where is not None:  # 0 at the targets not counted
+        out = out.new_zeros(targets.numel()).index_copy(0, where, out)
     return out.view(targets.shape)
 
 
