@@ -254,3 +254,31 @@ def test_a_16bit_cache_matches_the_formula(act: torch.dtype, cache: torch.dtype,
                 want = torch.einsum("ht,htd->hd", scores.softmax(-1), values).reshape(nh * d)
                 torch.testing.assert_close(got[b, 0].double(), want, **tol)
             assert torch.equal(kc[bsz:], k0[bsz:]) and torch.equal(vc[bsz:], v0[bsz:])
+
+
+@needs_kernel
+@pytest.mark.parametrize("cache", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d", [64, 16, 12])  # 64, 16: 8 values a vector step; 12: the scalar loop
+def test_the_written_key_is_the_fp32_rotation_bit_for_bit(cache: torch.dtype, d: int) -> None:
+    """An fp32 model's key as the op writes it: x0 c - x1 s and x1 c + x0 s with each product
+    rounded to fp32 (no fused multiply-add), then rounded to the cache's dtype; the value as
+    given, rounded. Exactly, so the vector path (head sizes of 8) and the scalar one store the
+    same bits, and a row written batched equals one written alone."""
+    nh, nkv, positions = 4, 2, [3, 40, 0]
+    g = torch.Generator().manual_seed(d)
+    bsz = len(positions)
+    qkv = torch.randn(bsz, 1, (nh + 2 * nkv) * d, generator=g) * 3
+    rope = torch.stack([_rope(p, d) for p in positions])
+    k_cache, v_cache = torch.zeros(bsz, nkv, 64, d, dtype=cache), torch.zeros(bsz, nkv, 64, d, dtype=cache)
+    gemv.decode_attention_rows(qkv, rope, k_cache, v_cache, torch.tensor(positions), nh, nkv)
+    x = qkv.view(bsz, nh + 2 * nkv, d // 2, 2)
+    x0, x1 = x[:, nh:nh + nkv, :, 0], x[:, nh:nh + nkv, :, 1]
+    c, s = rope[:, None, :, 0], rope[:, None, :, 1]
+    want_k = torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2).to(cache)
+    want_v = qkv.view(bsz, nh + 2 * nkv, d)[:, nh + nkv:].to(cache)
+    for b, p in enumerate(positions):
+        assert torch.equal(k_cache[b, :, p], want_k[b]) and torch.equal(v_cache[b, :, p], want_v[b])
+    # One row alone at one position, through the other op: the same bits.
+    k1, v1 = torch.zeros(1, nkv, 64, d, dtype=cache), torch.zeros(1, nkv, 64, d, dtype=cache)
+    gemv.decode_attention(qkv[1:2], rope[1], k1, v1, positions[1], nh, nkv)
+    assert torch.equal(k1[0, :, positions[1]], want_k[1]) and torch.equal(v1[0, :, positions[1]], want_v[1])

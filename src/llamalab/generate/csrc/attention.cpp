@@ -202,6 +202,32 @@ ATTN_AVX2 void attend_group_avx2(const float* q, int64_t g, const T* k, const T*
   }
 }
 
+// Eight fp32 values stored as C, rounded to nearest even as static_cast<C> rounds them.
+ATTN_AVX2 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+ATTN_AVX2 inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// One head's rotary embedding, 4 (x[2i], x[2i+1]) pairs by (cos, sin) = (rp[2i], rp[2i+1]) at a time,
+// stored as C; d a multiple of 8. The scalar loop's arithmetic, x0 c - x1 s and x1 c + x0 s with each
+// product rounded (no FMA: the scalar code is built for baseline x86-64), so the same bits. The scalar
+// loop's conversions to f16 in software were most of a batch-8 call's fixed cost (20 us a layer at
+// 8 rows, 1 slot, before; the weights' products of that step take ~7 ms).
+template <typename C>
+ATTN_AVX2 void rotate_avx2(const float* x, const float* rp, int64_t d, C* out) {
+  for (int64_t i = 0; i < d; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i), t = _mm256_loadu_ps(rp + i);
+    const __m256 a = _mm256_mul_ps(v, _mm256_moveldup_ps(t));                          // x0 c, x1 c
+    const __m256 b = _mm256_mul_ps(_mm256_permute_ps(v, 0xB1), _mm256_movehdup_ps(t));  // x1 s, x0 s
+    store8(out + i, _mm256_addsub_ps(a, b));                                             // x0 c - x1 s, x1 c + x0 s
+  }
+}
+
+template <typename C>
+ATTN_AVX2 void copy_avx2(const float* x, int64_t d, C* out) {
+  for (int64_t i = 0; i < d; i += 8) store8(out + i, _mm256_loadu_ps(x + i));
+}
+
 // ---- AVX-512: the same for head_dim a multiple of 16 ---------------------------------------------
 // Half the FMAs of the AVX2 kernel per slot and head (16 lanes), and two changes of structure:
 // a head's scores for 16 slots at once (16 accumulators, the key rows read from L1 once per head),
@@ -364,10 +390,28 @@ void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Ten
   T* yp = static_cast<T*>(y.data_ptr());
   // The rotated queries in fp32 after their rounding to T, (B, nh, d).
   std::vector<float> q(static_cast<size_t>(bsz * nh * d));
+  const bool avx2 = cpu_has_avx2(), avx512 = llamalab_gemv_isa_level() >= 2;
+#ifdef LLAMALAB_X86
+  // fp32 activations into an fp32 or f16 cache: in vectors (see rotate_avx2), the same results.
+  constexpr bool kVector = std::is_same_v<T, float> && (std::is_same_v<C, float> || std::is_same_v<C, c10::Half>);
+  const bool vector = kVector && avx2 && d % 8 == 0;
+#endif
   for (int64_t b = 0; b < bsz; ++b) {
     const T* row = in + b * width;
     const int64_t pos = positions[b];
     const float* rp = rope + b * rope_stride;  // (d/2, 2): cos, sin
+#ifdef LLAMALAB_X86
+    if constexpr (kVector) {
+      if (vector) {
+        for (int64_t h = 0; h < nh; ++h) rotate_avx2<float>(row + h * d, rp, d, q.data() + (b * nh + h) * d);
+        for (int64_t g = 0; g < nkv; ++g) {
+          rotate_avx2<C>(row + (nh + g) * d, rp, d, kc + ((b * nkv + g) * slots + pos) * d);
+          copy_avx2<C>(row + (nh + nkv + g) * d, d, vc + ((b * nkv + g) * slots + pos) * d);
+        }
+        continue;
+      }
+    }
+#endif
     for (int64_t h = 0; h < nh + nkv; ++h) {
       const T* x = row + h * d;
       const bool is_key = h >= nh;
@@ -397,7 +441,6 @@ void step(const at::Tensor& qkv, const float* rope, int64_t rope_stride, at::Ten
   int64_t longest = 1;
   for (int64_t b = 0; b < bsz; ++b) longest = std::max(longest, positions[b] + 1);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const bool avx2 = cpu_has_avx2(), avx512 = llamalab_gemv_isa_level() >= 2;
   // Over (row, key/value head) pairs: the group's query heads together (see attend_group_avx2).
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, 2 * longest * d * group));
   at::parallel_for(0, bsz * nkv, grain, [&](int64_t p0, int64_t p1) {
