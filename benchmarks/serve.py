@@ -16,11 +16,15 @@ The server is the real command (``llamalab serve --parallel P``, a subprocess, 2
 serving the GGUF as stored (its quantized blocks). With ``--llama-cpp`` and llama-cpp-python's
 server extra installed (``pip install --no-deps pydantic-settings python-dotenv sse-starlette starlette-context``
 beside llama-cpp-python), its server runs the same file beside it, measured in the same cycle.
-That server answers one request at a time (llama-cpp-python 0.3.36 has no parallel slots:
-llama.cpp's own C++ ``llama-server`` has, and is not in the Python package).
+That server answers one request at a time (llama-cpp-python 0.3.36 has no parallel slots).
+llama.cpp's own C++ ``llama-server`` has them: ``--llama-server PATH`` runs that binary beside
+llamalab on the same file, 2 threads, ``--parallel`` slots of 1,024 positions each (its continuous
+batching, its default f16 KV cache), measured in the same cycle. It is not in the Python package:
+build it from the llama.cpp sources that llama-cpp-python's sdist vendors (commands in
+docs/serve.md).
 
 Usage: ``python benchmarks/serve.py [--rounds 3] [--clients 1,2,4,8,16] [--parallel 16]
-[--kv-cache auto] [--max-prefill-tokens 4096] [--json out.json]``
+[--kv-cache auto] [--max-prefill-tokens 4096] [--llama-cpp] [--llama-server PATH] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -108,6 +112,20 @@ def start_llama_cpp(path: str) -> tuple[subprocess.Popen, str, str]:
     return proc, f"http://127.0.0.1:{port}", "llama.cpp"
 
 
+def start_llama_server(binary: str, path: str, parallel: int) -> tuple[subprocess.Popen, str, str]:
+    """llama.cpp's C++ server: ``parallel`` slots of 1,024 positions (``-c`` is their total)."""
+    if not Path(binary).is_file():
+        raise SystemExit(f"--llama-server {binary}: no such file (build llama.cpp's llama-server, see docs/serve.md)")
+    port = free_port()
+    cmd = [binary, "--model", path, "--port", str(port), "--host", "127.0.0.1", "--threads", str(THREADS),
+           "--threads-batch", str(THREADS), "--parallel", str(parallel), "--ctx-size", str(1024 * parallel),
+           "--alias", "llama-server", "--no-webui"]
+    if "amx_int8" in Path("/proc/cpuinfo").read_text():
+        cmd.append("--no-repack")  # as for llama-cpp-python above: its AMX repacked kernels crash on batches here
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}", "llama-server"
+
+
 def one_request(client: Any, model: str, question: str, max_tokens: int, start: threading.Barrier,
                 out: dict[str, Any]) -> None:
     start.wait()
@@ -193,6 +211,8 @@ def main() -> None:
     ap.add_argument("--max-prefill-tokens", default="4096",
                     help="llamalab serve --max-prefill-tokens; a comma list (e.g. 4096,40) runs one server per value "
                          "(and per --kv-cache value), measured in alternation")
+    ap.add_argument("--llama-server", default=None, metavar="PATH",
+                    help="also llama.cpp's C++ llama-server binary at PATH, with --parallel slots, on the same file")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     sys.path.insert(0, "src")
@@ -211,6 +231,8 @@ def main() -> None:
     servers = [(label(kv, b), *start_llamalab(args.model, args.parallel, kv, b)) for kv in kinds for b in budgets]
     if args.llama_cpp:
         servers.append(("llama.cpp", *start_llama_cpp(path)))
+    if args.llama_server:
+        servers.append(("llama-server", *start_llama_server(args.llama_server, path, args.parallel)))
     results: dict[str, dict[int, list[dict[str, float]]]] = {s[0]: {n: [] for n in counts} for s in servers}
     try:
         for name, proc, base, model in servers:
