@@ -27,7 +27,7 @@ turns it on for both, ``train.activation_checkpointing = "full"`` on llamalab).
   on both sides (TRL ``precompute_ref_log_probs``, llamalab ``dpo.reference = "cached"``; not
   timed); LoRA switches the adapters off for the reference forward (both libraries' default).
   Figure: pairs per second. llamalab runs each pair as one row whose prompt is computed once
-  (``dpo.share_prompt``, its default; the same log-probs); ``--impls llamalab,llamalab-2rows,trl``
+  (``finetune.share_prompt``, its default; the same log-probs); ``--impls llamalab,llamalab-2rows,trl``
   adds llamalab with two rows a pair, as TRL runs them.
 - **Reward model** (``reward-full``): the same pairs, all weights, Llama 2's margin loss with
   m = 1 on every pair (llamalab ``reward.margin = "small"`` on "significantly_better" pairs, TRL a
@@ -57,7 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2
 ROWS = ("sft-full", "sft-lora", "dpo-full", "dpo-lora", "reward-full")
-IMPLS = ("llamalab", "trl", "llamalab-2rows")  # llamalab-2rows: DPO with dpo.share_prompt = false (an A/B)
+IMPLS = ("llamalab", "trl", "llamalab-2rows")  # llamalab-2rows: finetune.share_prompt = false (an A/B)
 SFT_SEQ, SFT_ROWS = 256, 8          # 8 packed rows of 256 a step
 DPO_SEQ, DPO_PAIRS = 1024, 4        # 4 pairs a step, one a micro-batch
 LORA_TARGETS = {"wq": "q_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -130,6 +130,7 @@ max_steps = {steps}
 lora = {str(adapters == 'lora').lower()}
 train_on = "last"
 packing = true
+share_prompt = {str(spec['impl'] != 'llamalab-2rows').lower()}
 [lora]
 rank = 8
 alpha = 16.0
@@ -138,7 +139,6 @@ targets = {json.dumps(list(LORA_TARGETS))}
 beta = 0.1
 nll_weight = 0.2
 reference = "{'adapters-off' if adapters == 'lora' else 'cached'}"
-share_prompt = {str(spec['impl'] != 'llamalab-2rows').lower()}
 [reward]
 margin = "small"
 [train]
@@ -313,7 +313,7 @@ def main() -> None:
                                "checkpointing": args.activation_checkpointing})
                 results[(row, impl)].append(m)
                 unit = "tok/s" if row.startswith("sft") else "pairs/s"
-                print(f"round {rnd + 1}/{args.rounds} {row:<9} {impl:<9} {rate(m):8.2f} {unit}  "
+                print(f"round {rnd + 1}/{args.rounds} {row:<11} {impl:<14} {rate(m):8.2f} {unit}  "
                       f"rss {m['rss_mb']:6.0f} MB  loss {m['loss']:.3f}", file=sys.stderr, flush=True)
 
     table = []
@@ -334,13 +334,13 @@ def main() -> None:
           f"{args.rounds} processes x {args.steps} steps (after {args.warmup}). SFT: {SFT_ROWS} packed rows of "
           f"{SFT_SEQ} a step; DPO and reward: {DPO_PAIRS} pairs a step; activation checkpointing "
           f"{'on' if args.activation_checkpointing else 'off'}.")
-    head = f"{'row':<10}{'impl':<10}{'rate':>10} {'unit':<8}{'vs TRL':>8}{'peak RSS MB':>13}{'LoRA/full':>11}"
+    head = f"{'row':<12}{'impl':<15}{'rate':>10} {'unit':<8}{'vs TRL':>8}{'peak RSS MB':>13}{'LoRA/full':>11}"
     print(head)
     print("-" * len(head))
     for t in table:
         vs = f"{t['vs_trl']:.2f}x" if t["vs_trl"] else "-"
         mem = f"{t['rss_vs_full']:.2f}" if t["rss_vs_full"] else "-"
-        print(f"{t['row']:<10}{t['impl']:<10}{t['rate']:10.2f} {t['unit']:<8}{vs:>8}{t['rss_mb']:13.0f}{mem:>11}")
+        print(f"{t['row']:<12}{t['impl']:<15}{t['rate']:10.2f} {t['unit']:<8}{vs:>8}{t['rss_mb']:13.0f}{mem:>11}")
     if args.json:
         meta = {"threads": THREADS, "dtype": dtype, "activation_checkpointing": args.activation_checkpointing,
                 "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,

@@ -336,11 +336,11 @@ def test_dpo_objective_against_the_formula_on_transformers_log_probs(base: Path,
 
 def _two_rows(obj: DPOObjective, batch: dict[str, Any]) -> dict[str, Any]:
     """The same pairs as plain rows (chosen rows, then rejected), for the references' side."""
-    obj.cfg.dpo.share_prompt = False
+    obj.cfg.finetune.share_prompt = False
     try:
         return obj._collate(batch["idx"], obj.pairs)
     finally:
-        obj.cfg.dpo.share_prompt = True
+        obj.cfg.finetune.share_prompt = True
 
 
 def _trl_dpo_trainer(tmp: Path, model: Any, ref_model: Any, *, beta: float, nll_weight: float) -> Any:

@@ -518,7 +518,34 @@ def test_share_prompts_lays_out_the_pair_by_hand() -> None:
     # chosen: slot 2 predicts 8, slot 3 predicts 9; rejected: slot 2 (shared) predicts 3
     assert s.index.tolist() == [[2, 3], [2, 0]]
     assert s.targets.tolist() == [[8, 9], [3, IGNORE_INDEX]]
+    assert s.last.tolist() == [4, 5]  # the slots of 9 and 3
     assert (s.shared, s.n_real, s.n_slots) == (3, 6, 6)
+
+
+def test_share_prompts_with_a_third_side_where_a_pair_has_one() -> None:
+    """Reward models' edited answers (Llama 3): pair 0 has three sides, pair 1 two. Each rest sees
+    the shared part and itself only, and every side's last hidden state is its own row's."""
+    from llamalab.model import Transformer
+
+    torch.manual_seed(1)
+    model = Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=64,
+                                    multiple_of=16))
+    model.init_weights()
+    sides = [[[1, 2, 3, 7, 8], [1, 2, 3, 9]], [[1, 2, 3, 4, 5, 6], [1, 2, 9, 9, 9]], [[1, 2, 3, 6], None]]
+    rows = [[None if t is None else ft.sample_rows([_side(t, 3)])[0] for t in side] for side in sides]
+    s = ft.share_prompts(*rows, pad_id=0)
+    assert s.tokens.tolist() == [[1, 2, 3, 7, 8, 4, 5, 6, 6], [1, 2, 3, 9, 9, 9, 9, 0, 0]]
+    assert s.input_pos[0].tolist() == [0, 1, 2, 3, 4, 3, 4, 5, 3] and s.input_pos[1, :7].tolist() == [0, 1, 2, 3, 2, 3, 4]
+    m = s.mask[0, 0].int()
+    assert m[5:8, 3:5].sum() == 0 and m[8, 3:8].sum() == 0 and m[8, :3].tolist() == [1, 1, 1]
+    assert s.shared == 3 * 2 + 2  # pair 0 saves its 3 shared tokens twice, pair 1 its 2 once
+    with torch.no_grad():
+        h = model.hidden_states(s.tokens, input_pos=s.input_pos, mask=s.mask).flatten(0, 1)[s.last]
+        order = [t for side in sides for t in side if t is not None]  # every first side, then every second, ...
+        alone = torch.stack([model.hidden_states(torch.tensor([t]))[0, -1] for t in order])
+    torch.testing.assert_close(h, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="first two sides"):
+        ft.share_prompts(rows[0], [rows[1][0], None], pad_id=0)
 
 
 def test_share_prompts_gives_each_side_the_log_probs_of_its_own_row() -> None:

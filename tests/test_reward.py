@@ -267,10 +267,12 @@ def test_bad_reward_config_fails_before_compute(base: Path, reward_data: Path, t
         load_config(_run_file(tmp_path, base, reward_data, "reward", lora=False), ["optim.warmup_fraction=1.5"])
 
 
-def test_three_way_ranking_with_edited_answers(base: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("share", [True, False])
+def test_three_way_ranking_with_edited_answers(base: Path, tmp_path: Path, share: bool) -> None:
     """Llama 3: a record with an edited answer gives three comparisons (edited > chosen >
     rejected), the level's margin on chosen-vs-rejected only; a batch's loss is the mean over its
-    comparisons, each side scored as if alone (padding does not move a score)."""
+    comparisons, each side scored as if alone (padding does not move a score; nor, with
+    ``finetune.share_prompt``, the other sides in the pair's one row)."""
     from llamalab.finetune.data import IDENTICAL_PAIR, RecordError, parse_preference_record
     from llamalab.finetune.objectives import RewardObjective
 
@@ -278,13 +280,16 @@ def test_three_way_ranking_with_edited_answers(base: Path, tmp_path: Path) -> No
             {"prompt": "1+2?", "chosen": "It is 3.", "rejected": "No.", "preference": "significantly_better"},
             {"prompt": "3+3?", "chosen": "6", "rejected": "I will not say, it is a secret.", "edited": "6, as 3+3=6."}]
     data = _jsonl(tmp_path / "edited.jsonl", recs)
-    cfg = load_config(_run_file(tmp_path, base, data, "reward", lora=False), ["finetune.val_fraction=0"])
+    cfg = load_config(_run_file(tmp_path, base, data, "reward", lora=False),
+                      ["finetune.val_fraction=0", f"finetune.share_prompt={str(share).lower()}"])
     obj = RewardObjective(cfg)
     assert [p.edited is not None for p in obj.pairs] == [True, False, True]
     model = obj.build_model(torch.device("cpu"), "fp32", None)
     obj.device = torch.device("cpu")
     batch = obj._collate([0, 1, 2], obj.pairs)
-    assert batch["comparisons"] == 7 and batch["tokens"].shape[0] == 8
+    # 8 sides: one row a pair (sharing their prompt), or one row a side
+    assert batch["comparisons"] == 7 and batch["tokens"].shape[0] == (3 if share else 8)
+    assert batch["slots"].shape == (8,) if share else "slots" not in batch
     with torch.no_grad():
         loss, stats, _ = obj._loss(model, batch)
 

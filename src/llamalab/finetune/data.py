@@ -885,16 +885,18 @@ def collate_preferences(pairs: Sequence[PreferenceSample], *, pad_id: int,
 
 @dataclass
 class SharedPromptBatch:
-    """B preference pairs, one row each: the tokens both sides of a pair start with (the rendered
-    prompt) once, then the rest of the chosen sequence, then the rest of the rejected one.
+    """B preference pairs (or groups of answers to one prompt), one row each: the tokens all the
+    sides of a pair start with (the rendered prompt) once, then the rest of each side in turn.
 
-    ``mask`` (B, 1, W, W): causal, except that the rejected rest does not see the chosen rest, so
-    each side's tokens see exactly what they see in a row of their own; ``input_pos``: both rests
-    continue from the shared part's length. A side's log-probs come from the hidden states at
-    ``index`` (2B, L; flat into the (B * W) slots, chosen sides first): the slots that predict its
-    labelled targets ``targets`` (2B, L; -100 where a side has fewer). The shared part's slots serve
-    both sides (its last one predicts both first response tokens), so the sides' figures equal those
-    of two separate rows, at the cost of the shared tokens once instead of twice (``shared``).
+    ``mask`` (B, 1, W, W): causal, except that a side's rest sees no other side's rest, so each
+    side's tokens see exactly what they see in a row of their own; ``input_pos``: every rest
+    continues from the shared part's length. A side's log-probs come from the hidden states at
+    ``index`` (N, L; flat into the (B * W) slots): the slots that predict its labelled targets
+    ``targets`` (N, L; -100 where a side has fewer); ``last`` (N,): the slot of its last token (a
+    reward model's score). The N sides are ordered as given: every pair's first side, then every
+    pair's second, ... (a pair without one skipped). The shared part's slots serve every side (its
+    last one predicts each first response token), so the figures equal those of separate rows, at
+    the cost of the shared tokens once instead of once a side (``shared``: tokens saved).
     """
 
     tokens: Tensor
@@ -902,53 +904,68 @@ class SharedPromptBatch:
     mask: Tensor
     index: Tensor
     targets: Tensor
+    last: Tensor
     n_real: int
     n_slots: int
     shared: int
 
 
-def _shared_len(a: np.ndarray, b: np.ndarray) -> int:
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
+def _shared_len(rows: Sequence[Row]) -> int:
+    n = min(len(r) for r in rows)
+    same = np.all([r.tokens[:n] == rows[0].tokens[:n] for r in rows[1:]], axis=0) if len(rows) > 1 else np.ones(n, bool)
+    differ = np.flatnonzero(~same)
     return int(differ[0]) if len(differ) else n
 
 
-def share_prompts(chosen: Sequence[Row], rejected: Sequence[Row], *, pad_id: int,
-                  mask_formatting: bool = False) -> SharedPromptBatch:
-    """Pack each pair's two rows (from :func:`sample_rows`) into one row sharing their common first
-    tokens (see :class:`SharedPromptBatch`); ``mask_formatting``: targets that are formatting tokens
-    carry no log-prob (Llama 3's DPO), as ``labels.masked_fill(label_formatting, -100)``."""
-    if not chosen or len(chosen) != len(rejected):
-        raise ValueError(f"share_prompts: {len(chosen)} chosen and {len(rejected)} rejected rows")
-    rows, sides, shared = [], [], 0
-    for c, r in zip(chosen, rejected):
-        p = _shared_len(c.tokens, r.tokens)
-        nc = len(c)
-        rows.append((np.concatenate([c.tokens, r.tokens[p:]]),
-                     np.concatenate([np.arange(nc), np.arange(p, len(r))]), p, nc))
-        base = len(rows) - 1
-        for row, slot in ((c, np.arange(nc)), (r, np.concatenate([np.arange(p), np.arange(nc, nc + len(r) - p)]))):
-            labels = np.where(row.label_formatting, IGNORE_INDEX, row.labels) if mask_formatting else row.labels
-            keep = labels != IGNORE_INDEX
-            sides.append((base, slot[keep], labels[keep]))
-        shared += p
-    width = max(len(t) for t, _, _, _ in rows)
+def share_prompts(*sides: Sequence[Row | None], pad_id: int, mask_formatting: bool = False) -> SharedPromptBatch:
+    """Pack each pair's rows (from :func:`sample_rows`; ``sides[j][b]`` is pair b's j-th side, e.g.
+    ``share_prompts(chosen, rejected)``, or None where pair b has no j-th side) into one row sharing
+    their common first tokens (see :class:`SharedPromptBatch`); ``mask_formatting``: targets that are
+    formatting tokens carry no log-prob (Llama 3's DPO), as ``labels.masked_fill(label_formatting, -100)``."""
+    if len(sides) < 2 or not sides[0] or any(len(side) != len(sides[0]) for side in sides):
+        raise ValueError(f"share_prompts: expected two or more sides of one length, got {[len(x) for x in sides]}")
+    if any(r is None for r in sides[0]) or any(r is None for r in sides[1]):
+        raise ValueError("share_prompts: every pair needs its first two sides")
+    rows, placed, shared = [], [[] for _ in sides], 0  # placed[j]: (pair, slots of its tokens) per side
+    for b in range(len(sides[0])):
+        group = [(j, side[b]) for j, side in enumerate(sides) if side[b] is not None]
+        p = _shared_len([r for _, r in group])
+        tokens, positions, segments = [group[0][1].tokens[:p]], [np.arange(p)], []
+        at = p
+        for j, r in group:
+            rest = len(r) - p
+            tokens.append(r.tokens[p:])
+            positions.append(np.arange(p, len(r)))
+            segments.append((at, at + rest))
+            placed[j].append((b, np.concatenate([np.arange(p), np.arange(at, at + rest)]), r))
+            at += rest
+        rows.append((np.concatenate(tokens), np.concatenate(positions), segments))
+        shared += p * (len(group) - 1)
+    width = max(len(t) for t, _, _ in rows)
     tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.tril(np.ones((len(rows), 1, width, width), dtype=bool))
-    for b, (t, pos, p, nc) in enumerate(rows):
+    for b, (t, pos, segments) in enumerate(rows):
         n = len(t)
         tokens[b, :n], positions[b, :n] = t, pos
         positions[b, n:] = np.arange(width - n)
-        mask[b, 0, nc:n, p:nc] = False  # the rejected rest does not see the chosen rest
-    # Chosen sides first, then rejected: rows 2b and 2b + 1 of `sides` are pair b's.
-    ordered = sides[0::2] + sides[1::2]
-    length = max(1, max(len(s) for _, s, _ in ordered))
-    index = np.zeros((len(ordered), length), dtype=np.int64)
-    targets = np.full((len(ordered), length), IGNORE_INDEX, dtype=np.int64)
-    for i, (b, slot, lab) in enumerate(ordered):
-        index[i, : len(slot)] = b * width + slot
+        for i, (s0, s1) in enumerate(segments):  # a rest sees no earlier side's rest
+            for e0, e1 in segments[:i]:
+                mask[b, 0, s0:s1, e0:e1] = False
+    ordered = [x for side in placed for x in side]
+    picks = []
+    for b, slot, r in ordered:
+        labels = np.where(r.label_formatting, IGNORE_INDEX, r.labels) if mask_formatting else r.labels
+        keep = labels != IGNORE_INDEX
+        picks.append((b * width + slot[keep], labels[keep]))
+    length = max(1, max(len(s) for s, _ in picks))
+    index = np.zeros((len(picks), length), dtype=np.int64)
+    targets = np.full((len(picks), length), IGNORE_INDEX, dtype=np.int64)
+    for i, (slot, lab) in enumerate(picks):
+        index[i, : len(slot)] = slot
         targets[i, : len(lab)] = lab
-    n_real = sum(len(t) for t, _, _, _ in rows)
+    last = np.array([b * width + slot[-1] for b, slot, _ in ordered], dtype=np.int64)
+    n_real = sum(len(t) for t, _, _ in rows)
     return SharedPromptBatch(torch.from_numpy(tokens), torch.from_numpy(positions), torch.from_numpy(mask),
-                             torch.from_numpy(index), torch.from_numpy(targets), n_real, len(rows) * width, shared)
+                             torch.from_numpy(index), torch.from_numpy(targets), torch.from_numpy(last), n_real,
+                             len(rows) * width, shared)

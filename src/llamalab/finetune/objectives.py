@@ -532,7 +532,7 @@ class DPOObjective(_Finetune):
                 f"tokens {'masked' if d.mask_formatting else 'kept'}; reference log-probs: {self.reference}"]
 
     def _collate(self, idx: list[int], pairs: list[PreferenceSample]) -> dict[str, Any]:
-        if self.cfg.dpo.share_prompt:  # one row a pair, the prompt once (see share_prompts)
+        if self.cfg.finetune.share_prompt:  # one row a pair, the prompt once (see share_prompts)
             s = share_prompts(sample_rows([pairs[i].chosen for i in idx]), sample_rows([pairs[i].rejected for i in idx]),
                               pad_id=self.pad_id, mask_formatting=self.cfg.dpo.mask_formatting)
             return {"tokens": s.tokens, "input_pos": s.input_pos, "mask": s.mask, "index": s.index,
@@ -729,19 +729,25 @@ class RewardObjective(_Finetune):
         to one width: one forward scores them all."""
         sel = [pairs[i] for i in idx]
         edited = [k for k, p in enumerate(sel) if p.edited is not None]
+        margin = torch.tensor([pair_margin(p.margin, p.preference, self.margin_mode) for p in sel])
+        out = {"margin": margin, "idx": idx, "edited": torch.tensor(edited, dtype=torch.long),
+               "comparisons": len(sel) + 2 * len(edited)}
+        if self.cfg.finetune.share_prompt:  # one row a pair, the tokens its sides share once (share_prompts)
+            s = share_prompts(sample_rows([p.chosen for p in sel]), sample_rows([p.rejected for p in sel]),
+                              [None if p.edited is None else sample_rows([p.edited])[0] for p in sel], pad_id=self.pad_id)
+            return {**out, "tokens": s.tokens, "input_pos": s.input_pos, "mask": s.mask, "slots": s.last}
         sides = [p.chosen for p in sel] + [p.rejected for p in sel] + [sel[k].edited for k in edited]
         rows = sample_rows(sides)
         width = max(len(r) for r in rows)
-        margin = torch.tensor([pair_margin(p.margin, p.preference, self.margin_mode) for p in sel])
-        return {"tokens": collate(rows, pad_id=self.pad_id, pad_to=width).tokens,
-                "lengths": torch.tensor([len(x) for x in sides]), "margin": margin, "idx": idx,
-                "edited": torch.tensor(edited, dtype=torch.long), "comparisons": len(sel) + 2 * len(edited)}
+        return {**out, "tokens": collate(rows, pad_id=self.pad_id, pad_to=width).tokens,
+                "lengths": torch.tensor([len(x) for x in sides])}
 
     def _comparisons(self, i: int, pairs: list[PreferenceSample]) -> int:
         return 3 if pairs[i].edited is not None else 1
 
     def _loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        r = sequence_rewards(model, batch["tokens"].to(self.device), batch["lengths"], full_forward=self.distributed)
+        r = sequence_rewards(model, batch["tokens"].to(self.device), batch.get("lengths"), full_forward=self.distributed,
+                             input_pos=batch.get("input_pos"), mask=batch.get("mask"), slots=batch.get("slots"))
         n = len(batch["idx"])
         r_c, r_r, r_e = r[:n], r[n:2 * n], r[2 * n:]
         hi, lo, m = [r_c], [r_r], [batch["margin"].to(r.device)]

@@ -106,16 +106,23 @@ def reward_head(model: nn.Module) -> nn.Linear:
     return head
 
 
-def sequence_rewards(model: nn.Module, tokens: Tensor, lengths: Tensor, *, full_forward: bool = False) -> Tensor:
+def sequence_rewards(model: nn.Module, tokens: Tensor, lengths: Tensor | None = None, *, full_forward: bool = False,
+                     input_pos: Tensor | None = None, mask: Tensor | None = None,
+                     slots: Tensor | None = None) -> Tensor:
     """The reward of each right-padded row of ``tokens`` (B, S): the scalar head at its last real
-    token (``lengths`` (B,) real tokens a row). ``full_forward``: through ``model(tokens)`` (needed
-    under FSDP, whose hooks are on forward()); else only the B last hidden states meet the head.
-    Returns (B,) fp32."""
-    last = (lengths.to(tokens.device) - 1).clamp(min=0)
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    token (``lengths`` (B,) real tokens a row). Or, for sequences sharing rows
+    (``finetune/data.py: share_prompts``), at ``slots`` (N,), flat into the (B * S) slots, with the
+    pass's ``input_pos`` and ``mask``. ``full_forward``: through ``model(tokens)`` (needed under
+    FSDP, whose hooks are on forward()); else only the chosen hidden states meet the head.
+    Returns (B,) or (N,) fp32."""
+    if slots is None:
+        last = (lengths.to(tokens.device) - 1).clamp(min=0)
+        slots = torch.arange(tokens.shape[0], device=tokens.device) * tokens.shape[1] + last
+    slots = slots.to(tokens.device)
+    kw = {} if mask is None else {"input_pos": input_pos.to(tokens.device), "mask": mask.to(tokens.device)}
     if full_forward:
-        return model(tokens)[rows, last, 0].float()
-    h = model.hidden_states(tokens)[rows, last]
+        return model(tokens, **kw).flatten(0, 1)[slots, 0].float()
+    h = model.hidden_states(tokens, **kw).flatten(0, 1)[slots]
     head = reward_head(model)
     return F.linear(h, head.weight.to(h.dtype)).squeeze(-1).float()
 

@@ -126,6 +126,9 @@ class FinetuneSection:
     chat_format: Literal["auto", "template", "llama3", "llama2"] = "auto"  # auto: the tokenizer's own
     train_on: Literal["assistant", "last", "all"] = "assistant"  # which turns carry SFT loss
     packing: bool = True  # SFT: several samples per sequence, document-masked, positions restarting
+    # DPO and reward models: each pair one row, the tokens its sides start with computed once (a mask
+    # keeps each side from seeing the others: the figures of separate rows, for fewer tokens)
+    share_prompt: bool = True
     epochs: float = 2.0
     max_steps: int = 0
     lora: bool = False  # train LoRA adapters ([lora]) instead of every weight
@@ -149,16 +152,13 @@ class DPOSection:
     ``reference``: where pi_ref's log-probs come from. "cached": computed once with the starting
     weights before training and kept in run_dir (a full fine-tune holds no second model);
     "adapters-off": the same model with its LoRA adapters disabled, per batch; "auto": the
-    latter with LoRA, else the former. ``share_prompt``: each pair's chosen and rejected sequences
-    run as one row in which the prompt they share is computed once (a mask keeps each response
-    from seeing the other: the same log-probs as two rows, for fewer tokens); off: two rows.
+    latter with LoRA, else the former.
     """
 
     beta: float = 0.1
     nll_weight: float = 0.2
     mask_formatting: bool = True
     reference: Literal["auto", "cached", "adapters-off"] = "auto"
-    share_prompt: bool = True
 
 
 @dataclass
