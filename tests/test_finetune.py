@@ -299,8 +299,13 @@ def test_dpo_objective_against_the_formula_on_transformers_log_probs(base: Path,
     with torch.no_grad():  # move the policy away from the reference so the ratios are not 0
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
-    batch = obj.step_batches(0, print).items[0][0]
+    step = obj.step_batches(0, print)
+    batch = step.items[0][0]
     assert "mask" in batch  # the default: each pair one row, its prompt computed once
+    # The step counts the tokens its rows run (each pair's shared first tokens once), not both sides'.
+    assert step.tokens == sum(b["n_real"] for b, _ in step.items)
+    assert step.tokens < sum(len(obj.pairs[i].chosen) + len(obj.pairs[i].rejected) for b, _ in step.items
+                             for i in b["idx"])
     with torch.no_grad():
         loss, stats = obj.loss(model, batch)
     batch = _two_rows(obj, batch)  # transformers reads each side as a row of its own

@@ -68,6 +68,7 @@ __all__ = [
     "collate_preferences",
     "SharedPromptBatch",
     "share_prompts",
+    "shared_prefix",
     "encode_conversation",
     "encode_preference",
     "load_preference_samples",
@@ -910,7 +911,8 @@ class SharedPromptBatch:
     shared: int
 
 
-def _shared_len(rows: Sequence[Row]) -> int:
+def shared_prefix(rows: Sequence[Row | Sample]) -> int:
+    """How many first tokens all of ``rows`` have in common."""
     n = min(len(r) for r in rows)
     same = np.all([r.tokens[:n] == rows[0].tokens[:n] for r in rows[1:]], axis=0) if len(rows) > 1 else np.ones(n, bool)
     differ = np.flatnonzero(~same)
@@ -929,7 +931,7 @@ def share_prompts(*sides: Sequence[Row | None], pad_id: int, mask_formatting: bo
     rows, placed, shared = [], [[] for _ in sides], 0  # placed[j]: (pair, slots of its tokens) per side
     for b in range(len(sides[0])):
         group = [(j, side[b]) for j, side in enumerate(sides) if side[b] is not None]
-        p = _shared_len([r for _, r in group])
+        p = shared_prefix([r for _, r in group])
         tokens, positions, segments = [group[0][1].tokens[:p]], [np.arange(p)], []
         at = p
         for j, r in group:

@@ -57,6 +57,7 @@ from llamalab.finetune.data import (
     collate,
     collate_preferences,
     share_prompts,
+    shared_prefix,
     load_preference_samples,
     load_sft_samples,
     mix_sources,
@@ -285,6 +286,12 @@ class _Finetune(Objective):
         self.pairs: list[PreferenceSample] = pairs
         self.val_pairs: list[PreferenceSample] = val
         self.n_units = len(pairs)
+
+    def _pair_tokens(self, sides: list[Sample]) -> int:
+        """The tokens one pair's forward runs (its sides', the first tokens they share counted once
+        under ``finetune.share_prompt``): what a step's tokens and throughput count."""
+        total = sum(len(s) for s in sides)
+        return total - shared_prefix(sides) * (len(sides) - 1) if self.cfg.finetune.share_prompt else total
 
     def _next_units(self) -> list[int]:
         """The indices of the next step's rows (or pairs) over all processes, epoch after epoch, seeded."""
@@ -622,7 +629,7 @@ class DPOObjective(_Finetune):
         items = [self._collate(mine[k:k + self.micro], self.pairs) for k in range(0, len(mine), self.micro)]
         for it in items:
             it["split"] = "train"
-        real = sum(len(self.pairs[i].chosen) + len(self.pairs[i].rejected) for i in idx)
+        real = sum(self._pair_tokens([self.pairs[i].chosen, self.pairs[i].rejected]) for i in idx)
         # The mean over this process's pairs; FSDP averages the processes (the same number of pairs each).
         return StepBatches([(b, len(b["idx"]) / len(mine)) for b in items], real, self.seq_len)
 
@@ -725,8 +732,9 @@ class RewardObjective(_Finetune):
         return full * 2 / 3 if self.lora is not None else full
 
     def _collate(self, idx: list[int], pairs: list[PreferenceSample]) -> dict[str, Any]:
-        """Chosen rows, then rejected, then the edited answers of the pairs that have one, padded
-        to one width: one forward scores them all."""
+        """Chosen sides, then rejected, then the edited answers of the pairs that have one: one
+        forward scores them all (with ``finetune.share_prompt``, one row a pair; else a row a side,
+        padded to one width)."""
         sel = [pairs[i] for i in idx]
         edited = [k for k, p in enumerate(sel) if p.edited is not None]
         margin = torch.tensor([pair_margin(p.margin, p.preference, self.margin_mode) for p in sel])
@@ -767,7 +775,7 @@ class RewardObjective(_Finetune):
         mine = self._mine(idx)
         items = [self._collate(mine[k:k + self.micro], self.pairs) for k in range(0, len(mine), self.micro)]
         sides = lambda p: [p.chosen, p.rejected] + ([p.edited] if p.edited is not None else [])  # noqa: E731
-        real = sum(len(x) for i in idx for x in sides(self.pairs[i]))
+        real = sum(self._pair_tokens(sides(self.pairs[i])) for i in idx)
         # Every comparison weighs the same in the step (all processes; FSDP averages them).
         total = sum(self._comparisons(i, self.pairs) for i in idx)
         return StepBatches([(b, b["comparisons"] * self.dp_size / total) for b in items], real, self.seq_len)
